@@ -1,0 +1,1 @@
+"""Turns GeoTIFF corpora into ArrayRecord datasets; also writes the synthetic corpus."""

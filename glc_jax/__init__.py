@@ -1,0 +1,1 @@
+"""glc-jax: GLCNet self-supervised pretraining for remote-sensing segmentation in JAX."""
