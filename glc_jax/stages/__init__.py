@@ -1,0 +1,1 @@
+"""The stages train.py runs, one module each, selected by `config.stage`."""

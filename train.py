@@ -1,0 +1,30 @@
+"""The one entry point: `python train.py --config=configs/<file>.py[:variant] --workdir=DIR`.
+
+The config's `stage` selects what runs; any config key can be overridden with
+`--config.key=value`, and an unknown key is an error.
+"""
+import importlib
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:variant]).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for outputs, checkpoints and logs.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+STAGES = ("demo",)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  config = _CONFIG.value
+  if config.stage not in STAGES:
+    sys.exit(f"error: config key 'stage' is {config.stage!r}; expected one of {', '.join(STAGES)}")
+  importlib.import_module(f"glc_jax.stages.{config.stage}").run(config, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)
