@@ -20,11 +20,28 @@ STAGES = ("demo",)
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  config = _CONFIG.value
+  try:
+    config = _CONFIG.value
+  except OSError as e:  # ml_collections defers config-file errors to first access
+    reason = str(e).strip().splitlines()[-1].strip()
+    sys.exit(f"error: --config: {reason}")
   if config.stage not in STAGES:
     sys.exit(f"error: config key 'stage' is {config.stage!r}; expected one of {', '.join(STAGES)}")
   importlib.import_module(f"glc_jax.stages.{config.stage}").run(config, _WORKDIR.value)
 
 
+def _parse_flags(argv):
+  """absl's parser, with a bad flag or config override reported in one line."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    sys.exit(f"error: {e}")
+  except (AttributeError, KeyError) as e:
+    bad = str(e).strip("\"'")
+    sys.exit(f"error: unknown config key {bad!r} (in --config.{bad}=...); see the config file for valid keys")
+  except (ValueError, TypeError) as e:
+    sys.exit(f"error: bad config override: {e}")
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)
