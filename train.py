@@ -22,12 +22,13 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   try:
     config = _CONFIG.value
+    stage = config.stage
   except OSError as e:  # ml_collections defers config-file errors to first access
     reason = str(e).strip().splitlines()[-1].strip()
     sys.exit(f"error: --config: {reason}")
-  if config.stage not in STAGES:
-    sys.exit(f"error: config key 'stage' is {config.stage!r}; expected one of {', '.join(STAGES)}")
-  importlib.import_module(f"glc_jax.stages.{config.stage}").run(config, _WORKDIR.value)
+  if stage not in STAGES:
+    sys.exit(f"error: config key 'stage' is {stage!r}; expected one of {', '.join(STAGES)}")
+  importlib.import_module(f"glc_jax.stages.{stage}").run(config, _WORKDIR.value)
 
 
 def _parse_flags(argv):
