@@ -1,0 +1,183 @@
+"""Matched patches between two augmented views, from the views' geometry.
+
+A view is made from a source image by: crop box (y0, x0, h, w) -> bilinear
+resize to n x n (half-pixel centres) -> flip -> clockwise rot90 by k
+(`ViewGeometry`). The source pixel "under" view pixel i along an axis is the
+one containing its sample point, `y0 + floor((i + 0.5) * h / n)`
+(`augment.nearest_source_index`); the reference obtains the same
+correspondence by pushing a map of pixel ids through the transforms with
+nearest-neighbour resizing. Because crop and resize act on rows and columns
+separately, the source pixels that can be patch centres in both views form a
+product set rows x cols, which is what makes `sample_matched_patches`
+vectorised: O(n) work per pair instead of the reference's per-pixel sets.
+
+Box convention: (y0, x0, y1, x1) half-open, in view pixel coordinates. A patch
+of size p centred on pixel c spans c - p//2 .. c - p//2 + p - 1; this covers
+exactly the pixels of the reference's torchvision RoIPool box
+(c - p/2, c + p/2 - 1 inclusive, spatial scale 1) for even p.
+The view-2 box is the flipped/rotated image of the patch in view 2's
+pre-orientation frame, so pixel (a, b) of the view-1 patch corresponds to the
+rotated/flipped pixel of the view-2 patch (up to the two crops' scales).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from glc_jax.data.augment import nearest_source_index
+
+
+@dataclasses.dataclass(frozen=True)
+class ViewGeometry:
+  """How a view was made from the source image.
+
+  Attributes:
+    box: (y0, x0, h, w) crop in source pixels.
+    size: n, the square view's side after resizing.
+    flip: 0 none, 1 left-right, 2 up-down, 3 both (applied before rotation).
+    k: clockwise quarter turns (0..3), applied after the flip.
+  """
+  box: tuple[int, int, int, int]
+  size: int
+  flip: int = 0
+  k: int = 0
+
+
+def orient_points(rows, cols, n: int, flip: int, k: int):
+  """Maps pixel indices through flip then k clockwise quarter turns (n x n).
+
+  The same map as `augment.orient` applies to images: pixel (r, c) of the
+  input lands at the returned (r', c') of the output.
+  """
+  rows = np.asarray(rows)
+  cols = np.asarray(cols)
+  if flip & 1:
+    cols = n - 1 - cols
+  if flip & 2:
+    rows = n - 1 - rows
+  for _ in range(k % 4):
+    rows, cols = cols, n - 1 - rows
+  return rows, cols
+
+
+def orient_boxes(boxes: np.ndarray, n: int, flip: int, k: int) -> np.ndarray:
+  """Maps (..., 4) half-open boxes through `orient_points` (exact for rot90)."""
+  r0, c0 = orient_points(boxes[..., 0], boxes[..., 1], n, flip, k)
+  r1, c1 = orient_points(boxes[..., 2] - 1, boxes[..., 3] - 1, n, flip, k)
+  return np.stack([np.minimum(r0, r1), np.minimum(c0, c1),
+                   np.maximum(r0, r1) + 1, np.maximum(c0, c1) + 1],
+                  axis=-1).astype(np.int32)
+
+
+def _axis_candidates(start1, len1, start2, len2, n, patch_size):
+  """Source indices usable as a patch centre in both views along one axis.
+
+  Returns (source index, view-1 index, view-2 index) arrays; the view index
+  is the first view pixel that falls on the source pixel.
+  """
+  half = patch_size // 2
+  centres = np.arange(half, n - patch_size + half + 1)
+  s1 = nearest_source_index(start1, len1, n, centres)
+  s2 = nearest_source_index(start2, len2, n, centres)
+  lo = min(s1[0], s2[0])
+  span = max(s1[-1], s2[-1]) - lo + 1
+  in1 = np.zeros(span, bool)
+  in2 = np.zeros(span, bool)
+  in1[s1 - lo] = True
+  in2[s2 - lo] = True
+  src = np.flatnonzero(in1 & in2) + lo
+  # s1, s2 are non-decreasing, so the first view pixel of each source pixel
+  # is a left search.
+  v1 = centres[np.searchsorted(s1, src, side="left")]
+  v2 = centres[np.searchsorted(s2, src, side="left")]
+  return src, v1, v2
+
+
+def sample_matched_patches(rng: np.random.Generator, view1: ViewGeometry,
+                           view2: ViewGeometry, patch_size: int,
+                           patch_num: int, draws_per_patch: int = 8):
+  """Samples `patch_num` patches matched between two views of one image.
+
+  Each patch centre is one source pixel seen in both views (uniform over all
+  such pixels whose patches lie wholly inside both views), and the view-1
+  patches do not overlap one another: a pixel is drawn uniformly among the
+  candidates whose view-1 patch overlaps none already chosen. The draws are
+  sequential rejection sampling over a pre-drawn vector of candidates (which
+  is exactly uniform over the remaining set); when that vector runs out the
+  remaining set is enumerated instead, so patches are only reported invalid
+  when none fits.
+
+  Args:
+    rng: random generator.
+    view1, view2: the geometry of the two views (same `size`).
+    patch_size: side p of the square patches, <= view size.
+    patch_num: P, patches per pair.
+    draws_per_patch: size of the pre-drawn candidate vector per patch.
+
+  Returns:
+    boxes1, boxes2: (P, 4) int32 half-open (y0, x0, y1, x1) in each view.
+    centres: (P, 2) int32 source pixel (row, col) of each patch centre.
+    valid: (P,) bool; invalid rows hold the box (0, 0, p, p) and centre (0, 0).
+  """
+  n = view1.size
+  if view2.size != n:
+    raise ValueError(f"views differ in size: {view1.size} vs {view2.size}")
+  if not 0 < patch_size <= n:
+    raise ValueError(f"patch_size {patch_size} must be in 1..{n}")
+  rs, r1, r2 = _axis_candidates(view1.box[0], view1.box[2], view2.box[0],
+                                view2.box[2], n, patch_size)
+  cs, c1, c2 = _axis_candidates(view1.box[1], view1.box[3], view2.box[1],
+                                view2.box[3], n, patch_size)
+  chosen_a = np.zeros(patch_num, np.intp)
+  chosen_b = np.zeros(patch_num, np.intp)
+  valid = np.zeros(patch_num, bool)
+  if not (len(rs) and len(cs)):
+    empty = np.tile(np.array([0, 0, patch_size, patch_size], np.int32),
+                    (patch_num, 1))
+    return empty, empty.copy(), np.zeros((patch_num, 2), np.int32), valid
+  k = draws_per_patch * patch_num
+  a = rng.integers(0, len(rs), k)
+  b = rng.integers(0, len(cs), k)
+  ya, xb = r1[a], c1[b]
+  # conflict[i, j]: the view-1 patches centred at draws i and j overlap.
+  conflict = ((np.abs(ya[:, None] - ya[None, :]) < patch_size)
+              & (np.abs(xb[:, None] - xb[None, :]) < patch_size))
+  blocked = np.zeros(k, bool)
+  count = 0
+  while count < patch_num:
+    free = np.flatnonzero(~blocked)
+    if not len(free):
+      break
+    j = free[0]
+    chosen_a[count], chosen_b[count] = a[j], b[j]
+    valid[count] = True
+    blocked |= conflict[j]
+    count += 1
+  while count < patch_num:
+    # Pre-drawn candidates exhausted: enumerate what is left.
+    row_hit = np.abs(r1[:, None] - r1[chosen_a[:count]][None, :]) < patch_size
+    col_hit = np.abs(c1[:, None] - c1[chosen_b[:count]][None, :]) < patch_size
+    overlap = np.einsum("ap,bp->ab", row_hit.astype(np.int32),
+                        col_hit.astype(np.int32)) > 0
+    free = np.flatnonzero(~overlap)
+    if not len(free):
+      break
+    pick = free[rng.integers(0, len(free))]
+    chosen_a[count], chosen_b[count] = np.divmod(pick, len(cs))
+    valid[count] = True
+    count += 1
+  half = patch_size // 2
+  top1 = np.where(valid, r1[chosen_a] - half, 0)
+  left1 = np.where(valid, c1[chosen_b] - half, 0)
+  top2 = np.where(valid, r2[chosen_a] - half, 0)
+  left2 = np.where(valid, c2[chosen_b] - half, 0)
+  boxes1 = np.stack([top1, left1, top1 + patch_size, left1 + patch_size],
+                    -1).astype(np.int32)
+  boxes2 = np.stack([top2, left2, top2 + patch_size, left2 + patch_size], -1)
+  boxes2 = orient_boxes(boxes2, n, view2.flip, view2.k)
+  boxes2[~valid] = (0, 0, patch_size, patch_size)
+  centres = np.stack([np.where(valid, rs[chosen_a], 0),
+                      np.where(valid, cs[chosen_b], 0)],
+                     -1).astype(np.int32)
+  return boxes1, boxes2, centres, valid
