@@ -205,26 +205,33 @@ def random_crop_offset(rng: np.random.Generator, hw, crop_hw):
 # where the name says so).
 
 
-def rgb_to_hsv(rgb: np.ndarray):
-  """(..., 3) RGB -> hue in degrees [0, 360), saturation [0, 1], value (units)."""
-  r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+def rgb_to_hsv(r: np.ndarray, g: np.ndarray, b: np.ndarray):
+  """RGB planes -> hue in sextants [0, 6), saturation [0, 1], value (units).
+
+  Avoids float modulo (slow in numpy): the only wrap needed is +6 for the
+  red sextant's negative half.
+  """
   v = np.maximum(np.maximum(r, g), b)
   d = v - np.minimum(np.minimum(r, g), b)
   safe_d = np.where(d > 0, d, 1.0)
-  s = np.where(v > 0, d / np.where(v > 0, v, 1.0), 0.0)
+  s = d / np.where(v > 0, v, 1.0)
   h = np.where(v == r, (g - b) / safe_d,
                np.where(v == g, (b - r) / safe_d + 2.0, (r - g) / safe_d + 4.0))
-  h = np.where(d > 0, (h * 60.0) % 360.0, 0.0)
+  h += np.where(h < 0, 6.0, 0.0).astype(np.float32)
+  h *= d > 0
   return h, s, v
 
 
 def hsv_to_rgb(h: np.ndarray, s: np.ndarray, v: np.ndarray, out: np.ndarray):
-  """Inverse of `rgb_to_hsv`, written into `out` (..., 3)."""
-  hh = h / 60.0
+  """Inverse of `rgb_to_hsv` (h in sextants [0, 6)), written into out (..., 3)."""
   vs = v * s
   for channel, n in enumerate((5.0, 3.0, 1.0)):
-    k = (n + hh) % 6.0
-    out[..., channel] = v - vs * np.clip(np.minimum(k, 4.0 - k), 0.0, 1.0)
+    k = h + n
+    k -= np.where(k >= 6.0, 6.0, 0.0).astype(np.float32)
+    np.minimum(k, 4.0 - k, out=k)
+    np.clip(k, 0.0, 1.0, out=k)
+    k *= vs
+    out[..., channel] = v - k
   return out
 
 
@@ -235,12 +242,15 @@ def hsv_shift_(image: np.ndarray, hue_deg: float, sat: float, val: float,
   `sat` and `val` are in OpenCV's 8-bit units (0..255 for both), which is
   how the reference states its limits; `val` scales with `value_max`.
   """
-  rgb = image[..., :3]
-  h, s, v = rgb_to_hsv(rgb)
-  h = (h + hue_deg) % 360.0
-  s = np.clip(s + sat / 255.0, 0.0, 1.0)
-  v = np.clip(v + val * (value_max / 255.0), 0.0, value_max)
-  rgb_out = np.empty(rgb.shape, np.float32)
+  r, g, b = (np.ascontiguousarray(image[..., i]) for i in range(3))
+  h, s, v = rgb_to_hsv(r, g, b)
+  h += np.float32((hue_deg / 60.0) % 6.0)
+  h -= np.where(h >= 6.0, 6.0, 0.0).astype(np.float32)
+  s += np.float32(sat / 255.0)
+  np.clip(s, 0.0, 1.0, out=s)
+  v += np.float32(val * (value_max / 255.0))
+  np.clip(v, 0.0, value_max, out=v)
+  rgb_out = np.empty(image.shape[:-1] + (3,), np.float32)
   image[..., :3] = hsv_to_rgb(h, s, v, rgb_out)
   return image
 
@@ -299,7 +309,9 @@ def pixel_noise_(rng: np.random.Generator, image: np.ndarray, p: float,
 
 def grayscale_(image: np.ndarray, band: int) -> np.ndarray:
   """In place: every band becomes a copy of `band` (the reference's gray)."""
-  image[...] = image[..., band:band + 1]
+  plane = image[..., band].copy()
+  for c in range(image.shape[-1]):
+    image[..., c] = plane
   return image
 
 
@@ -331,13 +343,16 @@ def gaussian_blur(image: np.ndarray, ksize: int) -> np.ndarray:
   r = ksize // 2
   rows = np.take(image, _reflect101_index(h, r), axis=0).reshape(h + 2 * r, w * c)
   out = rows[0:h] * g[0]
+  tmp = np.empty_like(out)
   for i in range(1, ksize):
-    out += rows[i:i + h] * g[i]
+    np.multiply(rows[i:i + h], g[i], out=tmp)
+    out += tmp
   cols = np.take(out.reshape(h, w, c), _reflect101_index(w, r), axis=1)
   cols = cols.reshape(h, (w + 2 * r) * c)
   res = cols[:, 0:w * c] * g[0]
   for i in range(1, ksize):
-    res += cols[:, i * c:i * c + w * c] * g[i]
+    np.multiply(cols[:, i * c:i * c + w * c], g[i], out=tmp)
+    res += tmp
   return res.reshape(h, w, c)
 
 
@@ -369,15 +384,27 @@ def normaliser(mode: str, bands: int, mean=None, std=None):
                    "(expected 'reference' or 'stats')")
 
 
-def normalise(image: np.ndarray, scale: np.ndarray, offset: np.ndarray) -> np.ndarray:
-  """`image * scale + offset` per band into a new contiguous float32 array.
+def normalise(image: np.ndarray, scale: np.ndarray, offset: np.ndarray,
+              flip: int = 0, k: int = 0) -> np.ndarray:
+  """`orient(image, flip, k) * scale + offset` per band, as a new array.
 
-  Accepts non-contiguous views (e.g. from `orient`), so the copy that makes
-  an oriented view contiguous is the normalisation itself.
+  Args:
+    image: (H, W, C) array; scale, offset: (C,) float32.
+  Returns:
+    contiguous float32 (H', W', C).
   """
   h, w, c = image.shape
-  out = np.empty((h, w, c), np.float32)
-  np.copyto(out, image)
+  if flip or k:
+    # Orient whole pixels as single opaque items: a strided copy of (H, W)
+    # items is several times faster than one of (H, W, C) floats.
+    src = np.ascontiguousarray(image, np.float32)
+    pix = np.dtype((np.void, 4 * c))
+    turned = orient(src.view(pix)[..., 0], flip, k)
+    out = np.empty(turned.shape + (c,), np.float32)
+    np.copyto(out.view(pix)[..., 0], turned)
+  else:
+    out = np.array(image, np.float32, copy=True)
+  h, w = out.shape[:2]
   flat = out.reshape(h, w * c)
   np.multiply(flat, np.tile(scale, w)[None], out=flat)
   np.add(flat, np.tile(offset, w)[None], out=flat)

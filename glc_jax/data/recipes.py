@@ -241,8 +241,8 @@ def _view(rng: np.random.Generator, tile: np.ndarray, cfg: TwoViewConfig,
   if rng.random() < view_cfg.blur_p:
     image = aug.gaussian_blur(image, int(rng.choice(view_cfg.blur_sizes)))
   # Colour and blur (symmetric kernel, reflect-101) commute with flips and
-  # quarter turns, so orienting last is free: a view, copied by normalise.
-  view = aug.normalise(aug.orient(image, flip, k), *norm)
+  # quarter turns, so orienting last costs nothing beyond normalise's copy.
+  view = aug.normalise(image, *norm, flip=flip, k=k)
   return view, ViewGeometry(tuple(int(v) for v in box), n, flip, k)
 
 
@@ -332,7 +332,7 @@ def finetune_example(record: Mapping[str, Any], rng: np.random.Generator,
         rng, len(extra), cfg.band_jitter, cfg.band_jitter, cfg.value_max)
     aug.affine_bands_(image, gain, bias, cfg.value_max, bands=extra)
     aug.pixel_noise_(rng, image, cfg.noise_p, cfg.value_max, bands=extra)
-  out = {"image": aug.normalise(aug.orient(image, flip, k), *norm)}
+  out = {"image": aug.normalise(image, *norm, flip=flip, k=k)}
   if label is not None:
     out["label"] = np.ascontiguousarray(aug.orient(label, flip, k))
   return out
