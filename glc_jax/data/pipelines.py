@@ -1,0 +1,237 @@
+"""Grain input pipelines: source -> shard -> shuffle -> augment -> batch -> devices.
+
+Build a pipeline in two steps:
+
+  ds = train_dataset(source, example_fn, batch_size=..., seed=...)
+  it = make_iterator(ds, num_workers=..., sharding=...)   # grain DatasetIterator
+
+`example_fn(record, rng)` is one of the recipes in `glc_jax.data.recipes`
+bound to its config (`recipe_for(method, config)` does the binding). Batches
+are dicts of numpy arrays (or global jax.Arrays when `sharding` is given)
+following the batch contract:
+
+  glcnet:      view1, view2 (B, n, n, C) float32; patch_boxes1, patch_boxes2
+               (B, P, 4) int32 half-open (y0, x0, y1, x1); patch_valid (B, P) bool
+  simclr/mocov2: view1, view2
+  inpainting:  image (B, n, n, C) float32; mask (B, n, n) bool (True = erased)
+  jigsaw:      tiles (B, 9, t, t, C) float32; perm_index (B,) int32
+  finetune:    image (B, S, S, C) float32; label (B, S, S) int32 (255 = ignore)
+  eval:        image, label of whole tiles, plus valid (B,) bool (False on the
+               padding that completes the last batch)
+
+Determinism: every random choice comes from Grain's per-record generator,
+seeded by (seed, position in the per-process shuffled, repeated stream), and
+batches are formed before the iterator, so the stream is the same for any
+number of worker processes. The iterator returned by `make_iterator` is a
+Grain DatasetIterator: `get_state()`/`set_state()` (or Orbax with
+`grain.checkpoint.CheckpointSave/CheckpointRestore`) restore it exactly,
+including through the host and device prefetch buffers.
+
+Sharding across processes: process i of `count` reads the contiguous block
+`[i * (N // count), (i + 1) * (N // count))` of the source (training drops
+the N % count remainder so every process runs the same number of steps);
+evaluation keeps every record and pads instead (`shard_indices`).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Mapping, Sequence
+
+import grain
+import numpy as np
+
+from glc_jax.data import augment, recipes
+
+ExampleFn = Callable[[Mapping[str, Any], np.random.Generator], dict]
+
+METHODS = ("glcnet", "simclr", "mocov2", "inpainting", "jigsaw", "finetune")
+
+
+def _process(process_index: int | None, process_count: int | None):
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index {process_index} is not in "
+                     f"[0, {process_count})")
+  return process_index, process_count
+
+
+def shard_indices(num_records: int, process_index: int, process_count: int,
+                  drop_remainder: bool) -> range:
+  """Source indices read by one process: a contiguous block.
+
+  With drop_remainder every process gets exactly num_records // count
+  records; otherwise the first num_records % count processes get one more.
+  """
+  if drop_remainder:
+    per = num_records // process_count
+    return range(process_index * per, (process_index + 1) * per)
+  base, extra = divmod(num_records, process_count)
+  start = process_index * base + min(process_index, extra)
+  return range(start, start + base + (process_index < extra))
+
+
+def recipe_for(method: str, config: Mapping[str, Any] | Any | None = None,
+               permutations: np.ndarray | None = None) -> ExampleFn:
+  """Binds a method's recipe to its config (a dataclass, mapping or None).
+
+  `config` keys are the fields of the method's config dataclass in
+  `glc_jax.data.recipes` (nested mappings for nested dataclasses); unknown
+  keys raise. Jigsaw needs `permutations` (N, 9).
+  """
+  if method == "glcnet":
+    cfg = recipes.config_from_dict(recipes.TwoViewConfig, config, method)
+    return functools.partial(recipes.two_view_example, cfg=cfg)
+  if method in ("simclr", "mocov2"):
+    cfg = recipes.config_from_dict(recipes.TwoViewConfig, config, method)
+    cfg = recipes.dataclasses.replace(cfg, patch_num=0)
+    return functools.partial(recipes.two_view_example, cfg=cfg)
+  if method == "inpainting":
+    cfg = recipes.config_from_dict(recipes.InpaintingConfig, config, method)
+    return functools.partial(recipes.inpainting_example, cfg=cfg)
+  if method == "jigsaw":
+    if permutations is None:
+      raise ValueError("jigsaw input needs the permutation set (N, 9)")
+    cfg = recipes.config_from_dict(recipes.JigsawConfig, config, method)
+    return functools.partial(recipes.jigsaw_example, cfg=cfg,
+                             permutations=np.asarray(permutations))
+  if method == "finetune":
+    cfg = recipes.config_from_dict(recipes.FinetuneConfig, config, method)
+    return functools.partial(recipes.finetune_example, cfg=cfg)
+  raise ValueError(f"unknown input method {method!r} (expected one of "
+                   f"{', '.join(METHODS)})")
+
+
+def _stack(examples: Sequence[dict]) -> dict:
+  return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+
+
+def train_dataset(source: Sequence[Mapping[str, Any]], example_fn: ExampleFn,
+                  *, batch_size: int, seed: int, num_epochs: int | None = None,
+                  shuffle: bool = True, process_index: int | None = None,
+                  process_count: int | None = None) -> grain.MapDataset:
+  """Training batches as a Grain MapDataset (batch i is a pure function of i).
+
+  Args:
+    source: random-access records (len + getitem), e.g. the TFDS ArrayRecord
+      data source from `glc_jax.data.source` or a list of dicts.
+    example_fn: record, rng -> example dict (see `recipe_for`).
+    batch_size: per-process batch size; the last partial batch of the
+      stream is dropped.
+    seed: shuffling and augmentation seed (0 .. 2**32-1).
+    num_epochs: None repeats forever; each epoch is reshuffled and
+      re-augmented.
+    process_index, process_count: this process's shard (default: jax's).
+
+  Returns:
+    MapDataset of batches (dicts of stacked numpy arrays).
+  """
+  index, count = _process(process_index, process_count)
+  shard = shard_indices(len(source), index, count, drop_remainder=True)
+  if len(shard) < batch_size:
+    raise ValueError(f"process {index} has {len(shard)} records, fewer than "
+                     f"one batch of {batch_size}")
+  ds = grain.MapDataset.source(source).slice(slice(shard.start, shard.stop))
+  if shuffle:
+    ds = ds.shuffle(seed=seed)
+  if num_epochs != 1:
+    ds = ds.repeat(num_epochs)
+  ds = ds.random_map(example_fn, seed=seed)
+  return ds.batch(batch_size, drop_remainder=True, batch_fn=_stack)
+
+
+class _PaddedShard:
+  """One process's eval shard padded to a whole number of batches."""
+
+  def __init__(self, source, indices: range, length: int):
+    self._source = source
+    self._indices = indices
+    self._length = length
+
+  def __len__(self) -> int:
+    return self._length
+
+  def __getitem__(self, i: int):
+    valid = i < len(self._indices)
+    record = self._source[self._indices[i if valid else 0]]
+    return dict(record), valid
+
+
+def eval_dataset(source: Sequence[Mapping[str, Any]], *, batch_size: int,
+                 config: Mapping[str, Any] | recipes.EvalConfig | None = None,
+                 process_index: int | None = None,
+                 process_count: int | None = None) -> grain.MapDataset:
+  """Whole tiles in source order, no augmentation, every record once.
+
+  Each process gets its contiguous block, padded (with copies of its first
+  record, `valid` False) so that all processes yield the same number of
+  full batches. Batches: image, label (if labelled), valid (B,) bool.
+  """
+  cfg = recipes.config_from_dict(recipes.EvalConfig, config, "eval")
+  index, count = _process(process_index, process_count)
+  per_max = -(-len(source) // count)
+  padded = -(-per_max // batch_size) * batch_size
+  shard = shard_indices(len(source), index, count, drop_remainder=False)
+  if not len(shard):
+    raise ValueError(f"process {index} has no evaluation records")
+
+  def example(item):
+    record, valid = item
+    out = recipes.eval_example(record, cfg)
+    out["valid"] = np.bool_(valid)
+    return out
+
+  ds = grain.MapDataset.source(_PaddedShard(source, shard, padded))
+  return ds.map(example).batch(batch_size, drop_remainder=True,
+                               batch_fn=_stack)
+
+
+def _worker_init(worker_index: int, worker_count: int) -> None:
+  del worker_index, worker_count
+  augment.tune_allocator()
+
+
+def _to_global(batch: dict, sharding) -> dict:
+  import jax  # pylint: disable=g-import-not-at-top
+  return {k: jax.make_array_from_process_local_data(sharding, v)
+          for k, v in batch.items()}
+
+
+def make_iterator(ds: grain.MapDataset, *, num_workers: int = 0,
+                  worker_buffer: int = 2, read_threads: int = 0,
+                  read_buffer: int = 2, sharding=None, host_buffer: int = 2,
+                  device_buffer: int = 2) -> grain.DatasetIterator:
+  """A checkpointable iterator over `ds`, optionally onto devices.
+
+  Args:
+    ds: a MapDataset of batches (`train_dataset`, `eval_dataset`).
+    num_workers: augmentation worker processes (0: in this process). The
+      output does not depend on it.
+    worker_buffer: batches buffered per worker.
+    read_threads, read_buffer: Grain ReadOptions in each process (threads
+      share the GIL, so workers are the way to scale augmentation).
+    sharding: a jax.sharding.Sharding for the batch axis (e.g.
+      NamedSharding(mesh, P("data"))); batches then become global
+      jax.Arrays via make_array_from_process_local_data, prefetched
+      `device_buffer` deep after a `host_buffer`-deep host queue.
+
+  Returns:
+    grain.DatasetIterator; `get_state`/`set_state` give exact resume.
+  """
+  it_ds = ds.to_iter_dataset(grain.ReadOptions(
+      num_threads=read_threads, prefetch_buffer_size=read_buffer))
+  if num_workers > 0:
+    it_ds = it_ds.mp_prefetch(
+        grain.MultiprocessingOptions(num_workers=num_workers,
+                                     per_worker_buffer_size=worker_buffer),
+        worker_init_fn=_worker_init)
+  else:
+    augment.tune_allocator()
+  if sharding is not None:
+    prefetch = grain.experimental.ThreadPrefetchIterDataset
+    it_ds = prefetch(it_ds, prefetch_buffer_size=host_buffer)
+    it_ds = it_ds.map(functools.partial(_to_global, sharding=sharding))
+    it_ds = prefetch(it_ds, prefetch_buffer_size=device_buffer)
+  return iter(it_ds)
