@@ -9,6 +9,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from glc_jax import metrics
+from glc_jax.parallel import DATA_AXIS, make_data_mesh
 
 # 4 classes; class 3 appears in neither truth nor prediction of counted
 # pixels (it is predicted only on ignored pixels, which must not count).
@@ -136,16 +137,15 @@ def test_confusion_matrix_jnp_psum_over_devices(devices):
   truth = rng.integers(0, k, size=(16, 8, 8)).astype(np.int32)
   truth[rng.random(truth.shape) < 0.2] = 255
   pred = rng.integers(0, k, size=truth.shape).astype(np.int32)
-  mesh = jax.make_mesh((8,), ("data",),
-                       axis_types=(jax.sharding.AxisType.Explicit,))
+  mesh = make_data_mesh(devices)
 
   def per_device(t, p):
-    cm = metrics.confusion_matrix_jnp(t, p, k, axis_name="data")
+    cm = metrics.confusion_matrix_jnp(t, p, k, axis_name=DATA_AXIS)
     return cm[None]  # one copy per device, to check they all agree
 
-  f = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P("data"), P("data")),
-                            out_specs=P("data")))
-  sharding = jax.sharding.NamedSharding(mesh, P("data"))
+  f = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(DATA_AXIS), P(DATA_AXIS)),
+                            out_specs=P(DATA_AXIS)))
+  sharding = jax.sharding.NamedSharding(mesh, P(DATA_AXIS))
   out = np.asarray(f(jax.device_put(truth, sharding),
                      jax.device_put(pred, sharding)))
   expected = metrics.confusion_matrix(truth, pred, k)
