@@ -27,7 +27,9 @@ ApplyFn = Callable[[np.ndarray], jax.Array | np.ndarray]
 
 
 def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
-  pair = (value, value) if isinstance(value, (int, np.integer)) else tuple(value)
+  if isinstance(value, (int, np.integer)):
+    value = (value, value)
+  pair = tuple(value)
   if len(pair) != 2 or any(int(v) < 1 for v in pair):
     raise ValueError(f"sliding window: {name} must be a positive int or a "
                      f"(height, width) pair, got {value!r}")
@@ -116,7 +118,8 @@ def iter_sliding_window_logits(images: Iterable[np.ndarray], apply_fn: ApplyFn,
     raise ValueError(f"sliding window: stride {stride} larger than crop {crop} "
                      f"would leave pixels uncovered")
   if batch_size < 1:
-    raise ValueError(f"sliding window: batch_size must be >= 1, got {batch_size}")
+    raise ValueError(f"sliding window: batch_size must be >= 1, got "
+                     f"{batch_size}")
 
   order: collections.deque[_Scene] = collections.deque()
   queue: list[tuple[_Scene, int, int]] = []
@@ -127,8 +130,8 @@ def iter_sliding_window_logits(images: Iterable[np.ndarray], apply_fn: ApplyFn,
     logits = np.asarray(logits, dtype=np.float32)
     expected = (batch_size, crop[0], crop[1])
     if logits.ndim != 4 or logits.shape[:3] != expected:
-      raise ValueError(f"sliding window: apply_fn returned shape {logits.shape}, "
-                       f"expected {expected + ('K',)}")
+      raise ValueError(f"sliding window: apply_fn returned shape "
+                       f"{logits.shape}, expected {expected + ('K',)}")
     for i, (scene, y, x) in enumerate(slots):
       scene.add(y, x, logits[i])
 

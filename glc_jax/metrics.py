@@ -164,7 +164,8 @@ class SegmentationScores:
         "miou": _json_float(self.miou),
         "mean_f1": _json_float(self.mean_f1),
         "num_pixels": int(self.confusion.sum()),
-        "classes_scored": [n for n, s in zip(self.class_names, self.scored) if s],
+        "classes_scored": [
+            n for n, s in zip(self.class_names, self.scored) if s],
         "per_class": per_class,
         "class_names": list(self.class_names),
         "confusion_matrix": self.confusion.tolist(),

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import warnings
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -77,7 +78,8 @@ def _as_crs(crs: str | CRS | None) -> CRS | None:
   try:
     return CRS.from_user_input(crs)
   except rasterio.errors.CRSError as e:
-    raise ValueError(f"predictions: unreadable CRS {str(crs)[:60]!r}: {e}") from e
+    raise ValueError(
+        f"predictions: unreadable CRS {str(crs)[:60]!r}: {e}") from e
 
 
 def scene_transform(tile_transform: Transform,
@@ -169,7 +171,12 @@ class PredictionWriter:
     try:
       for path, profile in self._outputs:
         self._temps.append(_temp_path(path))
-        self._datasets.append(rasterio.open(self._temps[-1], "w", **profile))
+        with warnings.catch_warnings():
+          # An ungeoreferenced source (identity transform) gives an
+          # ungeoreferenced prediction; that is faithful, not a fault.
+          warnings.simplefilter("ignore",
+                                rasterio.errors.NotGeoreferencedWarning)
+          self._datasets.append(rasterio.open(self._temps[-1], "w", **profile))
       palette = {k: tuple(int(c) for c in rgb) + (255,)
                  for k, rgb in enumerate(self._colours)}
       self._datasets[0].write_colormap(1, palette)

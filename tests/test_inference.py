@@ -1,4 +1,5 @@
-"""Sliding-window inference against direct whole-image output and a numpy oracle."""
+"""Sliding-window inference vs the direct whole-image output and a numpy
+oracle."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,7 +19,10 @@ def pixel_logits(x):
 
 def position_logits_np(x):
   """A model whose output depends on the position inside the window, so
-  overlapping windows disagree and the averaging is visible. (N,h,w,3)->(N,h,w,2)"""
+  overlapping windows disagree and the averaging shows.
+
+  (N, h, w, 3) -> (N, h, w, 2).
+  """
   _, h, w, _ = x.shape
   i = np.arange(h, dtype=np.float32)[:, None]
   j = np.arange(w, dtype=np.float32)[None, :]

@@ -26,7 +26,8 @@ def _colour_oracle(classes, nodata=255):
 
 
 def test_whole_scene_round_trip(tmp_path):
-  classes = np.random.default_rng(0).integers(0, 5, size=(37, 53)).astype(np.uint8)
+  rng = np.random.default_rng(0)
+  classes = rng.integers(0, 5, size=(37, 53)).astype(np.uint8)
   index_path, colour_path = tmp_path / "pred.tif", tmp_path / "pred_rgb.tif"
   predictions.write_prediction(index_path, colour_path, classes, crs=CRS_STRING,
                                transform=tuple(SCENE_TRANSFORM)[:6],

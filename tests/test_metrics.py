@@ -80,7 +80,8 @@ def test_random_matrix_against_loop_and_kappa_formula():
   rc = float(np.inner(cm.sum(0), cm.sum(1)))
   assert s.kappa == pytest.approx((n * np.trace(cm) - rc) / (n * n - rc))
   valid = truth != 255
-  assert s.overall_accuracy == pytest.approx(np.mean(truth[valid] == pred[valid]))
+  assert s.overall_accuracy == pytest.approx(
+      np.mean(truth[valid] == pred[valid]))
 
 
 def test_confusion_matrix_rejects_out_of_range():
@@ -143,7 +144,8 @@ def test_confusion_matrix_jnp_psum_over_devices(devices):
     cm = metrics.confusion_matrix_jnp(t, p, k, axis_name=DATA_AXIS)
     return cm[None]  # one copy per device, to check they all agree
 
-  f = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(DATA_AXIS), P(DATA_AXIS)),
+  f = jax.jit(jax.shard_map(per_device, mesh=mesh,
+                            in_specs=(P(DATA_AXIS), P(DATA_AXIS)),
                             out_specs=P(DATA_AXIS)))
   sharding = jax.sharding.NamedSharding(mesh, P(DATA_AXIS))
   out = np.asarray(f(jax.device_put(truth, sharding),
