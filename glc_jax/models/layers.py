@@ -1,0 +1,288 @@
+"""Building blocks with PyTorch semantics: convolution, BatchNorm, resizing.
+
+Everything here works on NHWC arrays. The layers reproduce the numerics of the
+torch layers the reference GLCNet is built from (padding, dilation, BatchNorm
+statistics, `align_corners=True` bilinear and torch's `nearest` resize), so that
+weights imported from the reference give the same outputs.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+
+# torch.nn.init.kaiming_normal_ with its defaults (fan_in, gain sqrt(2)), which
+# the reference applies to every convolution of the backbone, ASPP and decoder.
+kaiming_normal = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
+# torch's default for Linear/Conv weights (kaiming_uniform with a=sqrt(5)).
+torch_default_kernel = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def torch_default_bias(fan_in: int) -> nn.initializers.Initializer:
+  """torch's default bias init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+  bound = 1.0 / np.sqrt(fan_in)
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+class Conv2d(nn.Module):
+  """2-D convolution with torch's symmetric padding convention.
+
+  Input (B, H, W, Cin) → output (B, H', W', features) with
+  H' = floor((H + 2·padding − dilation·(k − 1) − 1) / stride) + 1.
+  Kernel layout (k, k, Cin, features); the bias (if any) is torch-initialised.
+  """
+  features: int
+  kernel_size: int
+  stride: int = 1
+  padding: int = 0
+  dilation: int = 1
+  use_bias: bool = False
+  kernel_init: nn.initializers.Initializer = kaiming_normal
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    k = self.kernel_size
+    fan_in = k * k * x.shape[-1]
+    kernel = self.param("kernel", self.kernel_init, (k, k, x.shape[-1], self.features),
+                        jnp.float32)
+    y = jax.lax.conv_general_dilated(
+        x.astype(self.dtype), kernel.astype(self.dtype),
+        window_strides=(self.stride, self.stride),
+        padding=[(self.padding, self.padding)] * 2,
+        rhs_dilation=(self.dilation, self.dilation),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    if self.use_bias:
+      bias = self.param("bias", torch_default_bias(fan_in), (self.features,), jnp.float32)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
+class ConvTranspose2d(nn.Module):
+  """torch.nn.ConvTranspose2d(Cin, features, k, stride, padding, output_padding).
+
+  Output size (H − 1)·stride − 2·padding + k + output_padding. The kernel is
+  stored as (k, k, Cin, features) with the same (unflipped) spatial order as
+  torch's (Cin, features, k, k) weight, so import is a plain transpose; the
+  computation is the equivalent input-dilated convolution with the kernel
+  flipped.
+  """
+  features: int
+  kernel_size: int
+  stride: int = 1
+  padding: int = 0
+  output_padding: int = 0
+  use_bias: bool = True
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    k = self.kernel_size
+    # torch computes the fan-in of a transposed-conv weight from its dim 1.
+    fan_in = self.features * k * k
+    kernel = self.param(
+        "kernel", nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform",
+                                                   in_axis=-1, out_axis=-2),
+        (k, k, x.shape[-1], self.features), jnp.float32)
+    lo = k - 1 - self.padding
+    y = jax.lax.conv_general_dilated(
+        x.astype(self.dtype), kernel[::-1, ::-1].astype(self.dtype),
+        window_strides=(1, 1), padding=[(lo, lo + self.output_padding)] * 2,
+        lhs_dilation=(self.stride, self.stride),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    if self.use_bias:
+      bias = self.param("bias", torch_default_bias(fan_in), (self.features,),
+                        jnp.float32)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
+class Linear(nn.Module):
+  """torch.nn.Linear with torch's default initialisation; kernel (Cin, features)."""
+  features: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.param("kernel", torch_default_kernel, (x.shape[-1], self.features),
+                        jnp.float32)
+    bias = self.param("bias", torch_default_bias(x.shape[-1]), (self.features,),
+                      jnp.float32)
+    return x.astype(self.dtype) @ kernel.astype(self.dtype) + bias.astype(self.dtype)
+
+
+class BatchNorm(nn.Module):
+  """BatchNorm over (B, H, W) with torch / SyncBN semantics.
+
+  Training: normalises with the batch mean and the biased batch variance; the
+  running statistics follow torch's convention
+      running = (1 − torch_momentum)·running + torch_momentum·batch,
+  with the UNBIASED variance n/(n−1)·var going into the running variance. The
+  reference builds every BN of the DeepLab with momentum 0.9
+  (`bn_momentum=0.9`), i.e. running = 0.1·running + 0.9·batch. With
+  `axis_name` set (inside `jax.shard_map`), sums and counts are reduced over
+  that mesh axis, so the statistics are those of the global batch, as with
+  SyncBN. Statistics are computed in float32 whatever the compute dtype.
+
+  `groups` > 1 splits the batch into that many equal, consecutive groups
+  (group-major: rows [g·b, (g+1)·b)) that are normalised with their own
+  statistics, and updates the running statistics once per group in order.
+  This equals calling the layer on each group in turn, which is what the
+  reference does when it pushes GLCNet's two views (or jigsaw's nine tiles)
+  through the network one after the other, while letting us run them as one
+  batch.
+
+  Eval: uses the running statistics. Variables: params {scale, bias},
+  batch_stats {mean, var}; eps 1e-5 as in torch.
+  """
+  train: bool = False
+  torch_momentum: float = 0.9
+  epsilon: float = 1e-5
+  groups: int = 1
+  axis_name: str | None = None
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+    ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (c,), jnp.float32)
+    ra_var = self.variable("batch_stats", "var", jnp.ones, (c,), jnp.float32)
+    g = self.groups
+    if x.shape[0] % g:
+      raise ValueError(f"BatchNorm: batch {x.shape[0]} does not split into {g} groups")
+    xg = x.reshape((g, x.shape[0] // g) + x.shape[1:])
+    stat_shape = (g,) + (1,) * (x.ndim - 1) + (c,)
+    if self.train:
+      xf = xg.astype(jnp.float32)
+      axes = tuple(range(1, xg.ndim - 1))
+      n = jnp.asarray(np.prod([xg.shape[a] for a in axes]), jnp.float32)
+      total = jnp.sum(xf, axes)
+      if self.axis_name is not None:
+        n = jax.lax.psum(n, self.axis_name)
+        total = jax.lax.psum(total, self.axis_name)
+      mean = total / n
+      # Two passes (mean, then centred squares) for float32 accuracy.
+      sq = jnp.sum(jnp.square(xf - mean.reshape(stat_shape)), axes)
+      if self.axis_name is not None:
+        sq = jax.lax.psum(sq, self.axis_name)
+      var = sq / n
+      if not self.is_initializing():
+        m = self.torch_momentum
+        unbiased = var * (n / jnp.maximum(n - 1.0, 1.0))
+        for i in range(g):
+          ra_mean.value = (1.0 - m) * ra_mean.value + m * mean[i]
+          ra_var.value = (1.0 - m) * ra_var.value + m * unbiased[i]
+    else:
+      mean = jnp.broadcast_to(ra_mean.value, (g, c))
+      var = jnp.broadcast_to(ra_var.value, (g, c))
+    mul = jax.lax.rsqrt(var + self.epsilon) * scale
+    y = ((xg - mean.reshape(stat_shape).astype(self.dtype))
+         * mul.reshape(stat_shape).astype(self.dtype) + bias.astype(self.dtype))
+    return y.reshape(x.shape)
+
+
+def _align_corners_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Source indices (i0, i1) and weight of i1 for align_corners=True."""
+  if n_out == 1:
+    src = np.zeros((1,), np.float64)
+  else:
+    src = np.arange(n_out, dtype=np.float64) * ((n_in - 1) / (n_out - 1))
+  i0 = np.minimum(np.floor(src).astype(np.int32), n_in - 1)
+  i1 = np.minimum(i0 + 1, n_in - 1)
+  return i0, i1, (src - i0).astype(np.float32)
+
+
+def align_corners_matrix(n_in: int, n_out: int) -> np.ndarray:
+  """(n_out, n_in) float32 matrix A with resize(x) = A @ x along one axis."""
+  i0, i1, w = _align_corners_taps(n_in, n_out)
+  a = np.zeros((n_out, n_in), np.float32)
+  rows = np.arange(n_out)
+  np.add.at(a, (rows, i0), 1.0 - w)
+  np.add.at(a, (rows, i1), w)
+  return a
+
+
+def resize_bilinear_align_corners(x: jax.Array, size: Sequence[int]) -> jax.Array:
+  """torch F.interpolate(mode='bilinear', align_corners=True) on NHWC input.
+
+  x: (B, h, w, C) → (B, H, W, C), same dtype. Separable gather + lerp (rows,
+  then columns), exact in the compute dtype; no matmul precision involved.
+  """
+  out_h, out_w = size
+  for axis, n_out in ((1, out_h), (2, out_w)):
+    n_in = x.shape[axis]
+    if n_in == n_out:
+      continue
+    i0, i1, w = _align_corners_taps(n_in, n_out)
+    shape = [1] * x.ndim
+    shape[axis] = n_out
+    w = jnp.asarray(w, x.dtype).reshape(shape)
+    x0 = jnp.take(x, jnp.asarray(i0), axis=axis)
+    x1 = jnp.take(x, jnp.asarray(i1), axis=axis)
+    x = x0 + (x1 - x0) * w
+  return x
+
+
+def resize_nearest_torch(x: jax.Array, size: Sequence[int]) -> jax.Array:
+  """torch F.interpolate(mode='nearest') on NHWC: src = floor(dst·in/out)."""
+  for axis, n_out in ((1, size[0]), (2, size[1])):
+    n_in = x.shape[axis]
+    if n_in != n_out:
+      idx = np.floor(np.arange(n_out) * (n_in / n_out)).astype(np.int32)
+      x = jnp.take(x, jnp.asarray(np.minimum(idx, n_in - 1)), axis=axis)
+  return x
+
+
+def adaptive_avg_pool(x: jax.Array, out_size: int) -> jax.Array:
+  """torch AdaptiveAvgPool2d((s, s)) on NHWC: bin i spans
+  [floor(i·n/s), ceil((i+1)·n/s)). (B, H, W, C) → (B, s, s, C)."""
+  def pool_matrix(n: int) -> np.ndarray:
+    m = np.zeros((out_size, n), np.float32)
+    for i in range(out_size):
+      lo, hi = (i * n) // out_size, -((-(i + 1) * n) // out_size)
+      m[i, lo:hi] = 1.0 / (hi - lo)
+    return m
+  ph = jnp.asarray(pool_matrix(x.shape[1]), x.dtype)
+  pw = jnp.asarray(pool_matrix(x.shape[2]), x.dtype)
+  return jnp.einsum("ih,jw,bhwc->bijc", ph, pw, x,
+                    precision=jax.lax.Precision.HIGHEST)
+
+
+def box_mean_of_upsampled(features: jax.Array, boxes: jax.Array,
+                          size: Sequence[int]) -> jax.Array:
+  """Mean of the align-corners upsampled feature map inside each box.
+
+  Equals resize_bilinear_align_corners(features, size) averaged over
+  [y0, y1) × [x0, x1), but never builds the full-resolution map: upsampling is
+  linear and separable, so the box mean is r_y · F · r_x with r_y the mean of
+  the interpolation matrix's rows inside the box (likewise r_x).
+
+  features: (B, h, w, C); boxes: (B, P, 4) int (y0, x0, y1, x1), half-open, in
+  the coordinates of the (H, W) = `size` map. Returns (B, P, C) float32. Empty
+  boxes give 0.
+  """
+  out_h, out_w = size
+  boxes = boxes.astype(jnp.int32)
+  ah = jnp.asarray(align_corners_matrix(features.shape[1], out_h))
+  aw = jnp.asarray(align_corners_matrix(features.shape[2], out_w))
+  ys, xs = jnp.arange(out_h), jnp.arange(out_w)
+  my = ((ys >= boxes[..., 0:1]) & (ys < boxes[..., 2:3])).astype(jnp.float32)
+  mx = ((xs >= boxes[..., 1:2]) & (xs < boxes[..., 3:4])).astype(jnp.float32)
+  hi = jax.lax.Precision.HIGHEST
+  ry = jnp.einsum("bpy,yh->bph", my, ah, precision=hi)
+  rx = jnp.einsum("bpx,xw->bpw", mx, aw, precision=hi)
+  area = jnp.sum(my, -1) * jnp.sum(mx, -1)
+  sums = jnp.einsum("bph,bpw,bhwc->bpc", ry, rx, features.astype(jnp.float32),
+                    precision=hi)
+  return sums / jnp.maximum(area, 1.0)[..., None]

@@ -1,0 +1,292 @@
+"""Layers and networks against numpy oracles, SyncBN against a single device."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from glc_jax import models
+from glc_jax.models import layers
+
+RNG = np.random.default_rng(0)
+
+
+def _init_apply(layer, *args):
+  variables = layer.init(jax.random.key(0), *args)
+  return variables, layer.apply(variables, *args)
+
+
+# ---------------------------------------------------------------- numpy oracles
+def np_conv(x, w, stride, pad, dil):
+  """Direct NHWC convolution, w (k, k, Cin, Cout)."""
+  x = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  k = w.shape[0]
+  ho = (x.shape[1] - dil * (k - 1) - 1) // stride + 1
+  wo = (x.shape[2] - dil * (k - 1) - 1) // stride + 1
+  out = np.zeros((x.shape[0], ho, wo, w.shape[3]))
+  for i in range(ho):
+    for j in range(wo):
+      for a in range(k):
+        for b in range(k):
+          out[:, i, j] += x[:, i * stride + a * dil, j * stride + b * dil] @ w[a, b]
+  return out
+
+
+def np_resize_align_corners(x, out_h, out_w):
+  """Per-output-pixel bilinear interpolation, align_corners=True."""
+  _, h, w, _ = x.shape
+  out = np.zeros((x.shape[0], out_h, out_w, x.shape[3]))
+  for i in range(out_h):
+    sy = i * (h - 1) / (out_h - 1) if out_h > 1 else 0.0
+    y0 = int(np.floor(sy)); y1 = min(y0 + 1, h - 1); fy = sy - y0
+    for j in range(out_w):
+      sx = j * (w - 1) / (out_w - 1) if out_w > 1 else 0.0
+      x0 = int(np.floor(sx)); x1 = min(x0 + 1, w - 1); fx = sx - x0
+      out[:, i, j] = ((1 - fy) * ((1 - fx) * x[:, y0, x0] + fx * x[:, y0, x1])
+                      + fy * ((1 - fx) * x[:, y1, x0] + fx * x[:, y1, x1]))
+  return out
+
+
+def np_conv_transpose(x, w, stride, pad, out_pad):
+  """Scatter definition of torch ConvTranspose2d, w (k, k, Cin, Cout)."""
+  b, h, wd, _ = x.shape
+  k = w.shape[0]
+  full = np.zeros((b, (h - 1) * stride + k + out_pad, (wd - 1) * stride + k + out_pad, w.shape[3]))
+  for i in range(h):
+    for j in range(wd):
+      full[:, i * stride:i * stride + k, j * stride:j * stride + k] += np.einsum(
+          "bc,klcd->bkld", x[:, i, j], w)
+  ho = (h - 1) * stride - 2 * pad + k + out_pad
+  wo = (wd - 1) * stride - 2 * pad + k + out_pad
+  return full[:, pad:pad + ho, pad:pad + wo]
+
+
+# ---------------------------------------------------------------- layers
+def test_dilated_strided_conv_matches_numpy():
+  x = RNG.normal(size=(2, 13, 11, 3)).astype(np.float32)
+  conv = layers.Conv2d(5, 3, stride=2, padding=2, dilation=2, use_bias=False)
+  variables, y = _init_apply(conv, jnp.asarray(x))
+  want = np_conv(x, np.asarray(variables["params"]["kernel"]), 2, 2, 2)
+  np.testing.assert_allclose(np.asarray(y), want, rtol=1e-5, atol=1e-5)
+
+
+def test_conv_transpose_matches_torch_definition():
+  x = RNG.normal(size=(2, 5, 4, 3)).astype(np.float32)
+  for k, p, op in ((5, 2, 0), (5, 2, 1), (3, 1, 1)):
+    conv = layers.ConvTranspose2d(4, k, 2, p, op, use_bias=False)
+    variables, y = _init_apply(conv, jnp.asarray(x))
+    want = np_conv_transpose(x, np.asarray(variables["params"]["kernel"]), 2, p, op)
+    assert y.shape == want.shape
+    np.testing.assert_allclose(np.asarray(y), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("src,dst", [((4, 7), (16, 13)), ((14, 14), (56, 56)),
+                                     ((1, 1), (5, 3)), ((9, 6), (4, 6))])
+def test_align_corners_resize_matches_numpy(src, dst):
+  x = RNG.normal(size=(2,) + src + (3,)).astype(np.float32)
+  y = models.resize_bilinear_align_corners(jnp.asarray(x), dst)
+  np.testing.assert_allclose(np.asarray(y), np_resize_align_corners(x, *dst),
+                             rtol=1e-5, atol=1e-6)
+
+
+def test_nearest_resize_and_adaptive_pool_follow_torch_rules():
+  x = RNG.normal(size=(1, 27, 5, 2)).astype(np.float32)
+  y = np.asarray(models.resize_nearest_torch(jnp.asarray(x), (14, 10)))
+  rows = [int(np.floor(i * 27 / 14)) for i in range(14)]
+  cols = [int(np.floor(j * 5 / 10)) for j in range(10)]
+  np.testing.assert_array_equal(y, x[:, rows][:, :, cols])
+  x = RNG.normal(size=(2, 7, 4, 3)).astype(np.float32)
+  pooled = np.asarray(layers.adaptive_avg_pool(jnp.asarray(x), 3))
+  for i in range(3):
+    for j in range(3):
+      r0, r1 = (i * 7) // 3, -((-(i + 1) * 7) // 3)
+      c0, c1 = (j * 4) // 3, -((-(j + 1) * 4) // 3)
+      np.testing.assert_allclose(pooled[:, i, j], x[:, r0:r1, c0:c1].mean((1, 2)), rtol=1e-5)
+
+
+def test_box_mean_of_upsampled_matches_full_resolution_numpy():
+  feats = RNG.normal(size=(2, 16, 16, 5)).astype(np.float32)
+  boxes = np.array([[[0, 0, 64, 64], [10, 3, 26, 19], [40, 50, 41, 51]],
+                    [[5, 7, 53, 55], [0, 0, 1, 64], [60, 60, 64, 64]]], np.int32)
+  got = np.asarray(models.box_mean_of_upsampled(jnp.asarray(feats), jnp.asarray(boxes), (64, 64)))
+  full = np_resize_align_corners(feats, 64, 64)
+  for b in range(2):
+    for p in range(3):
+      y0, x0, y1, x1 = boxes[b, p]
+      np.testing.assert_allclose(got[b, p], full[b, y0:y1, x0:x1].mean((0, 1)),
+                                 rtol=1e-5, atol=1e-6)
+
+
+def test_batchnorm_torch_semantics_and_groups():
+  x = RNG.normal(2.0, 3.0, size=(6, 5, 4, 3)).astype(np.float32)
+  bn = layers.BatchNorm(train=True, torch_momentum=0.9)
+  variables = bn.init(jax.random.key(0), jnp.asarray(x))
+  y, upd = bn.apply(variables, jnp.asarray(x), mutable=["batch_stats"])
+  mean, var = x.mean((0, 1, 2)), x.var((0, 1, 2))
+  np.testing.assert_allclose(np.asarray(y), (x - mean) / np.sqrt(var + 1e-5), rtol=1e-4, atol=1e-5)
+  n = 6 * 5 * 4
+  np.testing.assert_allclose(upd["batch_stats"]["mean"], 0.9 * mean, rtol=1e-5)
+  np.testing.assert_allclose(upd["batch_stats"]["var"], 0.1 + 0.9 * var * n / (n - 1), rtol=1e-5)
+  # Two groups == two successive calls on the halves.
+  grouped = layers.BatchNorm(train=True, groups=2)
+  y2, upd2 = grouped.apply(variables, jnp.asarray(x), mutable=["batch_stats"])
+  ya, st = bn.apply(variables, jnp.asarray(x[:3]), mutable=["batch_stats"])
+  yb, st = bn.apply({"params": variables["params"], **st}, jnp.asarray(x[3:]),
+                    mutable=["batch_stats"])
+  np.testing.assert_allclose(np.asarray(y2), np.concatenate([ya, yb]), rtol=1e-5, atol=1e-6)
+  for k in ("mean", "var"):
+    np.testing.assert_allclose(upd2["batch_stats"][k], st["batch_stats"][k], rtol=1e-6)
+  # Eval mode uses the running statistics.
+  ye = layers.BatchNorm(train=False).apply({"params": variables["params"], **upd}, jnp.asarray(x))
+  rm, rv = np.asarray(upd["batch_stats"]["mean"]), np.asarray(upd["batch_stats"]["var"])
+  np.testing.assert_allclose(np.asarray(ye), (x - rm) / np.sqrt(rv + 1e-5), rtol=1e-4, atol=1e-5)
+
+
+def test_synchronised_batchnorm_8_devices_equals_1_device(devices):
+  net = models.ResNet(depth=18, width=0.125, axis_name="data")
+  x = jnp.asarray(RNG.normal(size=(32, 32, 32, 4)).astype(np.float32))
+  variables = net.init(jax.random.key(0), x, train=False)
+
+  def run(v, images):
+    out, upd = net.apply(v, images, train=True, bn_groups=2, mutable=["batch_stats"])
+    return out["layer4"], upd
+
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
+  # Per device: [2 view-1 rows; 2 view-2 rows], as GLCNet concatenates them.
+  views = x.reshape(2, 8, 2, 32, 32, 4).transpose(1, 0, 2, 3, 4, 5).reshape(32, 32, 32, 4)
+  sharded = jax.jit(jax.shard_map(run, mesh=mesh, in_specs=(P(), P("data")),
+                                  out_specs=(P("data"), P())))
+  y8, st8 = sharded(variables, jax.device_put(views, jax.NamedSharding(mesh, P("data"))))
+  y1, st1 = jax.jit(lambda v, i: net.clone(axis_name=None).apply(
+      v, i, train=True, bn_groups=2, mutable=["batch_stats"]))(variables, x)
+  y8 = np.asarray(y8).reshape(8, 2, 2, *y8.shape[1:]).transpose(1, 0, 2, 3, 4, 5)
+  np.testing.assert_allclose(y8.reshape(y1["layer4"].shape), y1["layer4"], rtol=1e-4, atol=1e-4)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), st8, st1)
+
+
+# ---------------------------------------------------------------- networks
+def _tiny(cls, **kw):
+  """Narrow ResNet-18 variant: cheap to trace, same code paths as ResNet-50 but
+  for the block type (the bottleneck is covered by the parameter count and by
+  benchmarks/parity_reference.py)."""
+  return cls(**{"width": 0.125, "depth": 18, **kw})
+
+
+def test_glcnet_r50_parameter_count_matches_reference():
+  reference = 40_522_464  # T-SS-GLCNet models/GLCNet.py, resnet50, 4 bands, 64-d heads
+  v = jnp.zeros((2, 224, 224, 4))
+  b = jnp.zeros((2, 4, 4), jnp.int32)
+  shapes = jax.eval_shape(lambda: models.GLCNet().init(jax.random.key(0), v, v, b, b,
+                                                       train=False))
+  ours = sum(int(np.prod(s.shape)) for s in jax.tree.leaves(shapes["params"]))
+  print(f"GLCNet R50 4 bands parameters: ours {ours:,}, reference {reference:,}")
+  assert ours == reference
+
+
+def test_glcnet_shapes_and_ablation_switches():
+  net = _tiny(models.GLCNet, embed_dim=16, depth=50)
+  v1 = jnp.asarray(RNG.normal(size=(2, 64, 64, 4)).astype(np.float32))
+  v2 = v1 * 2.0 + 1.0
+  boxes = jnp.asarray([[[0, 0, 16, 16], [8, 8, 40, 48]]] * 2, jnp.int32)
+  variables = net.init(jax.random.key(0), v1, v2, boxes, boxes, train=False)
+  (o1, o2), _ = net.apply(variables, v1, v2, boxes, boxes, train=True,
+                          rngs={"dropout": jax.random.key(3)}, mutable=["batch_stats"])
+  assert o1["global"].shape == (2, 16) and o2["local"].shape == (2, 2, 16)
+  assert o1["global"].dtype == jnp.float32
+  # Ablations drop their branch and its parameters.
+  for flag, gone in (("no_global", "global_head"), ("no_local", "decoder")):
+    ablated = _tiny(models.GLCNet, embed_dim=16, **{flag: True})
+    shapes = jax.eval_shape(lambda: ablated.init(jax.random.key(0), v1, v2, boxes, boxes,
+                                                 train=False))
+    assert gone not in shapes["params"]
+  no_style = _tiny(models.GLCNet, embed_dim=16, no_style=True)
+  shapes = jax.eval_shape(lambda: no_style.init(jax.random.key(0), v1, v2, boxes, boxes,
+                                                train=False))
+  assert shapes["params"]["global_head"]["fc1"]["kernel"].shape == (32, 32)
+
+
+def test_glcnet_bfloat16_close_to_float32():
+  net = _tiny(models.GLCNet, embed_dim=16)
+  v1 = jnp.asarray(RNG.normal(size=(2, 64, 64, 4)).astype(np.float32))
+  boxes = jnp.asarray([[[0, 0, 32, 32], [16, 8, 48, 56]]] * 2, jnp.int32)
+  variables = net.init(jax.random.key(0), v1, v1, boxes, boxes, train=False)
+  f32 = net.apply(variables, v1, v1[::-1], boxes, boxes, train=False)
+  bf16 = net.clone(dtype=jnp.bfloat16).apply(variables, v1, v1[::-1], boxes, boxes, train=False)
+  for a, b in zip(jax.tree.leaves(f32), jax.tree.leaves(bf16)):
+    assert b.dtype == jnp.float32
+    rel = float(jnp.linalg.norm(a - b) / jnp.linalg.norm(a))
+    assert rel < 2e-2, rel
+
+
+def test_deeplab_and_baselines_shapes():
+  x = jnp.zeros((2, 64, 64, 4))
+  key = jax.random.key(0)
+  deeplab = _tiny(models.DeepLabV3Plus, num_classes=6)
+  assert jax.eval_shape(lambda: deeplab.apply(deeplab.init(key, x, train=False), x,
+                                              train=False)).shape == (2, 64, 64, 6)
+  simclr = _tiny(models.SimCLR)
+  z = jax.eval_shape(lambda: simclr.apply(simclr.init(key, x, x, train=False), x, x, train=False))
+  assert z[0].shape == (2, 64)
+  moco = _tiny(models.MoCoV2)
+  assert jax.eval_shape(lambda: moco.apply(moco.init(key, x, train=False), x,
+                                           train=False)).shape == (2, 64)
+  inpaint = _tiny(models.Inpainting)
+  assert jax.eval_shape(lambda: inpaint.apply(inpaint.init(key, x, train=False), x,
+                                              train=False)).shape == (2, 64, 64, 4)
+  tiles = jnp.zeros((2, 9, 32, 32, 4))
+  jig = _tiny(models.Jigsaw, num_permutations=24)
+  assert jax.eval_shape(lambda: jig.apply(jig.init(key, tiles, train=False), tiles,
+                                          train=False)).shape == (2, 24)
+
+
+def test_jigsaw_tiles_use_per_position_batch_statistics():
+  jig = _tiny(models.Jigsaw, num_permutations=5)
+  tiles = jnp.asarray(RNG.normal(size=(3, 9, 32, 32, 4)).astype(np.float32))
+  variables = jig.init(jax.random.key(0), tiles, train=False)
+  run = jax.jit(functools.partial(jig.apply, train=True, mutable=["batch_stats"],
+                                  rngs={"dropout": jax.random.key(0)}))
+  # Scaling one tile position changes nothing downstream of the first BN for
+  # that position (its statistics are its own), so logits are unchanged.
+  scaled = tiles.at[:, 4].multiply(7.0)
+  a, _ = run(variables, tiles)
+  b, _ = run(variables, scaled)
+  np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_jigsaw_permutations_are_distinct_and_deterministic():
+  perms = models.jigsaw_permutations(30)
+  assert perms.shape == (30, 9)
+  assert all(sorted(p) == list(range(9)) for p in perms.tolist())
+  assert len({tuple(p) for p in perms.tolist()}) == 30
+  dist = (perms[:, None] != perms[None]).sum(-1) + 9 * np.eye(30, dtype=int)
+  assert dist.min() >= 7  # greedy max-min selection keeps them far apart
+  models.jigsaw_permutations.cache_clear()
+  np.testing.assert_array_equal(models.jigsaw_permutations(30), perms)
+
+
+def test_transfer_modes():
+  x = jnp.zeros((1, 64, 64, 4))
+  b = jnp.zeros((1, 2, 4), jnp.int32)
+  glc = _tiny(models.GLCNet, embed_dim=16).init(jax.random.key(1), x, x, b, b, train=False)
+  ft_model = _tiny(models.DeepLabV3Plus, num_classes=6)
+  fresh = ft_model.init(jax.random.key(2), x, train=False)
+  leaf = lambda v, *p: np.asarray(functools.reduce(lambda t, k: t[k], p, v))  # noqa: E731
+  for mode, encoder_moved, decoder_moved in (("backbone", False, False),
+                                             ("backbone+encoder", True, False),
+                                             ("all", True, True)):
+    out, names = models.transfer_pretrained(fresh, glc, mode)
+    np.testing.assert_array_equal(leaf(out, "params", "backbone", "conv1", "kernel"),
+                                  leaf(glc, "params", "backbone", "conv1", "kernel"))
+    enc = ("params", "encoder", "conv1", "kernel")
+    assert np.array_equal(leaf(out, *enc), leaf(glc, *enc)) == encoder_moved
+    dec = ("params", "decoder", "conv2", "kernel")
+    assert np.array_equal(leaf(out, *dec), leaf(glc, *dec)) == decoder_moved
+    cls = ("params", "decoder", "classifier", "kernel")
+    np.testing.assert_array_equal(leaf(out, *cls), leaf(fresh, *cls))
+    assert "batch_stats/backbone/bn1/mean" in names
+  other_bands = _tiny(models.DeepLabV3Plus, num_classes=6).init(
+      jax.random.key(2), jnp.zeros((1, 64, 64, 3)), train=False)
+  with pytest.raises(ValueError, match="backbone/conv1/kernel"):
+    models.transfer_pretrained(other_bands, glc, "backbone")
