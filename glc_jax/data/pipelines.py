@@ -79,7 +79,8 @@ def recipe_for(method: str, config: Mapping[str, Any] | Any | None = None,
 
   `config` keys are the fields of the method's config dataclass in
   `glc_jax.data.recipes` (nested mappings for nested dataclasses); unknown
-  keys raise. Jigsaw needs `permutations` (N, 9).
+  keys raise. Jigsaw uses `permutations` (N, grid**2), by default the
+  models' deterministic maximal-Hamming set of 1000.
   """
   if method == "glcnet":
     cfg = recipes.config_from_dict(recipes.TwoViewConfig, config, method)
@@ -92,9 +93,13 @@ def recipe_for(method: str, config: Mapping[str, Any] | Any | None = None,
     cfg = recipes.config_from_dict(recipes.InpaintingConfig, config, method)
     return functools.partial(recipes.inpainting_example, cfg=cfg)
   if method == "jigsaw":
-    if permutations is None:
-      raise ValueError("jigsaw input needs the permutation set (N, 9)")
     cfg = recipes.config_from_dict(recipes.JigsawConfig, config, method)
+    if permutations is None:
+      from glc_jax.models.permutations import jigsaw_permutations  # pylint: disable=g-import-not-at-top
+      permutations = jigsaw_permutations(1000, cfg.grid ** 2)
+    if np.shape(permutations)[1:] != (cfg.grid ** 2,):
+      raise ValueError(f"jigsaw permutations have shape {np.shape(permutations)}, "
+                       f"expected (N, {cfg.grid ** 2})")
     return functools.partial(recipes.jigsaw_example, cfg=cfg,
                              permutations=np.asarray(permutations))
   if method == "finetune":
