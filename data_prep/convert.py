@@ -1,0 +1,352 @@
+"""`convert`: a GeoTIFF corpus → a TFDS ArrayRecord dataset (the Python API of data_prep).
+
+The dataset is built in a hidden sibling folder `.NAME.incomplete-PID` and renamed
+to its final path only when complete, so a reader never sees a partial dataset; a
+killed run leaves only that folder, which the next run removes.
+"""
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import hashlib
+import itertools
+import json
+import logging
+import multiprocessing
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Iterator, Mapping, Sequence
+
+import numpy as np
+import tqdm
+
+from data_prep import class_maps, scenes as scenes_lib, splits as splits_lib, tiling, writer
+from data_prep.errors import DataPrepError
+from data_prep.stats import PERCENTILES, BandStatsAccumulator
+
+FORMAT_VERSION = 1
+_CHUNK_BYTES = 16 << 20  # pixels per worker task; bounds memory in flight
+
+log = logging.getLogger("data_prep")
+
+
+def _fingerprint(settings: dict, files: Sequence[Path]) -> str:
+  """Hash of the settings and of every input file's path, size and mtime."""
+  h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
+  for f in files:
+    st = f.stat()
+    h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+  return h.hexdigest()
+
+
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+def _remove_stale_temps(out: Path) -> None:
+  for stale in out.parent.glob(f".{out.name}.incomplete-*"):
+    pid = stale.name.rsplit("-", 1)[-1]
+    if pid.isdigit() and int(pid) != os.getpid() and _pid_alive(int(pid)):
+      raise DataPrepError(f"{out}: another data_prep run (pid {pid}) is writing this dataset")
+    shutil.rmtree(stale, ignore_errors=True)
+
+
+def read_prep_metadata(path: Path) -> dict | None:
+  """The data_prep metadata of a finished dataset at `path`, or None if there is none."""
+  try:
+    with open(Path(path) / "metadata.json") as f:
+      metadata = json.load(f)
+    (Path(path) / "dataset_info.json").stat()
+  except (OSError, ValueError):
+    return None
+  return metadata if metadata.get("format_version") == FORMAT_VERSION else None
+
+
+def _chunk_jobs(scene: scenes_lib.Scene, windows: np.ndarray, tile: int) -> list[tiling.TileJob]:
+  tile_bytes = tile * tile * scene.bands * np.dtype(scene.dtype).itemsize
+  per_chunk = max(1, _CHUNK_BYTES // tile_bytes)
+  return [tiling.TileJob(scene, windows[i:i + per_chunk]) for i in range(0, len(windows), per_chunk)]
+
+
+def _run_jobs(jobs: Sequence[tiling.TileJob], options: tiling.TileOptions,
+              workers: int) -> Iterator[tiling.TileChunk]:
+  """Chunks in job order; with workers > 1 read ahead by at most 2·workers jobs."""
+  if workers <= 1:
+    for job in jobs:
+      yield tiling.read_chunk(job, options)
+    return
+  # Forking a process that has JAX loaded (threads) can deadlock, so spawn then;
+  # otherwise fork, which also works from scripts without a __main__ guard.
+  method = "spawn" if "jax" in sys.modules else "fork"
+  pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method))
+  try:
+    pending = collections.deque()
+    job_iter = iter(jobs)
+    for job in itertools.islice(job_iter, 2 * workers):
+      pending.append(pool.submit(tiling.read_chunk, job, options))
+    while pending:
+      try:
+        chunk = pending.popleft().result()
+      except concurrent.futures.process.BrokenProcessPool:
+        raise DataPrepError("a data_prep worker process died (out of memory?); "
+                            "try fewer --workers") from None
+      job = next(job_iter, None)
+      if job is not None:
+        pending.append(pool.submit(tiling.read_chunk, job, options))
+      yield chunk
+  finally:
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _palette(num_classes: int) -> tuple[tuple[int, int, int], ...]:
+  """Distinct display colours (evenly spaced hues) for index labels without a map."""
+  import colorsys
+  return tuple(tuple(int(round(255 * v)) for v in colorsys.hsv_to_rgb(i / max(num_classes, 1), 0.8, 0.95))
+               for i in range(num_classes))
+
+
+@dataclasses.dataclass
+class _SplitResult:
+  num_records: int = 0
+  num_skipped: int = 0
+  scene_ids: list = dataclasses.field(default_factory=list)
+  stats: BandStatsAccumulator | None = None
+  class_counts: np.ndarray | None = None
+
+
+def convert(
+    images: str | Sequence[str],
+    out: str | Path,
+    labels: str | Sequence[str] | None = None,
+    *,
+    tile: int = 256,
+    stride: int | None = None,
+    keep_edge_tiles: bool = True,
+    class_map: str | class_maps.ClassMap | None = None,
+    class_map_order: str | None = None,
+    ignore_colours: Sequence[tuple[int, int, int]] = (),
+    unknown_to_ignore: bool = False,
+    nodata: float | None = None,
+    max_nodata_fraction: float = 0.5,
+    split_lists: Mapping[str, str | Path] | None = None,
+    split_fractions: Mapping[str, float] | None = None,
+    split_seed: int = 0,
+    group_pattern: str | None = None,
+    subset_fractions: Sequence[float] = splits_lib.DEFAULT_SUBSET_FRACTIONS,
+    subset_seed: int = 0,
+    label_stem_replace: tuple[str, str] | None = None,
+    workers: int = 2,
+    max_shard_bytes: int = 256 << 20,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+  """Tiles GeoTIFF scenes into a TFDS dataset (ArrayRecord) at `out`; returns `out`.
+
+  Args:
+    images: directories, globs, file paths or `@list.txt` files of image scenes.
+    out: final dataset folder (the folder `tfds.builder_from_directory` takes).
+    labels: like `images`; paired with images by file stem. None: unlabelled corpus.
+    tile, stride: tile side and step in pixels (stride defaults to tile).
+    keep_edge_tiles: add a last row/column of tiles flush with the far scene edges
+      (overlapping their neighbours) so the whole scene is covered.
+    class_map: preset name ("potsdam", "vaihingen"), class map CSV path or ClassMap;
+      required for RGB colour labels, optional (names/colours) for index labels.
+    class_map_order: "RGB"/"BGR" to override a CSV header's colour column order.
+    ignore_colours: label colours mapped to the ignore index 255.
+    unknown_to_ignore: map colours missing from the class map to 255 instead of failing.
+    nodata: image nodata value overriding the files' own; pixels where every band
+      equals it are nodata (labels there become 255).
+    max_nodata_fraction: tiles with a larger share of nodata pixels are skipped.
+    split_lists: split name → file listing that split's images (one per line).
+    split_fractions: split name → fraction of scenes (groups), drawn with `split_seed`.
+    group_pattern: regex whose first group names the scene group (split by group).
+    subset_fractions, subset_seed: nested labelled subsets recorded per split.
+    label_stem_replace: (old, new) applied to an image stem to find its label's stem.
+    workers: reader processes (scenes/chunks in parallel); <= 1 reads in-process.
+    max_shard_bytes: ArrayRecord shard size limit.
+    overwrite: replace an existing dataset built with other settings.
+    progress: show a tqdm bar (tiles/s).
+  Raises:
+    DataPrepError: bad input; nothing is left at `out` or in a temporary folder.
+  """
+  out = Path(out).absolute()
+  stride = stride or tile
+  if tile <= 0 or stride <= 0:
+    raise DataPrepError(f"tile ({tile}) and stride ({stride}) must be positive")
+  if split_lists and split_fractions:
+    raise DataPrepError("give split lists or split fractions, not both")
+  if not 0.0 <= max_nodata_fraction <= 1.0:
+    raise DataPrepError(f"max nodata fraction {max_nodata_fraction} must be in [0, 1]")
+  subset_fractions = sorted(set(float(f) for f in subset_fractions))
+  if any(not 0.0 < f <= 1.0 for f in subset_fractions):
+    raise DataPrepError(f"subset fractions {subset_fractions} must lie in (0, 1]")
+  image_paths = scenes_lib.expand_paths(images, "image")
+  label_paths = scenes_lib.expand_paths(labels, "label") if labels is not None else None
+  if isinstance(class_map, str):
+    class_map_file = [Path(class_map)] if Path(class_map).is_file() else []
+    class_map = class_maps.load_class_map(class_map, class_map_order)
+  else:
+    class_map_file = []
+  if class_map is not None and ignore_colours:
+    class_map = class_map.with_ignore_colours(ignore_colours)
+
+  settings = dict(
+      tile=tile, stride=stride, keep_edge_tiles=keep_edge_tiles,
+      class_map=dataclasses.asdict(class_map) if class_map else None,
+      unknown_to_ignore=unknown_to_ignore, nodata=nodata, max_nodata_fraction=max_nodata_fraction,
+      split_lists={k: str(v) for k, v in (split_lists or {}).items()},
+      split_fractions=dict(split_fractions or {}), split_seed=split_seed, group_pattern=group_pattern,
+      subset_fractions=subset_fractions, subset_seed=subset_seed,
+      label_stem_replace=label_stem_replace, labelled=label_paths is not None)
+  list_files = [Path(p) for p in (split_lists or {}).values()]
+  fingerprint = _fingerprint(settings, image_paths + (label_paths or []) + list_files + class_map_file)
+
+  _remove_stale_temps(out)
+  if out.exists():
+    existing = read_prep_metadata(out)
+    if existing is not None and existing.get("fingerprint") == fingerprint:
+      log.info("%s is complete and up to date; skipping", out)
+      return out
+    if not overwrite:
+      what = "a dataset built with other settings or inputs" if existing else "not a data_prep dataset"
+      raise DataPrepError(f"{out}: already exists and is {what}; pass --overwrite to replace it")
+
+  scenes = scenes_lib.inspect_scenes(image_paths, label_paths, tile=tile, nodata=nodata,
+                                     label_stem_replace=label_stem_replace)
+  if split_lists:
+    assignment = splits_lib.splits_from_lists(scenes, split_lists)
+    split_names = list(split_lists)
+  elif split_fractions:
+    assignment = splits_lib.splits_by_scene(scenes, split_fractions, split_seed, group_pattern)
+    split_names = [name for name, f in split_fractions.items() if f > 0]
+  else:
+    assignment = {s.scene_id: "train" for s in scenes}
+    split_names = ["train"]
+  for name in split_names:
+    if not name.replace("_", "").isalnum():
+      raise DataPrepError(f"split name {name!r} must be letters, digits and underscores")
+
+  options = tiling.TileOptions(
+      max_nodata_fraction=max_nodata_fraction, class_map=class_map,
+      num_classes=len(class_map.names) if class_map else None, unknown_to_ignore=unknown_to_ignore)
+  first = scenes[0]
+  labelled = label_paths is not None
+  jobs, job_split = [], []
+  for name in split_names:
+    for scene in (s for s in scenes if assignment.get(s.scene_id) == name):
+      for job in _chunk_jobs(scene, scenes_lib.scene_windows(scene, tile, stride, keep_edge_tiles), tile):
+        jobs.append(job)
+        job_split.append(name)
+  total_tiles = sum(len(j.windows) for j in jobs)
+
+  tmp = out.parent / f".{out.name}.incomplete-{os.getpid()}"
+  try:
+    tmp.mkdir(parents=True)
+    features = writer.tile_features(tile, first.bands, first.dtype, labelled)
+    results = {name: _SplitResult(stats=BandStatsAccumulator(first.bands, first.dtype)) for name in split_names}
+    split_writers: dict[str, writer.SplitWriter] = {}
+    bar = tqdm.tqdm(total=total_tiles, unit="tile", desc=f"data_prep {out.name}", disable=not progress,
+                    smoothing=0.1)
+    with bar:
+      for name, job, chunk in zip(job_split, jobs, _run_jobs(jobs, options, workers)):
+        result = results[name]
+        split_writer = split_writers.setdefault(
+            name, writer.SplitWriter(tmp, name, features, max_shard_bytes))
+        for record in chunk.records:
+          split_writer.write(record)
+        result.num_records += len(chunk.records)
+        result.num_skipped += chunk.num_skipped
+        if not result.scene_ids or result.scene_ids[-1] != job.scene.scene_id:
+          result.scene_ids.append(job.scene.scene_id)
+        result.stats.merge(chunk.stats)
+        result.class_counts = (chunk.class_counts if result.class_counts is None
+                               else result.class_counts + chunk.class_counts)
+        bar.update(len(job.windows))
+    split_infos = []
+    for name in split_names:
+      if results[name].num_records == 0:
+        log.warning("split %r has no tiles; left out", name)
+        continue
+      split_infos.append(split_writers[name].close())
+    if not split_infos:
+      raise DataPrepError(f"{', '.join(map(str, image_paths[:3]))}: no tiles kept "
+                          f"(all exceed nodata fraction {max_nodata_fraction})")
+    metadata = _metadata(results, [s.name for s in split_infos], fingerprint, settings,
+                         first, class_map, labelled, subset_fractions, subset_seed)
+    writer.write_dataset_info(
+        tmp, features, split_infos, metadata,
+        description=f"{first.bands}-band {first.dtype} {tile}x{tile} tiles of "
+                    f"{len(scenes)} GeoTIFF scenes, made by data_prep.")
+    _move_into_place(tmp, out)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return out
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+  if out.exists():
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+  else:
+    tmp.rename(out)
+
+
+def _metadata(results: dict[str, _SplitResult], split_names: list[str], fingerprint: str,
+              settings: dict, first: scenes_lib.Scene, class_map: class_maps.ClassMap | None,
+              labelled: bool, subset_fractions: list[float], subset_seed: int) -> dict:
+  """The JSON kept in metadata.json (TFDS `info.metadata`); see docs/data_prep.md."""
+  if class_map is not None:
+    names, colours = list(class_map.names), [list(c) for c in class_map.colours]
+  elif labelled:
+    counts = sum(results[n].class_counts for n in split_names)
+    num_classes = int(np.flatnonzero(counts[:class_maps.IGNORE_INDEX]).max(initial=-1)) + 1
+    names, colours = [str(i) for i in range(num_classes)], [list(c) for c in _palette(num_classes)]
+  else:
+    names, colours = [], []
+  splits = {}
+  for name in split_names:
+    r = results[name]
+    entry = {
+        "num_records": r.num_records,
+        "num_skipped_tiles": r.num_skipped,
+        "scene_ids": r.scene_ids,
+        "band_stats": r.stats.summary(),
+    }
+    if labelled:
+      counts = r.class_counts[:len(names)]
+      entry["class_pixel_counts"] = counts.tolist()
+      entry["class_pixel_frequencies"] = (counts / max(counts.sum(), 1)).tolist()
+      entry["ignore_pixel_count"] = int(r.class_counts[class_maps.IGNORE_INDEX])
+    order = splits_lib.subset_order(r.num_records, subset_seed)
+    entry["subset_sizes"] = {f"{f:g}": splits_lib.subset_size(r.num_records, f) for f in subset_fractions}
+    entry["subset_order"] = order.tolist()
+    splits[name] = entry
+  return {
+      "format_version": FORMAT_VERSION,
+      "fingerprint": fingerprint,
+      "settings": settings,
+      "tile_size": settings["tile"],
+      "stride": settings["stride"],
+      "num_bands": first.bands,
+      "dtype": first.dtype,
+      "labelled": labelled,
+      "ignore_index": class_maps.IGNORE_INDEX,
+      "class_names": names,
+      "class_colours": colours,
+      "percentiles": list(PERCENTILES),
+      "subset_fractions": subset_fractions,
+      "subset_seed": subset_seed,
+      "splits": splits,
+  }
