@@ -70,13 +70,13 @@ class GLCNet(nn.Module):
     Returns {'global': (B, embed_dim) float32} unless no_global and
     {'local': (B, P, embed_dim) float32} unless no_local. Intermediate maps
     are sown into the 'intermediates' collection (backbone_low, backbone_high,
-    encoder, decoder) for inspection.
+    encoder_out, decoder_out; decoder before upsampling) for inspection.
     """
     feats = self.backbone(images, train, bn_groups)
     x = self.encoder(feats["layer4"], train, bn_groups)
     self.sow("intermediates", "backbone_low", feats["layer1"])
     self.sow("intermediates", "backbone_high", feats["layer4"])
-    self.sow("intermediates", "encoder", x)
+    self.sow("intermediates", "encoder_out", x)
     out = {}
     if not self.no_global:
       out["global"] = self.global_head(
@@ -85,7 +85,7 @@ class GLCNet(nn.Module):
       if boxes is None:
         raise ValueError("GLCNet.embed: boxes are required unless no_local")
       dense = self.decoder(x, feats["layer1"], train, bn_groups)
-      self.sow("intermediates", "decoder", dense)
+      self.sow("intermediates", "decoder_out", dense)
       pooled = box_mean_of_upsampled(dense, boxes, images.shape[1:3])
       out["local"] = self.local_head(pooled.astype(self.dtype))
     return out
