@@ -79,7 +79,9 @@ def linear_taps(coords: np.ndarray, size: int, *, outside_zero: bool):
 
 
 def resample_separable(image: np.ndarray, ys: np.ndarray, xs: np.ndarray, *,
-                       outside_zero: bool = False) -> np.ndarray:
+                       outside_zero: bool = False,
+                       affine: tuple[np.ndarray, np.ndarray] | None = None
+                       ) -> np.ndarray:
   """Bilinear resampling on a separable (axis-aligned) grid.
 
   Args:
@@ -87,6 +89,9 @@ def resample_separable(image: np.ndarray, ys: np.ndarray, xs: np.ndarray, *,
     ys: (Ho,) float source row of each output row (pixel centres at integers).
     xs: (Wo,) float source column of each output column.
     outside_zero: zeros outside the image instead of edge replication.
+    affine: optional per-band (scale, offset), (C,) each, applied to the
+      result; folded into the smaller intermediate (bilinear weights sum to
+      1, so it commutes with the row pass). Not with outside_zero.
 
   Returns:
     (Ho, Wo, C) float32.
@@ -102,6 +107,9 @@ def resample_separable(image: np.ndarray, ys: np.ndarray, xs: np.ndarray, *,
   np.subtract(b, a, out=b)
   np.multiply(b, np.repeat(wx, c)[None, :], out=b)
   np.add(a, b, out=a)
+  if affine is not None:
+    np.multiply(a, np.tile(affine[0], len(xs))[None, :], out=a)
+    np.add(a, np.tile(affine[1], len(xs))[None, :], out=a)
   top = np.take(a, r0, axis=0)
   bottom = np.take(a, r1, axis=0)
   np.subtract(bottom, top, out=bottom)
@@ -132,16 +140,17 @@ def nearest_source_index(start: int, length: int, out: int,
   return start + ((2 * i + 1) * length) // (2 * out)
 
 
-def resized_crop(image: np.ndarray, box, out_hw) -> np.ndarray:
+def resized_crop(image: np.ndarray, box, out_hw, affine=None) -> np.ndarray:
   """Crops `box` = (y0, x0, h, w) and resizes it bilinearly to `out_hw`.
 
   Edge pixels of the crop are replicated, as when cropping then resizing.
+  `affine` = per-band (scale, offset) applied to the result (normalisation).
   Returns (out_h, out_w, C) float32.
   """
   y0, x0, h, w = box
   sub = image[y0:y0 + h, x0:x0 + w]
   return resample_separable(sub, resize_coords(0, h, out_hw[0]),
-                            resize_coords(0, w, out_hw[1]))
+                            resize_coords(0, w, out_hw[1]), affine=affine)
 
 
 def orient(image: np.ndarray, flip: int, k: int) -> np.ndarray:
@@ -160,7 +169,8 @@ def orient(image: np.ndarray, flip: int, k: int) -> np.ndarray:
 
 def random_flip_code(rng: np.random.Generator, probs) -> int:
   """Draws a flip code (0 none, 1 lr, 2 ud, 3 both) with `probs` (4 floats)."""
-  return int(rng.choice(4, p=probs))
+  return min(int(np.searchsorted(np.cumsum(probs), rng.random(), side="right")),
+             3)
 
 
 def random_resized_crop_box(rng: np.random.Generator, hw, scale, ratio,
@@ -350,6 +360,20 @@ def _reflect101_index(n: int, r: int) -> np.ndarray:
       [np.arange(r, 0, -1), np.arange(n), np.arange(n - 2, n - 2 - r, -1)])
 
 
+def _symmetric_taps(padded: np.ndarray, g: np.ndarray, n: int, step: int,
+                    tmp: np.ndarray) -> np.ndarray:
+  """sum_i g[i] * padded[i*step : i*step + n] along axis 1 (pairs share a mul)."""
+  k = len(g)
+  r = k // 2
+  out = padded[:, r * step:r * step + n] * g[r]
+  for i in range(r):
+    np.add(padded[:, i * step:i * step + n],
+           padded[:, (k - 1 - i) * step:(k - 1 - i) * step + n], out=tmp)
+    tmp *= g[i]
+    out += tmp
+  return out
+
+
 def gaussian_blur(image: np.ndarray, ksize: int) -> np.ndarray:
   """Separable Gaussian blur with reflect-101 borders (OpenCV's default).
 
@@ -361,19 +385,15 @@ def gaussian_blur(image: np.ndarray, ksize: int) -> np.ndarray:
   h, w, c = image.shape
   g = gaussian_kernel(ksize)
   r = ksize // 2
-  rows = np.take(image, _reflect101_index(h, r), axis=0).reshape(h + 2 * r, w * c)
-  out = rows[0:h] * g[0]
-  tmp = np.empty_like(out)
-  for i in range(1, ksize):
-    np.multiply(rows[i:i + h], g[i], out=tmp)
-    out += tmp
-  cols = np.take(out.reshape(h, w, c), _reflect101_index(w, r), axis=1)
-  cols = cols.reshape(h, (w + 2 * r) * c)
-  res = cols[:, 0:w * c] * g[0]
-  for i in range(1, ksize):
-    np.multiply(cols[:, i * c:i * c + w * c], g[i], out=tmp)
-    res += tmp
-  return res.reshape(h, w, c)
+  # Rows pass on the transposed problem: (W*C, H + 2r) would be strided, so
+  # instead treat rows as columns of a (1, (H + 2r) * W*C) line.
+  rows = np.take(image, _reflect101_index(h, r), axis=0)
+  line = rows.reshape(1, -1)
+  tmp = np.empty((1, h * w * c), np.float32)
+  out = _symmetric_taps(line, g, h * w * c, w * c, tmp).reshape(h, w, c)
+  cols = np.take(out, _reflect101_index(w, r), axis=1).reshape(h, -1)
+  tmp = np.empty((h, w * c), np.float32)
+  return _symmetric_taps(cols, g, w * c, c, tmp).reshape(h, w, c)
 
 
 # ---------------------------------------------------------------------------

@@ -35,6 +35,7 @@ evaluation keeps every record and pads instead (`shard_indices`).
 from __future__ import annotations
 
 import functools
+import sys
 from typing import Any, Callable, Mapping, Sequence
 
 import grain
@@ -113,6 +114,41 @@ def _stack(examples: Sequence[dict]) -> dict:
   return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
 
 
+class _EpochShuffled:
+  """A shard of the source repeated for `num_epochs`, reshuffled each epoch.
+
+  Element e * len(shard) + j is record shard[perm_e[j]], perm_e a numpy
+  permutation seeded by (seed, e). It replaces Grain's `shuffle().repeat()`,
+  whose per-element index_shuffle cost ~0.27 ms on the development machine
+  (a third of the whole per-pair budget); one O(N) permutation per epoch,
+  kept per process, costs microseconds per record.
+  """
+
+  def __init__(self, source, shard: range, seed: int, shuffle: bool,
+               num_epochs: int | None):
+    self._source = source
+    self._shard = shard
+    self._seed = seed
+    self._shuffle = shuffle
+    n = len(shard)
+    self._length = n * num_epochs if num_epochs else sys.maxsize - sys.maxsize % n
+    self._perm_epoch = -1
+    self._perm = None
+
+  def __len__(self) -> int:
+    return self._length
+
+  def __getitem__(self, index: int):
+    epoch, j = divmod(index, len(self._shard))
+    if not self._shuffle:
+      return self._source[self._shard[j]]
+    if epoch != self._perm_epoch:
+      self._perm = np.random.default_rng([self._seed, epoch]).permutation(
+          len(self._shard))
+      self._perm_epoch = epoch
+    return self._source[self._shard[int(self._perm[j])]]
+
+
 def train_dataset(source: Sequence[Mapping[str, Any]], example_fn: ExampleFn,
                   *, batch_size: int, seed: int, num_epochs: int | None = None,
                   shuffle: bool = True, process_index: int | None = None,
@@ -138,11 +174,8 @@ def train_dataset(source: Sequence[Mapping[str, Any]], example_fn: ExampleFn,
   if len(shard) < batch_size:
     raise ValueError(f"process {index} has {len(shard)} records, fewer than "
                      f"one batch of {batch_size}")
-  ds = grain.MapDataset.source(source).slice(slice(shard.start, shard.stop))
-  if shuffle:
-    ds = ds.shuffle(seed=seed)
-  if num_epochs != 1:
-    ds = ds.repeat(num_epochs)
+  ds = grain.MapDataset.source(
+      _EpochShuffled(source, shard, seed, shuffle, num_epochs))
   ds = ds.random_map(example_fn, seed=seed)
   return ds.batch(batch_size, drop_remainder=True, batch_fn=_stack)
 

@@ -232,6 +232,10 @@ def _view(rng: np.random.Generator, tile: np.ndarray, cfg: TwoViewConfig,
   box = aug.random_resized_crop_box(rng, tile.shape[:2], c.scale, c.ratio,
                                     c.swap_p, c.attempts)
   n = cfg.view_size
+  if view_cfg == NO_VIEW_AUG:
+    # Crop only (the reference's view 1): normalise inside the resize.
+    return (aug.resized_crop(tile, box, (n, n), affine=norm),
+            ViewGeometry(tuple(int(v) for v in box), n))
   image = aug.resized_crop(tile, box, (n, n))
   flip = aug.random_flip_code(rng, view_cfg.flip_probs)
   k = int(rng.integers(0, 4)) if rng.random() < view_cfg.rot_p else 0
@@ -353,7 +357,7 @@ def inpainting_example(record: Mapping[str, Any], rng: np.random.Generator,
   box = aug.random_resized_crop_box(rng, tile.shape[:2], c.scale, c.ratio,
                                     c.swap_p, c.attempts)
   n, b = cfg.view_size, cfg.block_size
-  view = aug.normalise(aug.resized_crop(tile, box, (n, n)), *norm)
+  view = aug.resized_crop(tile, box, (n, n), affine=norm)
   corners = rng.integers(0, n - b + 1, size=(cfg.blocks, 2))
   rows = np.zeros((cfg.blocks, n), bool)
   cols = np.zeros((cfg.blocks, n), bool)
