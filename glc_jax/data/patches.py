@@ -70,6 +70,22 @@ def orient_boxes(boxes: np.ndarray, n: int, flip: int, k: int) -> np.ndarray:
                   axis=-1).astype(np.int32)
 
 
+def _orient_square_corners(top, left, n: int, size: int, flip: int, k: int):
+  """Top-left corners of size x size boxes after `orient_points` (n x n).
+
+  The box's far corner is at +size-1, so flipping maps top to n-size-top and
+  a clockwise turn maps (top, left) to (left, n-size-top).
+  Returns (m, 2) int array.
+  """
+  if flip & 1:
+    left = n - size - left
+  if flip & 2:
+    top = n - size - top
+  for _ in range(k % 4):
+    top, left = left, n - size - top
+  return np.stack([top, left], -1)
+
+
 def _axis_candidates(start1, len1, start2, len2, n, patch_size):
   """Source indices usable as a patch centre in both views along one axis.
 
@@ -131,11 +147,13 @@ def sample_matched_patches(rng: np.random.Generator, view1: ViewGeometry,
                                 view2.box[3], n, patch_size)
   chosen_a = np.zeros(patch_num, np.intp)
   chosen_b = np.zeros(patch_num, np.intp)
+  boxes1 = np.tile(np.array([0, 0, patch_size, patch_size], np.int32),
+                   (patch_num, 1))
+  boxes2 = boxes1.copy()
+  centres = np.zeros((patch_num, 2), np.int32)
   valid = np.zeros(patch_num, bool)
   if not (len(rs) and len(cs)):
-    empty = np.tile(np.array([0, 0, patch_size, patch_size], np.int32),
-                    (patch_num, 1))
-    return empty, empty.copy(), np.zeros((patch_num, 2), np.int32), valid
+    return boxes1, boxes2, centres, valid
   k = draws_per_patch * patch_num
   a = rng.integers(0, len(rs), k)
   b = rng.integers(0, len(cs), k)
@@ -146,12 +164,10 @@ def sample_matched_patches(rng: np.random.Generator, view1: ViewGeometry,
   blocked = np.zeros(k, bool)
   count = 0
   while count < patch_num:
-    free = np.flatnonzero(~blocked)
-    if not len(free):
+    j = int(np.argmin(blocked))
+    if blocked[j]:
       break
-    j = free[0]
     chosen_a[count], chosen_b[count] = a[j], b[j]
-    valid[count] = True
     blocked |= conflict[j]
     count += 1
   while count < patch_num:
@@ -165,19 +181,16 @@ def sample_matched_patches(rng: np.random.Generator, view1: ViewGeometry,
       break
     pick = free[rng.integers(0, len(free))]
     chosen_a[count], chosen_b[count] = np.divmod(pick, len(cs))
-    valid[count] = True
     count += 1
+  sa, sb = chosen_a[:count], chosen_b[:count]
   half = patch_size // 2
-  top1 = np.where(valid, r1[chosen_a] - half, 0)
-  left1 = np.where(valid, c1[chosen_b] - half, 0)
-  top2 = np.where(valid, r2[chosen_a] - half, 0)
-  left2 = np.where(valid, c2[chosen_b] - half, 0)
-  boxes1 = np.stack([top1, left1, top1 + patch_size, left1 + patch_size],
-                    -1).astype(np.int32)
-  boxes2 = np.stack([top2, left2, top2 + patch_size, left2 + patch_size], -1)
-  boxes2 = orient_boxes(boxes2, n, view2.flip, view2.k)
-  boxes2[~valid] = (0, 0, patch_size, patch_size)
-  centres = np.stack([np.where(valid, rs[chosen_a], 0),
-                      np.where(valid, cs[chosen_b], 0)],
-                     -1).astype(np.int32)
+  boxes1[:count, 0] = r1[sa] - half
+  boxes1[:count, 1] = c1[sb] - half
+  boxes1[:count, 2:] = boxes1[:count, :2] + patch_size
+  boxes2[:count, :2] = _orient_square_corners(
+      r2[sa] - half, c2[sb] - half, n, patch_size, view2.flip, view2.k)
+  boxes2[:count, 2:] = boxes2[:count, :2] + patch_size
+  centres[:count, 0] = rs[sa]
+  centres[:count, 1] = cs[sb]
+  valid[:count] = True
   return boxes1, boxes2, centres, valid
