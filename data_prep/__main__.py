@@ -95,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="data_prep: %(message)s")
+  # GDAL warnings about a broken file would precede our one-line error about it.
+  logging.getLogger("rasterio").setLevel(logging.ERROR)
   from data_prep.convert import convert  # after parsing, so --help stays fast
   try:
     out = convert(

@@ -53,7 +53,8 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _remove_stale_temps(out: Path) -> None:
-  for stale in out.parent.glob(f".{out.name}.incomplete-*"):
+  """Removes folders left by killed runs: partial builds, and replaced datasets."""
+  for stale in [*out.parent.glob(f".{out.name}.incomplete-*"), *out.parent.glob(f".{out.name}.old-*")]:
     pid = stale.name.rsplit("-", 1)[-1]
     if pid.isdigit() and int(pid) != os.getpid() and _pid_alive(int(pid)):
       raise DataPrepError(f"{out}: another data_prep run (pid {pid}) is writing this dataset")

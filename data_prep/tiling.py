@@ -6,7 +6,8 @@ import dataclasses
 import numpy as np
 from rasterio.enums import MaskFlags
 from rasterio.errors import RasterioError
-from rasterio.windows import Window, transform as window_transform
+from rasterio.transform import Affine
+from rasterio.windows import Window
 
 from data_prep.class_maps import IGNORE_INDEX, ClassMap
 from data_prep.errors import DataPrepError
@@ -76,6 +77,13 @@ def _read_label(job_scene: Scene, lsrc, window: Window, origin, options: TileOpt
       rgb, unknown_to_ignore=options.unknown_to_ignore, source=job_scene.label_path, origin=origin)
 
 
+def _root_reason(error: BaseException) -> str:
+  """First line of the innermost cause: GDAL's own words, not rasterio's wrapper."""
+  while error.__cause__ or error.__context__:
+    error = error.__cause__ or error.__context__
+  return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
 def read_chunk(job: TileJob, options: TileOptions) -> TileChunk:
   """Reads the job's windows; images come back as (tile, tile, bands) arrays.
 
@@ -105,7 +113,7 @@ def read_chunk(job: TileJob, options: TileOptions) -> TileChunk:
               "image": np.ascontiguousarray(image),
               "scene_id": scene.scene_id,
               "window": np.array([row, col, height, width], np.int64),
-              "transform": np.array(tuple(window_transform(window, src.transform))[:6], np.float64),
+              "transform": np.array(tuple(src.transform @ Affine.translation(col, row))[:6], np.float64),
               "crs": scene.crs,
           }
           stats.add(image.reshape(-1, scene.bands) if valid is None else image[valid])
@@ -123,5 +131,5 @@ def read_chunk(job: TileJob, options: TileOptions) -> TileChunk:
           lsrc.close()
   except (RasterioError, OSError) as e:
     raise DataPrepError(f"{current}: read failed, file may be truncated or corrupt "
-                        f"({str(e).splitlines()[0]})") from None
+                        f"({_root_reason(e)})") from None
   return TileChunk(records, stats, class_counts, skipped)
