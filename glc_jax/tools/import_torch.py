@@ -117,19 +117,19 @@ def widen_first_conv(weight: np.ndarray, bands: int) -> np.ndarray:
 
 
 def build_template(kind: str, bands: int, depth: int, num_classes: int | None,
-                   embed_dim: int | None) -> dict[str, Any]:
+                   embed_dim: int | None, width: float = 1.0) -> dict[str, Any]:
   """Shapes of the target model's variables (jax.eval_shape; costs nothing)."""
   from glc_jax import models  # pylint: disable=import-outside-toplevel
   x = jnp.zeros((1, 64, 64, bands))
   key = jax.random.key(0)
   if kind == "glcnet":
     boxes = jnp.zeros((1, 1, 4), jnp.int32)
-    net = models.GLCNet(depth=depth, embed_dim=embed_dim or 64)
+    net = models.GLCNet(depth=depth, width=width, embed_dim=embed_dim or 64)
     return jax.eval_shape(lambda: net.init(key, x, x, boxes, boxes, train=False))
   if kind == "deeplab":
-    net = models.DeepLabV3Plus(num_classes=num_classes or 6, depth=depth)
+    net = models.DeepLabV3Plus(num_classes=num_classes or 6, depth=depth, width=width)
     return jax.eval_shape(lambda: net.init(key, x, train=False))
-  net = models.ResNet(depth=depth)
+  net = models.ResNet(depth=depth, width=width)
   shapes = jax.eval_shape(lambda: net.init(key, x, train=False))
   return {col: {"backbone": tree} for col, tree in shapes.items()}
 
@@ -167,7 +167,9 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], kind: str, *,
       num_classes = embed_dim = v.shape[0]
     if re.search(r"^(module\.)?proj\.2\.weight$", k):
       embed_dim = v.shape[0]
-  template = build_template(kind, bands, depth, num_classes, embed_dim)
+  # Narrow networks (tests) are recognised by the stem's channel count.
+  width = first.shape[0] / 64
+  template = build_template(kind, bands, depth, num_classes, embed_dim, width)
   want = {(col,) + path: leaf for col, tree in template.items()
           for path, leaf in flax.traverse_util.flatten_dict(flax.core.unfreeze(tree)).items()}
 
@@ -178,17 +180,21 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], kind: str, *,
       unmapped.append(key)
       continue
     col, path = target
+    torch_shape = tuple(value.shape)
     path, value = _convert_leaf(path, value)
     full = (col,) + path
     if full not in want:
       unexpected.append(f"{key} (→ {'/'.join(full)})")
     elif tuple(value.shape) != tuple(want[full].shape):
-      mismatched.append(f"{key}: {tuple(value.shape)} vs model {'/'.join(full)} "
-                        f"{tuple(want[full].shape)}")
+      mismatched.append(f"{key}: {torch_shape} (→ {tuple(value.shape)}) vs model "
+                        f"{'/'.join(full)} {tuple(want[full].shape)}")
+      got[full] = None
     else:
       got[full] = value.astype(np.float32)
   missing = ["/".join(p) for p in want if p not in got]
-  report = [f"kind={kind} depth={depth} bands={bands}: {len(got)} of {len(want)} leaves set"]
+  got = {p: v for p, v in got.items() if v is not None}
+  report = [f"kind={kind} depth={depth} bands={bands} width={width:g}: "
+            f"{len(got)} of {len(want)} leaves set"]
   ignorable = {"torchvision": lambda k: k.startswith("backbone.fc.")}.get(kind, lambda k: False)
   for title, names in (("unknown keys", [k for k in unmapped if not ignorable(k)]),
                        ("keys the model does not have", unexpected),
