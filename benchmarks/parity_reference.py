@@ -11,11 +11,12 @@ Two stages, because the reference needs torch and this package needs jax:
      that the BN import is exercised), runs two 224×224 views with 4 patch
      boxes each in eval mode and saves the state_dict (prefix `sd/`), the
      inputs and every intermediate (both backbone maps, encoder, decoder before
-     upsampling, q, k, q1, k1).
+     upsampling, q, k, q1, k1); and the logits of a fine-tuning DeepLabv3+
+     (v3p_encoder_ft, 6 classes) on view 1 with its own state_dict.
   2. compare (run with this package's venv):
        python benchmarks/parity_reference.py compare OUT.npz
-     imports the state_dict with glc_jax.tools.import_torch, runs our GLCNet
-     in float32 with matmul precision 'highest' and prints, per output, the
+     imports the state_dicts with glc_jax.tools.import_torch, runs our GLCNet
+     and DeepLabV3Plus in float32 with matmul precision 'highest' and prints, per output, the
      max abs error / max |reference| and the relative Frobenius error. Exit
      status 1 if any exceeds --tol (default 1e-5).
 
@@ -43,25 +44,32 @@ def _boxes(rng: np.random.Generator) -> np.ndarray:
   return np.stack([y0, x0, y0 + PATCH, x0 + PATCH], -1).astype(np.int32)
 
 
-def export(ref_dir: str, out: str) -> None:
+def _randomise_bn(model, rng: np.random.Generator) -> None:
+  """Random BN running statistics and affines, so their import is exercised."""
   import torch  # pylint: disable=import-outside-toplevel
-  sys.path.insert(0, ref_dir)
-  from models import GLCNet  # pylint: disable=import-outside-toplevel,import-error
-
-  torch.manual_seed(0)
-  rng = np.random.default_rng(0)
-  model = GLCNet.build_model(num_classes=64, in_channels=BANDS, arch="resnet50",
-                             patch_size=PATCH, patch_num=4)
   with torch.no_grad():
     for name, buf in model.named_buffers():
       if name.endswith("running_mean"):
         buf.copy_(torch.from_numpy(rng.normal(0, 0.1, buf.shape).astype(np.float32)))
       elif name.endswith("running_var"):
         buf.copy_(torch.from_numpy(rng.uniform(0.5, 2.0, buf.shape).astype(np.float32)))
-    for name, mod in model.named_modules():
+    for mod in model.modules():
       if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):  # pylint: disable=protected-access
         mod.weight.copy_(torch.from_numpy(rng.uniform(0.5, 1.5, mod.weight.shape).astype(np.float32)))
         mod.bias.copy_(torch.from_numpy(rng.normal(0, 0.1, mod.bias.shape).astype(np.float32)))
+
+
+def export(ref_dir: str, out: str) -> None:
+  import torch  # pylint: disable=import-outside-toplevel
+  sys.path.insert(0, ref_dir)
+  from models import GLCNet  # pylint: disable=import-outside-toplevel,import-error
+  from models import v3p_encoder_ft  # pylint: disable=import-outside-toplevel,import-error
+
+  torch.manual_seed(0)
+  rng = np.random.default_rng(0)
+  model = GLCNet.build_model(num_classes=64, in_channels=BANDS, arch="resnet50",
+                             patch_size=PATCH, patch_num=4)
+  _randomise_bn(model, rng)
   model.eval()
   captured: dict[str, list[np.ndarray]] = {}
 
@@ -93,6 +101,14 @@ def export(ref_dir: str, out: str) -> None:
            "encoder0": "encoder", "decoder0": "decoder"}
   for key, maps in captured.items():
     arrays[f"{names[key]}/view1"], arrays[f"{names[key]}/view2"] = maps
+  # A fine-tuned DeepLabv3+ (decoder_ft with conv4, 6 classes): logits.
+  ft = v3p_encoder_ft.build_model(num_classes=6, in_channels=BANDS, arch="resnet50")
+  _randomise_bn(ft, rng)
+  ft.eval()
+  with torch.no_grad():
+    logits = ft(torch.from_numpy(views[0].transpose(0, 3, 1, 2)))
+  arrays.update({f"ft_sd/{k_}": v.detach().numpy() for k_, v in ft.state_dict().items()})
+  arrays["ft_logits"] = logits.numpy().transpose(0, 2, 3, 1)
   np.savez(out, **arrays)
   print(f"wrote {out}: {len(arrays)} arrays")
 
@@ -120,6 +136,13 @@ def compare(path: str, tol: float) -> int:
       results[f"{name}/view{v + 1}"] = (ours, data[f"{name}/view{v + 1}"])
     results["global " + "qk"[v]] = (out["global"], data["qk"[v]])
     results["local " + ("q1", "k1")[v]] = (out["local"], data[("q1", "k1")[v]])
+  ft_sd = {k[6:]: data[k] for k in data.files if k.startswith("ft_sd/")}
+  ft_vars, ft_report = convert_state_dict(ft_sd, "deeplab")
+  print("\n".join(ft_report))
+  ft_net = models.DeepLabV3Plus(num_classes=6, depth=50, output_stride=16)
+  results["fine-tune logits"] = (
+      jax.jit(lambda var, x: ft_net.apply(var, x, False))(ft_vars, data["views"][0]),
+      data["ft_logits"])
   print(f"{'output':24s} {'shape':>20s} {'max|err|/max|ref|':>18s} {'rel. Frobenius':>15s}")
   for name, (ours, ref) in results.items():
     ours = np.asarray(ours, np.float64)
