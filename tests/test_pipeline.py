@@ -244,10 +244,6 @@ def test_finetune_label_follows_image_and_ignores_outside():
 
 @pytest.mark.slow
 def test_worker_processes_do_not_change_the_stream():
-  # Grain's worker pool reads absl flags, which train.py's app.run parses.
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  if not flags.FLAGS.is_parsed():
-    flags.FLAGS.mark_as_parsed()
   ds = pipelines.train_dataset(_id_source(12), _glcnet_ids(), batch_size=2,
                                seed=9, process_index=0, process_count=1)
   inline = _batches(ds, 5)
@@ -264,3 +260,41 @@ def test_worker_processes_do_not_change_the_stream():
     assert _equal([next(fresh) for _ in range(2)], expected)
   finally:
     fresh.close()
+
+
+@pytest.mark.slow
+def test_pipelines_over_a_data_prep_dataset(tmp_path):
+  rasterio = pytest.importorskip("rasterio")
+  from data_prep.convert import convert  # pylint: disable=g-import-not-at-top
+  from glc_jax.data.source import open_dataset  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  image = rng.integers(0, 256, (4, 64, 64), dtype=np.uint8)
+  label = rng.integers(0, 5, (1, 64, 64), dtype=np.uint8)
+  transform = rasterio.transform.Affine(0.5, 0, 3e5, 0, -0.5, 5.8e6)
+  for name, array in (("x.tif", image), ("x_lbl.tif", label)):
+    with rasterio.open(tmp_path / name, "w", driver="GTiff", height=64,
+                       width=64, count=array.shape[0], dtype="uint8",
+                       crs="EPSG:32632", transform=transform) as f:
+      f.write(array)
+  out = convert(str(tmp_path / "x.tif"), tmp_path / "ds",
+                labels=str(tmp_path / "x_lbl.tif"), tile=32,
+                label_stem_replace=("x", "x_lbl"), workers=0, progress=False)
+  source, info = open_dataset(out, "train")
+  data = pipelines.dataset_data_config(info, "stats")
+  tiles = np.stack([source[i]["image"] for i in range(len(source))])
+  np.testing.assert_allclose(data["norm"]["mean"],
+                             tiles.reshape(-1, 4).mean(0), rtol=1e-6)
+  fn = pipelines.recipe_for("glcnet", {"tile_crop": 32, "view_size": 24,
+                                       "patch_size": 8, **data})
+  batch = next(iter(pipelines.train_dataset(source, fn, batch_size=2, seed=0,
+                                            process_index=0,
+                                            process_count=1)))
+  assert batch["view1"].shape == (2, 24, 24, 4)
+  assert batch["patch_valid"].any()
+  evals = list(pipelines.eval_dataset(source, batch_size=4,
+                                      config={"norm": data["norm"]},
+                                      process_index=0, process_count=1))
+  got = np.concatenate([b["image"][b["valid"]] for b in evals])
+  mean = np.array(data["norm"]["mean"], np.float32)
+  std = np.array(data["norm"]["std"], np.float32)
+  np.testing.assert_allclose(got, (tiles - mean) / std, rtol=1e-5, atol=1e-5)

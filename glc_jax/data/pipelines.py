@@ -110,6 +110,29 @@ def recipe_for(method: str, config: Mapping[str, Any] | Any | None = None,
                    f"{', '.join(METHODS)})")
 
 
+def dataset_data_config(info, norm_mode: str = "reference",
+                        stats_split: str = "train") -> dict:
+  """Data config keys that come from an opened dataset's metadata.
+
+  Args:
+    info: `glc_jax.data.source.DatasetInfo` of any split.
+    norm_mode: 'reference' (x/255*3.2-1.6) or 'stats' (the per-band mean and
+      std of `stats_split`, by default the training split's, whichever
+      split is being read).
+  Returns:
+    {"norm": {...}, "value_max": float} to merge into a recipe config;
+    value_max is 255 for uint8 images, else the largest band maximum.
+  """
+  norm = {"mode": norm_mode}
+  if norm_mode == "stats":
+    stats = info.split_band_stats.get(stats_split, info.band_stats)
+    norm.update(mean=tuple(float(m) for m in stats.mean),
+                std=tuple(float(v) for v in stats.std))
+  value_max = (255.0 if info.dtype == "uint8"
+               else float(np.max(info.band_stats.max)))
+  return {"norm": norm, "value_max": value_max}
+
+
 def _stack(examples: Sequence[dict]) -> dict:
   return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
 
@@ -261,6 +284,11 @@ def make_iterator(ds: grain.MapDataset, *, num_workers: int = 0,
   it_ds = ds.to_iter_dataset(grain.ReadOptions(
       num_threads=read_threads, prefetch_buffer_size=read_buffer))
   if num_workers > 0:
+    # Grain's worker pool reads absl flags; a program that never parsed them
+    # (a notebook, a benchmark) gets their defaults instead of a crash.
+    from absl import flags  # pylint: disable=g-import-not-at-top
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
     it_ds = it_ds.mp_prefetch(
         grain.MultiprocessingOptions(num_workers=num_workers,
                                      per_worker_buffer_size=worker_buffer),
