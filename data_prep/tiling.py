@@ -40,14 +40,20 @@ class TileChunk:
 
 
 def _valid_mask(src, window: Window, image: np.ndarray, nodata: float | None) -> np.ndarray | None:
-  """(H, W) bool, True where at least one band holds data; None when all pixels do."""
+  """(H, W) bool, True where at least one band holds data; None when all pixels do.
+
+  Nodata comes from the nodata value, else from an internal/sidecar mask. A band
+  that GDAL calls alpha is treated as data: 4-band RGBIR GeoTIFFs (ISPRS Potsdam's
+  among them) are often written with the infrared band flagged as alpha.
+  """
   if nodata is not None:
     if np.isnan(nodata):
       invalid = np.isnan(image)
     else:
       invalid = image == np.asarray(nodata).astype(image.dtype)
     return ~invalid.all(axis=-1)
-  if all(flags == [MaskFlags.all_valid] for flags in src.mask_flag_enums):
+  flags = {f for band_flags in src.mask_flag_enums for f in band_flags}
+  if MaskFlags.per_dataset not in flags or MaskFlags.alpha in flags:
     return None
   return src.dataset_mask(window=window) > 0
 

@@ -58,7 +58,8 @@ def test_round_trip_equals_source_windows(tmp_path, dtype, workers, shard_bytes)
   rng = np.random.default_rng(0)
   sizes = {"a": (37, 53), "b": (45, 31)}
   transforms = {"a": Affine(0.5, 0.0, 300000.0, 0.0, -0.5, 5800000.0),
-                "b": Affine(2.0, 0.25, -1000.0, 0.125, -3.0, 42.0)}
+                # Not float32-representable: catches a float32 round trip of the transform.
+                "b": Affine(0.3, 0.01, 345678.123456789, 0.02, -0.3, 5812345.987654321)}
   arrays = {}
   for name, (h, w) in sizes.items():
     arrays[name] = random_scene(rng, dtype, 3, h, w)
@@ -173,6 +174,17 @@ def test_index_labels_and_nodata_tiles(tmp_path):
   valid = image[:, :20, 4:20].reshape(2, -1)  # stats use valid pixels of kept tiles only
   kept = np.concatenate([valid, image[:, :20, 20:].reshape(2, -1), image[:, 20:, :20].reshape(2, -1)], 1)
   np.testing.assert_allclose(info.band_stats.mean, kept.mean(1), rtol=1e-12)
+
+
+def test_infrared_band_flagged_as_alpha_is_data(tmp_path):
+  image = np.full((4, 32, 32), 100, np.uint8)
+  image[3] = 0  # IR band all zero: would be an all-transparent alpha
+  write_tif(tmp_path / "rgbir.tif", image)  # GDAL flags band 4 of 4-band uint8 files as alpha
+  with rasterio.open(tmp_path / "rgbir.tif") as f:
+    assert any(rasterio.enums.MaskFlags.alpha in flags for flags in f.mask_flag_enums)
+  source, _ = open_dataset(convert(str(tmp_path / "rgbir.tif"), tmp_path / "out", tile=16, workers=0,
+                                   progress=False), "train")
+  assert len(source) == 4
 
 
 def _convert_scenes(tmp_path, out_name, **kwargs):
