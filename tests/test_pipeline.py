@@ -298,3 +298,35 @@ def test_pipelines_over_a_data_prep_dataset(tmp_path):
   mean = np.array(data["norm"]["mean"], np.float32)
   std = np.array(data["norm"]["std"], np.float32)
   np.testing.assert_allclose(got, (tiles - mean) / std, rtol=1e-5, atol=1e-5)
+
+
+def test_inpainting_mask_is_a_union_of_blocks():
+  from scipy import ndimage  # pylint: disable=g-import-not-at-top
+  fn = pipelines.recipe_for("inpainting", {"view_size": 40, "blocks": 5,
+                                           "block_size": 6})
+  rec = {"image": np.zeros((48, 48, 3), np.uint8)}
+  for seed in range(10):
+    mask = fn(rec, np.random.default_rng(seed))["mask"]
+    assert 36 <= mask.sum() <= 5 * 36
+    opened = ndimage.binary_opening(mask, structure=np.ones((6, 6)))
+    assert np.array_equal(opened, mask)
+
+
+def test_jigsaw_tiles_follow_the_permutation():
+  g, t = 3, 8
+  rng = np.random.default_rng(0)
+  image = rng.integers(0, 256, (g * t, g * t, 3), dtype=np.uint8)
+  perms = np.array([rng.permutation(9) for _ in range(7)])
+  no_aug = {"crop_size": g * t, "flip_probs": (1.0, 0.0, 0.0, 0.0),
+            "rot_p": 0.0, "warp": {"p": 0.0}, "hsv_p": 0.0,
+            "band_jitter": 0.0, "noise_p": 0.0}
+  fn = pipelines.recipe_for("jigsaw", {"grid": g, "tile_size": t,
+                                       "tile_crop": t, "augment": no_aug},
+                            permutations=perms)
+  out = fn({"image": image}, np.random.default_rng(1))
+  norm = image.astype(np.float32) / 255 * 3.2 - 1.6
+  cells = [norm[r * t:(r + 1) * t, c * t:(c + 1) * t]
+           for r in range(g) for c in range(g)]
+  order = perms[out["perm_index"]]
+  for i in range(9):
+    np.testing.assert_allclose(out["tiles"][i], cells[order[i]], atol=1e-5)
