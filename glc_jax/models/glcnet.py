@@ -29,6 +29,7 @@ class GLCNet(nn.Module):
 
   Attributes: depth (18/34/50/101), output_stride (16/8), width (channel
   multiplier), embed_dim (64), no_style / no_global / no_local (ablations),
+  encoder_dropout (0.5 as the reference; 0 only for numerical comparisons),
   axis_name (synchronised BN over this mesh axis), dtype (compute dtype;
   parameters, BN statistics and the returned embeddings are float32).
 
@@ -43,6 +44,7 @@ class GLCNet(nn.Module):
   no_style: bool = False
   no_global: bool = False
   no_local: bool = False
+  encoder_dropout: float = 0.5
   axis_name: str | None = None
   dtype: Any = jnp.float32
 
@@ -51,8 +53,8 @@ class GLCNet(nn.Module):
       raise ValueError("GLCNet: no_global and no_local together leave no loss")
     self.backbone = ResNet(self.depth, self.output_stride, self.width,
                            self.axis_name, self.dtype)
-    self.encoder = Encoder(self.output_stride, self.width, axis_name=self.axis_name,
-                           dtype=self.dtype)
+    self.encoder = Encoder(self.output_stride, self.width, self.encoder_dropout,
+                           axis_name=self.axis_name, dtype=self.dtype)
     if not self.no_local:
       self.decoder = Decoder(self.embed_dim, self.width, axis_name=self.axis_name,
                              dtype=self.dtype)
