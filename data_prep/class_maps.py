@@ -135,8 +135,3 @@ def load_class_map(spec: str, colour_order: str | None = None) -> ClassMap:
     raise DataPrepError(f"{spec}: class map is neither a preset ({', '.join(PRESETS)}) nor a file")
   return read_class_csv(spec, colour_order)
 
-
-def default_colours(num_classes: int) -> tuple[tuple[int, int, int], ...]:
-  """Distinct display colours for index labels that come without a colour map."""
-  rng = np.random.default_rng(0)
-  return tuple(tuple(int(v) for v in rng.integers(0, 256, 3)) for _ in range(num_classes))

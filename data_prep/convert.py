@@ -7,6 +7,7 @@ killed run leaves only that folder, which the next run removes.
 from __future__ import annotations
 
 import collections
+import colorsys
 import concurrent.futures
 import dataclasses
 import hashlib
@@ -110,7 +111,6 @@ def _run_jobs(jobs: Sequence[tiling.TileJob], options: tiling.TileOptions,
 
 def _palette(num_classes: int) -> tuple[tuple[int, int, int], ...]:
   """Distinct display colours (evenly spaced hues) for index labels without a map."""
-  import colorsys
   return tuple(tuple(int(round(255 * v)) for v in colorsys.hsv_to_rgb(i / max(num_classes, 1), 0.8, 0.95))
                for i in range(num_classes))
 
@@ -197,7 +197,9 @@ def convert(
     class_map = class_maps.load_class_map(class_map, class_map_order)
   else:
     class_map_file = []
-  if class_map is not None and ignore_colours:
+  if ignore_colours:
+    if class_map is None:
+      raise DataPrepError("--ignore-colour needs a class map (--class-map)")
     class_map = class_map.with_ignore_colours(ignore_colours)
 
   settings = dict(
@@ -223,61 +225,26 @@ def convert(
 
   scenes = scenes_lib.inspect_scenes(image_paths, label_paths, tile=tile, nodata=nodata,
                                      label_stem_replace=label_stem_replace)
-  if split_lists:
-    assignment = splits_lib.splits_from_lists(scenes, split_lists)
-    split_names = list(split_lists)
-  elif split_fractions:
-    assignment = splits_lib.splits_by_scene(scenes, split_fractions, split_seed, group_pattern)
-    split_names = [name for name, f in split_fractions.items() if f > 0]
-  else:
-    assignment = {s.scene_id: "train" for s in scenes}
-    split_names = ["train"]
-  for name in split_names:
-    if not name.replace("_", "").isalnum():
-      raise DataPrepError(f"split name {name!r} must be letters, digits and underscores")
-
-  options = tiling.TileOptions(
-      max_nodata_fraction=max_nodata_fraction, class_map=class_map,
-      num_classes=len(class_map.names) if class_map else None, unknown_to_ignore=unknown_to_ignore)
-  first = scenes[0]
-  labelled = label_paths is not None
+  split_names, assignment = _assign_splits(scenes, split_lists, split_fractions, split_seed, group_pattern)
   jobs, job_split = [], []
   for name in split_names:
     for scene in (s for s in scenes if assignment.get(s.scene_id) == name):
       for job in _chunk_jobs(scene, scenes_lib.scene_windows(scene, tile, stride, keep_edge_tiles), tile):
         jobs.append(job)
         job_split.append(name)
-  total_tiles = sum(len(j.windows) for j in jobs)
+  if not jobs:
+    raise DataPrepError(f"{', '.join(map(str, split_lists.values()))}: the split lists name none of the images")
+  options = tiling.TileOptions(
+      max_nodata_fraction=max_nodata_fraction, class_map=class_map,
+      num_classes=len(class_map.names) if class_map else None, unknown_to_ignore=unknown_to_ignore)
 
   tmp = out.parent / f".{out.name}.incomplete-{os.getpid()}"
   try:
     tmp.mkdir(parents=True)
+    first, labelled = scenes[0], label_paths is not None
     features = writer.tile_features(tile, first.bands, first.dtype, labelled)
-    results = {name: _SplitResult(stats=BandStatsAccumulator(first.bands, first.dtype)) for name in split_names}
-    split_writers: dict[str, writer.SplitWriter] = {}
-    bar = tqdm.tqdm(total=total_tiles, unit="tile", desc=f"data_prep {out.name}", disable=not progress,
-                    smoothing=0.1)
-    with bar:
-      for name, job, chunk in zip(job_split, jobs, _run_jobs(jobs, options, workers)):
-        result = results[name]
-        split_writer = split_writers.setdefault(
-            name, writer.SplitWriter(tmp, name, features, max_shard_bytes))
-        for record in chunk.records:
-          split_writer.write(record)
-        result.num_records += len(chunk.records)
-        result.num_skipped += chunk.num_skipped
-        if not result.scene_ids or result.scene_ids[-1] != job.scene.scene_id:
-          result.scene_ids.append(job.scene.scene_id)
-        result.stats.merge(chunk.stats)
-        result.class_counts = (chunk.class_counts if result.class_counts is None
-                               else result.class_counts + chunk.class_counts)
-        bar.update(len(job.windows))
-    split_infos = []
-    for name in split_names:
-      if results[name].num_records == 0:
-        log.warning("split %r has no tiles; left out", name)
-        continue
-      split_infos.append(split_writers[name].close())
+    results, split_infos = _write_splits(tmp, features, split_names, jobs, job_split, options,
+                                         workers, max_shard_bytes, f"data_prep {out.name}", progress)
     if not split_infos:
       raise DataPrepError(f"{', '.join(map(str, image_paths[:3]))}: no tiles kept "
                           f"(all exceed nodata fraction {max_nodata_fraction})")
@@ -292,6 +259,54 @@ def convert(
     shutil.rmtree(tmp, ignore_errors=True)
     raise
   return out
+
+
+def _assign_splits(scenes, split_lists, split_fractions, split_seed, group_pattern
+                   ) -> tuple[list[str], dict[str, str]]:
+  """(split names in writing order, scene id → split); unassigned scenes are left out."""
+  if split_lists:
+    names, assignment = list(split_lists), splits_lib.splits_from_lists(scenes, split_lists)
+  elif split_fractions:
+    names = [name for name, f in split_fractions.items() if f > 0]
+    assignment = splits_lib.splits_by_scene(scenes, split_fractions, split_seed, group_pattern)
+  else:
+    names, assignment = ["train"], {s.scene_id: "train" for s in scenes}
+  for name in names:
+    if not name.replace("_", "").isalnum():
+      raise DataPrepError(f"split name {name!r} must be letters, digits and underscores")
+  return names, assignment
+
+
+def _write_splits(tmp: Path, features, split_names: list[str], jobs: list[tiling.TileJob],
+                  job_split: list[str], options: tiling.TileOptions, workers: int,
+                  max_shard_bytes: int, desc: str, progress: bool
+                  ) -> tuple[dict[str, _SplitResult], list]:
+  """Reads all jobs (in parallel), writes their records; returns per-split results and
+  the TFDS SplitInfos of the non-empty splits."""
+  first = jobs[0].scene
+  results = {name: _SplitResult(stats=BandStatsAccumulator(first.bands, first.dtype)) for name in split_names}
+  split_writers: dict[str, writer.SplitWriter] = {}
+  with tqdm.tqdm(total=sum(len(j.windows) for j in jobs), unit="tile", desc=desc,
+                 disable=not progress, smoothing=0.1) as bar:
+    for name, job, chunk in zip(job_split, jobs, _run_jobs(jobs, options, workers)):
+      result = results[name]
+      split_writer = split_writers.setdefault(name, writer.SplitWriter(tmp, name, features, max_shard_bytes))
+      for record in chunk.records:
+        split_writer.write(record)
+      result.num_records += len(chunk.records)
+      result.num_skipped += chunk.num_skipped
+      if not result.scene_ids or result.scene_ids[-1] != job.scene.scene_id:
+        result.scene_ids.append(job.scene.scene_id)
+      result.stats.merge(chunk.stats)
+      result.class_counts = chunk.class_counts + (0 if result.class_counts is None else result.class_counts)
+      bar.update(len(job.windows))
+  split_infos = []
+  for name in split_names:
+    if results[name].num_records == 0:
+      log.warning("split %r has no tiles; left out", name)
+      continue
+    split_infos.append(split_writers[name].close())
+  return results, split_infos
 
 
 def _move_into_place(tmp: Path, out: Path) -> None:
