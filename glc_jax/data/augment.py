@@ -80,8 +80,8 @@ def linear_taps(coords: np.ndarray, size: int, *, outside_zero: bool):
 
 def resample_separable(image: np.ndarray, ys: np.ndarray, xs: np.ndarray, *,
                        outside_zero: bool = False,
-                       affine: tuple[np.ndarray, np.ndarray] | None = None
-                       ) -> np.ndarray:
+                       affine: tuple[np.ndarray, np.ndarray] | None = None,
+                       out: np.ndarray | None = None) -> np.ndarray:
   """Bilinear resampling on a separable (axis-aligned) grid.
 
   Args:
@@ -92,9 +92,10 @@ def resample_separable(image: np.ndarray, ys: np.ndarray, xs: np.ndarray, *,
     affine: optional per-band (scale, offset), (C,) each, applied to the
       result; folded into the smaller intermediate (bilinear weights sum to
       1, so it commutes with the row pass). Not with outside_zero.
+    out: optional contiguous (Ho, Wo, C) float32 array to write into.
 
   Returns:
-    (Ho, Wo, C) float32.
+    (Ho, Wo, C) float32 (`out` when given).
   """
   h, w, c = image.shape
   if outside_zero:
@@ -121,8 +122,11 @@ def resample_separable(image: np.ndarray, ys: np.ndarray, xs: np.ndarray, *,
   bottom = np.take(a, r1, axis=0)
   np.subtract(bottom, top, out=bottom)
   np.multiply(bottom, wy[:, None], out=bottom)
-  np.add(top, bottom, out=top)
-  return top.reshape(len(ys), len(xs), c)
+  if out is None:
+    np.add(top, bottom, out=top)
+    return top.reshape(len(ys), len(xs), c)
+  np.add(top, bottom, out=out.reshape(len(ys), len(xs) * c))
+  return out
 
 
 def resize_coords(start: int, length: int, out: int) -> np.ndarray:
@@ -147,17 +151,20 @@ def nearest_source_index(start: int, length: int, out: int,
   return start + ((2 * i + 1) * length) // (2 * out)
 
 
-def resized_crop(image: np.ndarray, box, out_hw, affine=None) -> np.ndarray:
+def resized_crop(image: np.ndarray, box, out_hw, affine=None,
+                 out=None) -> np.ndarray:
   """Crops `box` = (y0, x0, h, w) and resizes it bilinearly to `out_hw`.
 
   Edge pixels of the crop are replicated, as when cropping then resizing.
-  `affine` = per-band (scale, offset) applied to the result (normalisation).
+  `affine` = per-band (scale, offset) applied to the result (normalisation);
+  `out` = optional (out_h, out_w, C) float32 array to write into.
   Returns (out_h, out_w, C) float32.
   """
   y0, x0, h, w = box
   sub = image[y0:y0 + h, x0:x0 + w]
   return resample_separable(sub, resize_coords(0, h, out_hw[0]),
-                            resize_coords(0, w, out_hw[1]), affine=affine)
+                            resize_coords(0, w, out_hw[1]), affine=affine,
+                            out=out)
 
 
 def orient(image: np.ndarray, flip: int, k: int) -> np.ndarray:
@@ -432,13 +439,15 @@ def normaliser(mode: str, bands: int, mean=None, std=None):
 
 
 def normalise(image: np.ndarray, scale: np.ndarray, offset: np.ndarray,
-              flip: int = 0, k: int = 0) -> np.ndarray:
+              flip: int = 0, k: int = 0,
+              out: np.ndarray | None = None) -> np.ndarray:
   """`orient(image, flip, k) * scale + offset` per band, as a new array.
 
   Args:
     image: (H, W, C) array; scale, offset: (C,) float32.
+    out: optional contiguous float32 (H', W', C) array to write into.
   Returns:
-    contiguous float32 (H', W', C).
+    contiguous float32 (H', W', C) (`out` when given).
   """
   h, w, c = image.shape
   if flip or k:
@@ -447,10 +456,13 @@ def normalise(image: np.ndarray, scale: np.ndarray, offset: np.ndarray,
     src = np.ascontiguousarray(image, np.float32)
     pix = np.dtype((np.void, 4 * c))
     turned = orient(src.view(pix)[..., 0], flip, k)
-    out = np.empty(turned.shape + (c,), np.float32)
+    if out is None:
+      out = np.empty(turned.shape + (c,), np.float32)
     np.copyto(out.view(pix)[..., 0], turned)
-  else:
+  elif out is None:
     out = np.array(image, np.float32, copy=True)
+  else:
+    np.copyto(out, image)
   h, w = out.shape[:2]
   flat = out.reshape(h, w * c)
   np.multiply(flat, np.tile(scale, w)[None], out=flat)

@@ -226,15 +226,16 @@ def _colour_(rng: np.random.Generator, image: np.ndarray, cfg: ColourConfig,
 
 
 def _view(rng: np.random.Generator, tile: np.ndarray, cfg: TwoViewConfig,
-          view_cfg: ViewAugConfig, norm) -> tuple[np.ndarray, ViewGeometry]:
-  """One augmented view and its geometry (for patch matching)."""
+          view_cfg: ViewAugConfig, norm, out: np.ndarray | None = None
+          ) -> tuple[np.ndarray, ViewGeometry]:
+  """One augmented view (written into `out` if given) and its geometry."""
   c = cfg.crop
   box = aug.random_resized_crop_box(rng, tile.shape[:2], c.scale, c.ratio,
                                     c.swap_p, c.attempts)
   n = cfg.view_size
   if view_cfg == NO_VIEW_AUG:
     # Crop only (the reference's view 1): normalise inside the resize.
-    return (aug.resized_crop(tile, box, (n, n), affine=norm),
+    return (aug.resized_crop(tile, box, (n, n), affine=norm, out=out),
             ViewGeometry(tuple(int(v) for v in box), n))
   image = aug.resized_crop(tile, box, (n, n))
   flip = aug.random_flip_code(rng, view_cfg.flip_probs)
@@ -246,7 +247,7 @@ def _view(rng: np.random.Generator, tile: np.ndarray, cfg: TwoViewConfig,
     image = aug.gaussian_blur(image, int(rng.choice(view_cfg.blur_sizes)))
   # Colour and blur (symmetric kernel, reflect-101) commute with flips and
   # quarter turns, so orienting last costs nothing beyond normalise's copy.
-  view = aug.normalise(image, *norm, flip=flip, k=k)
+  view = aug.normalise(image, *norm, flip=flip, k=k, out=out)
   return view, ViewGeometry(tuple(int(v) for v in box), n, flip, k)
 
 
@@ -255,8 +256,12 @@ def _view(rng: np.random.Generator, tile: np.ndarray, cfg: TwoViewConfig,
 
 
 def two_view_example(record: Mapping[str, Any], rng: np.random.Generator,
-                     cfg: TwoViewConfig) -> dict[str, np.ndarray]:
+                     cfg: TwoViewConfig, out: dict | None = None
+                     ) -> dict[str, np.ndarray]:
   """Two views (+ matched patches when cfg.patch_num > 0).
+
+  `out` optionally holds arrays to write the views into (a batch's slots,
+  which saves the batching copy).
 
   Returns:
     view1, view2: (n, n, C) float32 normalised.
@@ -266,8 +271,9 @@ def two_view_example(record: Mapping[str, Any], rng: np.random.Generator,
   image = np.asarray(record["image"])
   norm = _norm_params(cfg.norm, image.shape[-1])
   tile = _tile_crop(rng, image, cfg.tile_crop)
-  view1, geo1 = _view(rng, tile, cfg, cfg.view1, norm)
-  view2, geo2 = _view(rng, tile, cfg, cfg.view2, norm)
+  out = out or {}
+  view1, geo1 = _view(rng, tile, cfg, cfg.view1, norm, out.get("view1"))
+  view2, geo2 = _view(rng, tile, cfg, cfg.view2, norm, out.get("view2"))
   out = {"view1": view1, "view2": view2}
   if cfg.patch_num > 0:
     boxes1, boxes2, _, valid = sample_matched_patches(
