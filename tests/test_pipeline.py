@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from glc_jax.data import patches, pipelines, recipes
+from glc_jax.data import patches, pipelines
 
 TILE, VIEW = 48, 32
 

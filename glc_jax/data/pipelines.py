@@ -34,6 +34,7 @@ evaluation keeps every record and pads instead (`shard_indices`).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import sys
@@ -89,7 +90,7 @@ def recipe_for(method: str, config: Mapping[str, Any] | Any | None = None,
     return functools.partial(recipes.two_view_example, cfg=cfg)
   if method in ("simclr", "mocov2"):
     cfg = recipes.config_from_dict(recipes.TwoViewConfig, config, method)
-    cfg = recipes.dataclasses.replace(cfg, patch_num=0)
+    cfg = dataclasses.replace(cfg, patch_num=0)
     return functools.partial(recipes.two_view_example, cfg=cfg)
   if method == "inpainting":
     cfg = recipes.config_from_dict(recipes.InpaintingConfig, config, method)
