@@ -170,7 +170,7 @@ class _BatchOf:
       else:
         example = self._fn(records[i], rng)
       for k, v in example.items():
-        if v is not batch[k][i] and not np.shares_memory(v, batch[k][i]):
+        if not np.may_share_memory(v, batch[k][i]):
           batch[k][i] = v
     return batch
 
