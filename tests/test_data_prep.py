@@ -321,6 +321,11 @@ def _bad_case(tmp_path, case):
     colour[:, 21, 6] = (12, 34, 56)
     write_tif(lbl / "a.tif", colour)
     return args + ["--class-map", "potsdam", "--tile", "16"], ["lbl/a.tif", "(12, 34, 56)", "row 21, col 6"]
+  if case == "label_out_of_range":
+    index = np.zeros((1, 32, 32), np.uint8)
+    index[0, 17, 3] = 9
+    write_tif(lbl / "a.tif", index)
+    return args + ["--class-map", "potsdam"], ["lbl/a.tif", "value 9", "row 17, col 3", "below 6"]
   if case == "empty":
     return ["--images", str(tmp_path / "empty_dir_*")], ["no image GeoTIFF files"]
   if case == "tile_too_large":
@@ -329,7 +334,8 @@ def _bad_case(tmp_path, case):
 
 
 @pytest.mark.parametrize("case", ["truncated", "not_a_tiff", "size_mismatch", "transform_mismatch",
-                                  "band_count", "unknown_colour", "empty", "tile_too_large"])
+                                  "band_count", "unknown_colour", "label_out_of_range", "empty",
+                                  "tile_too_large"])
 def test_bad_input_one_line_error_and_nothing_left(tmp_path, capsys, case):
   args, parts = _bad_case(tmp_path, case)
   code = cli.main(args + ["--out", str(tmp_path / "out"), "--workers", "0", "--no-progress"])
@@ -340,3 +346,21 @@ def test_bad_input_one_line_error_and_nothing_left(tmp_path, capsys, case):
   for part in parts:
     assert part in err
   assert no_leftovers(tmp_path)
+
+
+def test_cli_converts_and_unknown_colours_can_be_ignored(tmp_path, capsys):
+  colour = np.zeros((3, 16, 16), np.uint8)
+  colour[:, :, :8] = np.array([0, 255, 0], np.uint8)[:, None, None]   # tree
+  colour[:, :, 8:] = np.array([9, 9, 9], np.uint8)[:, None, None]     # not an ISPRS colour
+  write_tif(tmp_path / "img.tif", np.ones((4, 16, 16), np.uint8))
+  write_tif(tmp_path / "lbl.tif", colour)
+  code = cli.main(["--images", str(tmp_path / "img.tif"), "--labels", str(tmp_path / "lbl.tif"),
+                   "--label-stem-replace", "img=lbl", "--class-map", "vaihingen", "--unknown-to-ignore",
+                   "--tile", "16", "--subset-fractions", "0.5,1", "--out", str(tmp_path / "out"),
+                   "--workers", "0", "--no-progress"])
+  assert code == 0
+  source, info = open_dataset(tmp_path / "out", "train", subset_fraction=0.5)
+  expected = np.full((16, 16), 255, np.uint8)
+  expected[:, :8] = PRESETS["vaihingen"].names.index("tree")
+  np.testing.assert_array_equal(source[0]["label"], expected)
+  assert info.metadata["subset_fractions"] == [0.5, 1.0]
