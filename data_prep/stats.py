@@ -1,7 +1,9 @@
 """Per-band pixel statistics that merge exactly across tiles, scenes and workers.
 
-Mean and variance are merged with Chan et al.'s pairwise update (float64), so the
-result does not depend on how pixels were split between workers. Percentiles come
+Integer images keep only a histogram (one bin per value), from which count, mean,
+variance, min and max follow exactly. Float images also keep running moments,
+merged with Chan et al.'s pairwise update (float64), so the result does not
+depend on how pixels were split between workers. Percentiles come
 from histograms: exact for uint8 and uint16 (one bin per value); for float32 one
 bin per bfloat16 value (the top 16 bits of the float), so a float percentile is
 the true percentile truncated towards zero to 8 significant bits (relative error
@@ -36,7 +38,7 @@ def _float_bin_value(bin_id: int) -> float:
 
 
 class BandStatsAccumulator:
-  """Running count, mean, M2, min, max and histogram per band."""
+  """Per-band histogram, plus running count, mean, M2, min and max for float32."""
 
   def __init__(self, num_bands: int, dtype: str):
     if dtype not in _NUM_BINS:
@@ -56,8 +58,10 @@ class BandStatsAccumulator:
     """
     for band in range(pixels.shape[1]):
       values = pixels[:, band]
-      if self.dtype == "float32":
-        values = values[np.isfinite(values)]
+      if self.dtype != "float32":
+        self.hist[band] += np.bincount(values, minlength=self.hist.shape[1])
+        continue
+      values = values[np.isfinite(values)]
       if values.size == 0:
         continue
       as_float = values.astype(np.float64)
@@ -67,8 +71,7 @@ class BandStatsAccumulator:
       self._merge_moments(band, n, mean, m2)
       self.min[band] = min(self.min[band], as_float.min())
       self.max[band] = max(self.max[band], as_float.max())
-      bins = _float_bins(values) if self.dtype == "float32" else values
-      self.hist[band] += np.bincount(bins, minlength=self.hist.shape[1])
+      self.hist[band] += np.bincount(_float_bins(values), minlength=self.hist.shape[1])
 
   def _merge_moments(self, band: int, n: int, mean: float, m2: float) -> None:
     total = self.count[band] + n
@@ -85,9 +88,21 @@ class BandStatsAccumulator:
     self.max = np.maximum(self.max, other.max)
     self.hist += other.hist
 
+  def _integer_moments(self) -> None:
+    """Fills count, mean, M2, min and max of integer data from the histogram."""
+    values = np.arange(self.hist.shape[1], dtype=np.float64)
+    self.count = self.hist.sum(axis=1)
+    for band, hist in enumerate(self.hist):
+      if self.count[band] == 0:
+        continue
+      present = np.flatnonzero(hist)
+      self.mean[band] = int((hist * np.arange(len(hist), dtype=np.int64)).sum()) / self.count[band]
+      self.m2[band] = (hist * np.square(values - self.mean[band])).sum()
+      self.min[band], self.max[band] = present[0], present[-1]
+
   def percentile(self, q: float) -> np.ndarray:
     """Per-band q-th percentile (inverted-CDF rule), NaN for bands with no pixels."""
-    out = np.full(len(self.count), np.nan)
+    out = np.full(len(self.hist), np.nan)
     for band, hist in enumerate(self.hist):
       total = hist.sum()
       if total == 0:
@@ -99,6 +114,8 @@ class BandStatsAccumulator:
 
   def summary(self) -> dict:
     """JSON-ready stats: lists with one value per band (population std)."""
+    if self.dtype != "float32":
+      self._integer_moments()
     empty = self.count == 0
     def as_list(values):
       return [None if e else float(v) for v, e in zip(values, empty)]
