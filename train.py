@@ -6,7 +6,7 @@ The config's `stage` selects what runs; any config key can be overridden with
 import importlib
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:variant]).",
@@ -14,10 +14,11 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for outputs, checkpoints and logs.")
 flags.mark_flags_as_required(["config", "workdir"])
 
-STAGES = ("demo",)
+STAGES = ("demo", "pretrain", "finetune", "evaluate")
 
 
 def main(argv):
+  logging.set_verbosity(logging.WARNING)  # Orbax and Grain report every save and worker at INFO
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   try:
@@ -28,7 +29,12 @@ def main(argv):
     sys.exit(f"error: --config: {reason}")
   if stage not in STAGES:
     sys.exit(f"error: config key 'stage' is {stage!r}; expected one of {', '.join(STAGES)}")
-  importlib.import_module(f"glc_jax.stages.{stage}").run(config, _WORKDIR.value)
+  stage_module = importlib.import_module(f"glc_jax.stages.{stage}")
+  from glc_jax.stages import loop, setup  # pylint: disable=import-outside-toplevel
+  try:
+    stage_module.run(config, _WORKDIR.value)
+  except (setup.ConfigError, loop.NonFiniteLossError) as e:
+    sys.exit(f"error: {e}")
 
 
 def _parse_flags(argv):

@@ -119,3 +119,25 @@ def read_state(path: str | pathlib.Path) -> PyTree:
   if not (path / "state").is_dir():
     raise FileNotFoundError(f"{path}: no checkpoint found (expected a run workdir or a step directory)")
   return ocp.StandardCheckpointer().restore(path / "state")
+
+
+def load_variables(path: str | pathlib.Path) -> dict[str, PyTree]:
+  """{'params', 'batch_stats'} of a model to start from, as host arrays.
+
+  `path` is a pretraining or fine-tuning run's workdir (its best state if it
+  has one, else the latest), one step directory, or a checkpoint written by
+  `python -m glc_jax.tools.import_torch` (reference or torchvision weights).
+  """
+  path = pathlib.Path(path).absolute()
+  if not path.exists():
+    raise FileNotFoundError(f"{path}: does not exist")
+  if any((path / sub).is_dir() for sub in ("best", "checkpoints", "state")):
+    tree = read_state(path)
+  else:
+    try:
+      tree = ocp.StandardCheckpointer().restore(path)
+    except Exception as e:  # orbax raises several types for "not a checkpoint"
+      raise FileNotFoundError(f"{path}: not a checkpoint ({type(e).__name__})") from None
+  if not isinstance(tree, dict) or "params" not in tree:
+    raise FileNotFoundError(f"{path}: checkpoint holds no 'params'")
+  return {"params": tree["params"], "batch_stats": tree.get("batch_stats") or {}}

@@ -1,0 +1,37 @@
+"""Fine-tuning DeepLabv3+ from a pretraining checkpoint (or random init) on a label fraction.
+
+    python train.py --config=configs/finetune.py --workdir=runs/ft_glcnet_1pct \
+        --config.data.path=/data/potsdam_tiles --config.init.path=runs/glcnet
+
+Argument: "checkpoint" (default) or "random", optionally ",tiny". Defaults are
+the reference's: batch 16, 150 epochs, Adam lr 1e-4 (0.9, 0.99), L2 1e-5, lr ×
+0.98 per epoch, backbone + encoder transferred, 256×256 crops with the
+reference's augmentation. The best state by validation OA is kept (the
+reference's criterion), on `data.val_split`, apart from the test split.
+"""
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  parts = (arg or "checkpoint").split(",")
+  kind, tiny = parts[0], "tiny" in parts[1:]
+  if kind not in ("checkpoint", "random") or any(p != "tiny" for p in parts[1:]):
+    raise ValueError(f"configs/finetune.py: unknown variant {arg!r}; use checkpoint or random, "
+                     "optionally followed by ',tiny'")
+  c = ml_collections.ConfigDict()
+  c.stage = "finetune"
+  c.seed = 0
+  c.data = dict(path="", split="train", label_fraction=0.01, val_split="val",
+                batch_size=8 if tiny else 16, num_workers=2 if tiny else 8, norm="reference")
+  c.init = dict(kind=kind, path="", transfer="backbone+encoder")
+  c.input = dict(crop_size=128) if tiny else dict(crop_size=256)
+  c.model = dict(depth=50, output_stride=16, width=0.25 if tiny else 1.0, dtype="float32")
+  c.optimizer = dict(name="adam", lr=1e-4, lr_scaling="none", b1=0.9, b2=0.99, eps=1e-8,
+                     weight_decay=1e-5, schedule="exponential", decay_rate=0.98, per_epoch=True,
+                     warmup_epochs=0.0, grad_clip_norm=0.0)
+  c.epochs = 30 if tiny else 150
+  c.log_every = 10 if tiny else 50
+  c.checkpoint_every = 50 if tiny else 500
+  c.keep_checkpoints = 2
+  c.select_metric = "val_oa"
+  return c

@@ -1,0 +1,70 @@
+"""Self-supervised pretraining; the argument picks the method and an optional size.
+
+    python train.py --config=configs/pretrain.py:glcnet --workdir=runs/glcnet \
+        --config.data.path=/data/potsdam_tiles
+
+Methods: glcnet, glcnet_nostyle, glcnet_noglobal, glcnet_nolocal, simclr, mocov2,
+inpainting, jigsaw. Append ",tiny" (e.g. "glcnet,tiny") for a narrow ResNet-50
+on small views that runs on a CPU in minutes. Defaults are the reference's:
+ResNet-50 DeepLabv3+ at output stride 16, 224×224 views, batch 256 per device,
+Adam (0.9, 0.99), L2 1e-5, lr 1e-3 × devices with cosine decay to 4e-8, 400 epochs.
+"""
+import ml_collections
+
+METHODS = ("glcnet", "glcnet_nostyle", "glcnet_noglobal", "glcnet_nolocal", "simclr", "mocov2",
+           "inpainting", "jigsaw")
+
+
+def _input(method: str, tiny: bool) -> ml_collections.ConfigDict:
+  """The data recipe's keys (glc_jax/data/recipes.py) that differ from its defaults."""
+  if method in ("inpainting",):
+    return ml_collections.ConfigDict(dict(view_size=96) if tiny else {})
+  if method == "jigsaw":
+    return ml_collections.ConfigDict(dict(tile_size=32, tile_crop=28) if tiny else {})
+  if method.startswith("glcnet"):
+    return ml_collections.ConfigDict(dict(view_size=96, patch_size=16) if tiny else
+                                     dict(view_size=224, patch_size=48, patch_num=4))
+  return ml_collections.ConfigDict(dict(view_size=96) if tiny else dict(view_size=224))
+
+
+def _loss(method: str) -> ml_collections.ConfigDict:
+  if method.startswith("glcnet"):
+    return ml_collections.ConfigDict(dict(temperature=0.5, weight=0.5, gather_negatives=True))
+  if method == "simclr":
+    return ml_collections.ConfigDict(dict(temperature=0.5, gather_negatives=True))
+  if method == "mocov2":
+    return ml_collections.ConfigDict(dict(temperature=0.07, momentum=0.999, queue_size=2048))
+  return ml_collections.ConfigDict()
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  parts = (arg or "glcnet").split(",")
+  method, tiny = parts[0], "tiny" in parts[1:]
+  if method not in METHODS or any(p not in ("tiny",) for p in parts[1:]):
+    raise ValueError(f"configs/pretrain.py: unknown variant {arg!r}; use one of {METHODS}, "
+                     "optionally followed by ',tiny'")
+  c = ml_collections.ConfigDict()
+  c.stage = "pretrain"
+  c.method = method
+  c.seed = 0
+  c.data = dict(path="", split="train", batch_size=32 if tiny else 256, num_workers=2 if tiny else 8,
+                norm="reference")
+  c.input = _input(method, tiny)
+  c.model = dict(depth=50, output_stride=16, width=0.25 if tiny else 1.0, dtype="float32")
+  if method not in ("inpainting", "jigsaw"):
+    c.model.embed_dim = 64
+  if method == "jigsaw":
+    c.model.num_permutations = 1000
+  c.loss = _loss(method)
+  c.optimizer = dict(name="adam", lr=1e-3, lr_scaling="devices", reference_batch=256, b1=0.9,
+                     b2=0.99, eps=1e-8, weight_decay=1e-5, momentum=0.9, trust_coefficient=0.001,
+                     schedule="cosine", end_lr=4e-8, decay_rate=0.98, per_epoch=True,
+                     warmup_epochs=0.0, grad_clip_norm=0.0)
+  if method == "mocov2" and tiny:
+    c.loss.queue_size = 256
+  c.epochs = 20 if tiny else 400
+  c.num_steps = 0
+  c.log_every = 10 if tiny else 50
+  c.checkpoint_every = 50 if tiny else 1000
+  c.keep_checkpoints = 2
+  return c

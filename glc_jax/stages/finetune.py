@@ -1,0 +1,115 @@
+"""Fine-tuning DeepLabv3+ on a labelled (subset of a) split, with model selection on validation.
+
+Config keys (configs/finetune.py):
+  seed; data.path, data.split, data.label_fraction (a stored subset, or None
+  for all), data.val_split (model selection; keep it apart from the reported
+  test split), data.batch_size (global), data.num_workers, data.norm
+  init.kind: 'random' | 'checkpoint' (a pretraining run's workdir, or a
+  checkpoint from glc_jax.tools.import_torch, e.g. ImageNet ResNet weights);
+  init.path; init.transfer: 'backbone' | 'backbone+encoder' | 'all'
+  input: fine-tuning augmentation overrides (glc_jax/data/recipes.py FinetuneConfig)
+  model: depth, output_stride, width, dtype; optimizer: see glc_jax/optim
+  epochs, log_every, checkpoint_every, keep_checkpoints, select_metric
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from glc_jax import checkpoint, methods, metrics, models, optim, parallel
+from glc_jax.data import pipelines
+from glc_jax.methods.segmentation import SegmentationMethod, make_confusion_step
+from glc_jax.parallel import DATA_AXIS
+from glc_jax.stages import loop, setup
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+INIT_KINDS = ("random", "checkpoint")
+
+
+def build_model(config: ml_collections.ConfigDict, num_classes: int) -> models.DeepLabV3Plus:
+  if config.model.dtype not in _DTYPES:
+    raise setup.ConfigError(f"config key model.dtype is {config.model.dtype!r}; "
+                            f"expected one of {sorted(_DTYPES)}")
+  return models.DeepLabV3Plus(num_classes=num_classes, depth=config.model.depth,
+                              output_stride=config.model.output_stride, width=config.model.width,
+                              axis_name=DATA_AXIS, dtype=_DTYPES[config.model.dtype])
+
+
+def initial_variables(config: ml_collections.ConfigDict, fresh: dict) -> tuple[dict, list[str]]:
+  """Fresh variables with the pretrained ones copied in as `config.init` says."""
+  if config.init.kind not in INIT_KINDS:
+    raise setup.ConfigError(f"config key init.kind is {config.init.kind!r}; expected one of {INIT_KINDS}")
+  if config.init.kind == "random":
+    return fresh, []
+  try:
+    pretrained = checkpoint.load_variables(config.init.path)
+    return models.transfer_pretrained(fresh, pretrained, mode=config.init.transfer)
+  except (FileNotFoundError, ValueError) as e:
+    raise setup.ConfigError(f"init.path: {e}") from None
+
+
+def make_validator(model, mesh, source, info, config, data_config):
+  """state -> {'val_oa', 'val_kappa', 'val_miou'} over every tile of the validation split."""
+  confusion_step = make_confusion_step(model, mesh, info.num_classes, info.ignore_index)
+  dataset = pipelines.eval_dataset(source, batch_size=config.data.batch_size // jax.process_count(),
+                                   config={"norm": data_config["norm"]})
+
+  def validate(state) -> dict[str, float]:
+    total = np.zeros((info.num_classes,) * 2, np.int64)
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    for batch in pipelines.make_iterator(dataset, sharding=parallel.batch_sharding(mesh)):
+      total += np.asarray(jax.device_get(confusion_step(variables, batch)), np.int64)
+    scores = metrics.compute_scores(total, info.class_names)
+    return {"val_oa": scores.overall_accuracy, "val_kappa": scores.kappa, "val_miou": scores.miou}
+
+  return validate
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> None:
+  source, info = setup.open_split(config.data.path, config.data.split, config.data.label_fraction)
+  if not info.labelled:
+    raise setup.ConfigError(f"data.path: {config.data.path} has no labels; fine-tuning needs labels")
+  if config.data.val_split == config.data.split:
+    raise setup.ConfigError("data.val_split must differ from data.split (model selection needs held-out data)")
+  val_source, _ = setup.open_split(config.data.path, config.data.val_split)
+  if config.select_metric not in ("val_oa", "val_kappa", "val_miou"):
+    raise setup.ConfigError(f"config key select_metric is {config.select_metric!r}; "
+                            "expected val_oa, val_kappa or val_miou")
+  mesh = parallel.make_data_mesh()
+  global_batch = setup.checked_batch(config.data.batch_size, mesh, len(source))
+  model = build_model(config, info.num_classes)
+  method = SegmentationMethod(model=model, ignore_index=info.ignore_index)
+  data_config = pipelines.dataset_data_config(info, norm_mode=config.data.norm)
+  example_fn = pipelines.recipe_for("finetune", dict(data_config, **config.input))
+  dataset = pipelines.train_dataset(source, example_fn,
+                                    batch_size=global_batch // jax.process_count(), seed=config.seed)
+
+  steps_per_epoch = len(source) // global_batch
+  total_steps = config.epochs * steps_per_epoch
+  tx, schedule = optim.build_optimizer(config.optimizer, steps_per_epoch=steps_per_epoch,
+                                       num_epochs=config.epochs,
+                                       num_devices=parallel.data_size(mesh), global_batch=global_batch)
+  rng = jax.random.key(config.seed)
+  state = methods.init_train_state(method, tx, mesh, jax.random.fold_in(rng, 0),
+                                   setup.example_shapes(dataset))
+  variables, copied = initial_variables(
+      config, {"params": state.params, "batch_stats": state.batch_stats})
+  if copied:
+    print(f"finetune: {len(copied)} tensors initialised from {config.init.path} ({config.init.transfer})")
+  variables = parallel.replicate(jax.device_get(variables), mesh)
+  state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
+
+  train_step = methods.make_train_step(method, tx, schedule, mesh)
+  iterator = pipelines.make_iterator(dataset, num_workers=config.data.num_workers,
+                                     sharding=parallel.batch_sharding(mesh))
+  validate = make_validator(model, mesh, val_source, info, config, data_config)
+  setup.write_run_config(workdir, config)
+  _, checkpoints = loop.fit(
+      state, train_step, iterator, jax.random.fold_in(rng, 1), workdir=workdir,
+      total_steps=total_steps, steps_per_epoch=steps_per_epoch,
+      checkpoint_every=config.checkpoint_every, keep_checkpoints=config.keep_checkpoints,
+      log_every=config.log_every, items_per_step=global_batch, desc="finetune",
+      validate=validate, best_metric=config.select_metric)
+  checkpoints.close()

@@ -1,0 +1,75 @@
+"""The training loop shared by pretraining and fine-tuning.
+
+Resumes from the workdir's latest checkpoint (state and data iterator), logs,
+checkpoints on an interval and at the end, validates at epoch ends, and stops
+on a non-finite loss without saving the bad state.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+from glc_jax.checkpoint import RunCheckpoints
+from glc_jax.run_log import RunLog
+
+
+class NonFiniteLossError(RuntimeError):
+  pass
+
+
+def fit(state: Any, train_step: Callable, iterator, rng: jax.Array, *, workdir: str,
+        total_steps: int, steps_per_epoch: int, checkpoint_every: int, keep_checkpoints: int,
+        log_every: int, items_per_step: int, desc: str,
+        validate: Callable[[Any], dict[str, float]] | None = None,
+        best_metric: str | None = None) -> tuple[Any, RunCheckpoints]:
+  """Runs `train_step` up to `total_steps`, resuming from `workdir` if it can.
+
+  Args:
+    state: a freshly initialised train state: the template a checkpoint is
+      restored into, and the starting point otherwise.
+    train_step: (state, batch, rng) -> (state, metrics), state donated.
+    iterator: the checkpointable Grain iterator of device batches.
+    rng: the run's key; the step folds in the step number and device index.
+    validate: state -> {name: value}, run at each epoch end; with
+      `best_metric`, the state with the best value of that metric is kept.
+  Returns:
+    (final state, the run's checkpoints, still open; the caller closes them).
+  """
+  checkpoints = RunCheckpoints(workdir, checkpoint_every, keep_checkpoints, best_metric)
+  start = 0
+  restored = checkpoints.restore(state, iterator)
+  if restored is not None:
+    state, start = restored
+  log = RunLog(workdir, total_steps, start, items_per_step, desc)
+  if start:
+    log.message(f"{desc}: resumed from step {start} in {workdir}")
+  try:
+    for step in range(start + 1, total_steps + 1):
+      state, metrics = train_step(state, next(iterator), rng)
+      final = step == total_steps
+      saving = final or step % checkpoint_every == 0
+      epoch_end = step % steps_per_epoch == 0
+      if saving or epoch_end or step % log_every == 0:
+        host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        if not math.isfinite(host["loss"]):
+          last = checkpoints.latest_step()
+          raise NonFiniteLossError(
+              f"{desc}: loss is {host['loss']} at step {step}; stopped. The last good "
+              f"checkpoint is step {last} in {workdir}" if last is not None else
+              f"{desc}: loss is {host['loss']} at step {step}; stopped before any checkpoint")
+        if validate is not None and epoch_end:
+          scores = validate(state)
+          host.update(scores)
+          if best_metric is not None and checkpoints.save_if_best(step, state, scores):
+            log.message(f"{desc}: step {step}: best {best_metric} so far, {scores[best_metric]:.4f}")
+        log.step(step, host)
+      checkpoints.save(step, state, iterator, force=final)
+  except BaseException:
+    checkpoints.close()  # lets a save in flight finish, so the last good one stays whole
+    raise
+  finally:
+    log.close()
+  return state, checkpoints

@@ -1,0 +1,54 @@
+"""Self-supervised pretraining of one method (GLCNet, its ablations, or a baseline).
+
+Config keys (configs/pretrain.py):
+  method, seed
+  data.path, data.split, data.batch_size (global), data.num_workers, data.norm
+  input: the method's data recipe overrides (glc_jax/data/recipes.py)
+  model, loss: see glc_jax/methods; optimizer: see glc_jax/optim
+  epochs, num_steps (0 = epochs × steps per epoch), log_every,
+  checkpoint_every, keep_checkpoints
+"""
+from __future__ import annotations
+
+import jax
+import ml_collections
+
+from glc_jax import methods, optim, parallel
+from glc_jax.data import pipelines
+from glc_jax.stages import loop, setup
+
+
+def data_recipe_name(method: str) -> str:
+  return "glcnet" if method.startswith("glcnet") else method
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> None:
+  source, info = setup.open_split(config.data.path, config.data.split)
+  mesh = parallel.make_data_mesh()
+  global_batch = setup.checked_batch(config.data.batch_size, mesh, len(source))
+  method = methods.create_method(config)
+  recipe = dict(pipelines.dataset_data_config(info, norm_mode=config.data.norm), **config.input)
+  example_fn = pipelines.recipe_for(data_recipe_name(config.method), recipe)
+  dataset = pipelines.train_dataset(source, example_fn,
+                                    batch_size=global_batch // jax.process_count(),
+                                    seed=config.seed)
+
+  steps_per_epoch = len(source) // global_batch
+  total_steps = config.num_steps or config.epochs * steps_per_epoch
+  tx, schedule = optim.build_optimizer(
+      config.optimizer, steps_per_epoch=steps_per_epoch,
+      num_epochs=-(-total_steps // steps_per_epoch), num_devices=parallel.data_size(mesh),
+      global_batch=global_batch)
+  rng = jax.random.key(config.seed)
+  state = methods.init_train_state(method, tx, mesh, jax.random.fold_in(rng, 0),
+                                   setup.example_shapes(dataset))
+  train_step = methods.make_train_step(method, tx, schedule, mesh)
+  iterator = pipelines.make_iterator(dataset, num_workers=config.data.num_workers,
+                                     sharding=parallel.batch_sharding(mesh))
+  setup.write_run_config(workdir, config)
+  _, checkpoints = loop.fit(
+      state, train_step, iterator, jax.random.fold_in(rng, 1), workdir=workdir,
+      total_steps=total_steps, steps_per_epoch=steps_per_epoch,
+      checkpoint_every=config.checkpoint_every, keep_checkpoints=config.keep_checkpoints,
+      log_every=config.log_every, items_per_step=global_batch, desc=f"pretrain {config.method}")
+  checkpoints.close()
