@@ -7,7 +7,7 @@ reader processes, and reports tiles/s and MB/s (MB = 10**6 bytes of decoded
 tile pixels written). Each figure is the best of --repeats runs, since the
 development machine is shared and other load only ever slows a run down.
 
-  python benchmarks/bench_data_prep.py [--scenes 4] [--size 2048] [--bands 4]
+  python benchmarks/bench_data_prep.py [--scenes 4] [--size 4096] [--bands 4]
       [--dtype uint8] [--tile 256] [--workers 2] [--labels] [--repeats 2]
 """
 from __future__ import annotations
@@ -74,7 +74,7 @@ def _best_run(images, labels, out: Path, workers: int, args) -> float:
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--scenes", type=int, default=4)
-  p.add_argument("--size", type=int, default=2048, help="scene side in pixels")
+  p.add_argument("--size", type=int, default=4096, help="scene side in pixels")
   p.add_argument("--bands", type=int, default=4)
   p.add_argument("--dtype", default="uint8", choices=("uint8", "uint16", "float32"))
   p.add_argument("--tile", type=int, default=256)
