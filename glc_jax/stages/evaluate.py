@@ -1,0 +1,143 @@
+"""Evaluation of a fine-tuned model over whole scenes of a split.
+
+Tiles are put back into their scenes (by scene_id and window), each scene is
+predicted with overlapping sliding windows whose logits are averaged, and every
+pixel of the split enters one confusion matrix. Writes to the workdir:
+metrics.json, confusion_matrix.png and, per scene, predictions/<scene>_class.tif
+(class indices) and predictions/<scene>_colour.tif, both carrying the scene's
+CRS and geotransform.
+
+Config keys (configs/evaluate.py): data.path, data.split, data.norm;
+checkpoint (a fine-tuning workdir: its best state); model (depth,
+output_stride, width, dtype), taken from the checkpoint run's config.json
+when model_from_checkpoint is True; eval.crop, eval.stride, eval.batch_size;
+write_predictions.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import os
+import pathlib
+
+import jax
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+
+from glc_jax import checkpoint, inference, metrics, parallel, predictions
+from glc_jax.data import pipelines, recipes
+from glc_jax.stages import finetune, setup
+
+
+def _model_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  run_config = pathlib.Path(config.checkpoint) / "config.json"
+  if config.model_from_checkpoint and run_config.is_file():
+    saved = json.loads(run_config.read_text()).get("model")
+    if saved:
+      return ml_collections.ConfigDict({"model": saved})
+  return ml_collections.ConfigDict({"model": config.model.to_dict()})
+
+
+def _check_compatible(variables, model, num_bands: int, where: str):
+  """One-line error if the checkpoint does not fit the model and dataset."""
+  expected = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False),
+                            jax.ShapeDtypeStruct((1, 64, 64, num_bands), np.float32))
+  flat_expected = dict(jax.tree_util.tree_leaves_with_path(expected))
+  flat_found = dict(jax.tree_util.tree_leaves_with_path(
+      {"params": variables["params"], "batch_stats": variables["batch_stats"]}))
+  for path, leaf in flat_expected.items():
+    name = jax.tree_util.keystr(path)
+    if path not in flat_found:
+      raise setup.ConfigError(f"{where}: checkpoint lacks {name}; is it a fine-tuned DeepLabv3+ "
+                              "of this model size?")
+    if tuple(np.shape(flat_found[path])) != tuple(leaf.shape):
+      what = ("class count" if "classifier" in name else
+              "band count" if "conv1" in name and "backbone" in name else "model size")
+      raise setup.ConfigError(f"{where}: {what} does not match: {name} is "
+                              f"{tuple(np.shape(flat_found[path]))} in the checkpoint, "
+                              f"{tuple(leaf.shape)} for this dataset and model")
+
+
+def _scenes(source) -> dict[str, list[int]]:
+  """Record indices of each scene, in first-appearance order."""
+  scenes = collections.OrderedDict()
+  for i in range(len(source)):
+    scenes.setdefault(str(source[i]["scene_id"]), []).append(i)
+  return scenes
+
+
+def _assemble(source, indices: list[int], bands: int):
+  """(image, label or None, crs, scene transform) of one scene from its tiles."""
+  records = [source[i] for i in indices]
+  windows = np.array([r["window"] for r in records], np.int64)
+  height = int((windows[:, 0] + windows[:, 2]).max())
+  width = int((windows[:, 1] + windows[:, 3]).max())
+  image = np.zeros((height, width, bands), records[0]["image"].dtype)
+  label = np.full((height, width), 255, np.uint8) if "label" in records[0] else None
+  for record, (row, col, h, w) in zip(records, windows):
+    image[row:row + h, col:col + w] = record["image"]
+    if label is not None:
+      label[row:row + h, col:col + w] = record["label"]
+  transform = predictions.scene_transform(records[0]["transform"], windows[0])
+  return image, label, str(records[0]["crs"]), transform
+
+
+def _write_json(path: pathlib.Path, obj) -> None:
+  tmp = path.with_name(f".{path.name}.tmp")
+  tmp.write_text(json.dumps(obj, indent=2) + "\n")
+  os.replace(tmp, path)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  source, info = setup.open_split(config.data.path, config.data.split)
+  if not info.labelled:
+    raise setup.ConfigError(f"data.path: split {config.data.split!r} has no labels to evaluate against")
+  if not config.checkpoint:
+    raise setup.ConfigError("config key checkpoint is empty: set it to a fine-tuning run's workdir")
+  model = finetune.build_model(_model_config(config), info.num_classes)
+  try:
+    variables = checkpoint.load_variables(config.checkpoint)
+  except FileNotFoundError as e:
+    raise setup.ConfigError(f"checkpoint: {e}") from None
+  _check_compatible(variables, model, info.num_bands, "checkpoint")
+
+  local = parallel.make_data_mesh(jax.local_devices())
+  batch = -(-config.eval.batch_size // local.size) * local.size
+  variables = jax.device_put(variables, parallel.replicated_sharding(local))
+  forward = jax.jit(lambda v, x: model.apply(v, x, train=False),
+                    in_shardings=(parallel.replicated_sharding(local), parallel.batch_sharding(local)))
+  norm = pipelines.dataset_data_config(info, norm_mode=config.data.norm)["norm"]
+  eval_cfg = recipes.config_from_dict(recipes.EvalConfig, {"norm": norm}, "eval")
+
+  work = pathlib.Path(workdir)
+  (work / "predictions").mkdir(parents=True, exist_ok=True)
+  scenes = list(_scenes(source).items())
+  mine = scenes[jax.process_index()::jax.process_count()]
+  confusion = np.zeros((info.num_classes,) * 2, np.int64)
+  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+  for scene_id, indices in tqdm(mine, desc=f"evaluate {config.data.split}", unit="scene",
+                                disable=jax.process_index() != 0):
+    image, label, crs, transform = _assemble(source, indices, info.num_bands)
+    normalised = recipes.eval_example({"image": image}, eval_cfg)["image"]
+    logits = inference.sliding_window_logits(
+        normalised, lambda x: forward(variables, x), crop=config.eval.crop,
+        stride=config.eval.stride, batch_size=batch)
+    classes = np.argmax(logits, axis=-1).astype(np.uint8)
+    confusion += metrics.confusion_matrix(label, classes, info.num_classes, info.ignore_index)
+    if config.write_predictions:
+      out = work / "predictions"
+      predictions.write_prediction(out / f"{scene_id}_class.tif", out / f"{scene_id}_colour.tif",
+                                   classes, crs=crs or None, transform=transform,
+                                   colours=info.class_colours)
+  if jax.process_count() > 1:
+    confusion = np.asarray(multihost_utils.process_allgather(confusion)).sum(axis=0)
+  scores = metrics.compute_scores(confusion, info.class_names)
+  result = scores.as_dict()
+  result.update(split=config.data.split, checkpoint=str(config.checkpoint), num_scenes=len(scenes))
+  if jax.process_index() == 0:
+    _write_json(work / "metrics.json", result)
+    predictions.write_confusion_matrix_png(work / "confusion_matrix.png", confusion, info.class_names,
+                                           title=f"{config.data.split}: {config.checkpoint}")
+    print(metrics.format_table(scores))
+  return result
