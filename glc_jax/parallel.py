@@ -103,11 +103,20 @@ def shard_host_batch(batch: Mapping[str, Any],
 
 
 def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
-  """Places a pytree of host values (identical on every process) on all devices."""
+  """Places a pytree of host values (identical on every process) on all devices.
+
+  Leaves may be numpy or jax arrays, scalars, or typed PRNG keys.
+  """
   sharding = replicated_sharding(mesh)
-  return jax.tree.map(
-      lambda x: jax.make_array_from_process_local_data(
-          sharding, np.asarray(x), np.shape(x)), tree)
+
+  def place(x):
+    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(
+        x.dtype, jax.dtypes.prng_key):
+      return jax.random.wrap_key_data(place(jax.random.key_data(x)),
+                                      impl=jax.random.key_impl(x))
+    x = np.asarray(x)
+    return jax.make_array_from_process_local_data(sharding, x, x.shape)
+  return jax.tree.map(place, tree)
 
 
 def initialize_distributed(coordinator_address: str, num_processes: int,

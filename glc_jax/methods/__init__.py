@@ -1,0 +1,112 @@
+"""Pretraining methods behind one registry, each a model + a loss + extra state.
+
+Config keys read here (ml_collections.ConfigDict):
+
+  method   'glcnet' | 'glcnet_nostyle' | 'glcnet_noglobal' | 'glcnet_nolocal' |
+           'simclr' | 'mocov2' | 'inpainting' | 'jigsaw'
+  model    depth (50; 18/34/101), output_stride (16; 8), width (1.0, channel
+           multiplier), embed_dim (64; not inpainting/jigsaw), dtype
+           ('float32' | 'bfloat16', compute dtype), num_permutations (jigsaw,
+           1000).
+  loss     optional overrides of the method's loss settings:
+           glcnet: temperature 0.5, weight 0.5 (lambda), gather_negatives True;
+           simclr: temperature 0.5, gather_negatives True;
+           mocov2: temperature 0.07, momentum 0.999, queue_size 2048;
+           inpainting: erased_weight 0.99; jigsaw: none.
+  optimizer  see glc_jax.optim.
+
+Typical use (train.py):
+
+  mesh = parallel.make_data_mesh()
+  method = methods.create_method(config)
+  tx, schedule = optim.build_optimizer(config.optimizer, steps_per_epoch=...,
+      num_epochs=..., num_devices=mesh.size, global_batch=...)
+  state = methods.init_train_state(method, tx, mesh, rng, example_batch)
+  train_step = methods.make_train_step(method, tx, schedule, mesh)
+  for host_batch in loader:
+    state, metrics = train_step(state, parallel.shard_host_batch(host_batch, mesh), rng)
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+import ml_collections
+
+from glc_jax import models
+from glc_jax.methods.common import (Aux, Method, TrainState, init_train_state,
+                                    make_train_step)
+from glc_jax.methods.glcnet import GLCNetMethod
+from glc_jax.methods.inpainting import InpaintingMethod
+from glc_jax.methods.jigsaw import JigsawMethod
+from glc_jax.methods.mocov2 import MoCoV2Method
+from glc_jax.methods.simclr import SimCLRMethod
+from glc_jax.parallel import DATA_AXIS
+
+_GLCNET_ABLATIONS = {
+    "glcnet": {},
+    "glcnet_nostyle": {"no_style": True},
+    "glcnet_noglobal": {"no_global": True},
+    "glcnet_nolocal": {"no_local": True},
+}
+METHOD_NAMES = tuple(_GLCNET_ABLATIONS) + ("simclr", "mocov2", "inpainting",
+                                           "jigsaw")
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+_MODEL_KEYS = ("depth", "output_stride", "width", "embed_dim", "dtype",
+               "num_permutations")
+
+
+def _model_kwargs(config: ml_collections.ConfigDict, embed: bool) -> dict:
+  model = dict(config.get("model", {}))
+  unknown = set(model) - set(_MODEL_KEYS)
+  if unknown:
+    raise ValueError(f"config.model: unknown keys {sorted(unknown)}")
+  dtype = model.pop("dtype", "float32")
+  if dtype not in _DTYPES:
+    raise ValueError(f"config.model.dtype = {dtype!r}; expected one of "
+                     f"{sorted(_DTYPES)}")
+  model.pop("num_permutations", None)
+  if not embed:
+    model.pop("embed_dim", None)
+  return dict(model, dtype=_DTYPES[dtype], axis_name=DATA_AXIS)
+
+
+def _loss_options(config: ml_collections.ConfigDict, cls: type) -> dict:
+  options = dict(config.get("loss", {}))
+  allowed = {f.name for f in dataclasses.fields(cls)} - {
+      "model", "batch_keys", "embed_dim"}
+  unknown = set(options) - allowed
+  if unknown:
+    raise ValueError(f"config.loss: keys {sorted(unknown)} do not apply to "
+                     f"method {config.method!r} (allowed: {sorted(allowed)})")
+  return options
+
+
+def create_method(config: ml_collections.ConfigDict) -> Method:
+  """The method named by `config.method`, its model built from `config.model`."""
+  name = config.get("method")
+  if name not in METHOD_NAMES:
+    raise ValueError(f"config.method = {name!r}; expected one of {METHOD_NAMES}")
+  if name in _GLCNET_ABLATIONS:
+    model = models.GLCNet(**_model_kwargs(config, True), **_GLCNET_ABLATIONS[name])
+    return GLCNetMethod(model=model, **_loss_options(config, GLCNetMethod))
+  if name == "simclr":
+    return SimCLRMethod(model=models.SimCLR(**_model_kwargs(config, True)),
+                        **_loss_options(config, SimCLRMethod))
+  if name == "mocov2":
+    model = models.MoCoV2(**_model_kwargs(config, True))
+    return MoCoV2Method(model=model, embed_dim=model.embed_dim,
+                        **_loss_options(config, MoCoV2Method))
+  if name == "inpainting":
+    return InpaintingMethod(model=models.Inpainting(**_model_kwargs(config, False)),
+                            **_loss_options(config, InpaintingMethod))
+  permutations = config.get("model", {}).get("num_permutations", 1000)
+  return JigsawMethod(
+      model=models.Jigsaw(num_permutations=permutations,
+                          **_model_kwargs(config, False)),
+      **_loss_options(config, JigsawMethod))
+
+
+__all__ = ["Aux", "GLCNetMethod", "InpaintingMethod", "JigsawMethod",
+           "METHOD_NAMES", "Method", "MoCoV2Method", "SimCLRMethod",
+           "TrainState", "create_method", "init_train_state", "make_train_step"]

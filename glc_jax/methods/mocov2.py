@@ -1,0 +1,60 @@
+"""MoCo v2 pretraining: momentum key network and a queue of negative keys."""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from glc_jax import losses
+from glc_jax.methods.common import Aux, Batch, Method, TrainState
+from glc_jax.parallel import DATA_AXIS
+
+
+@dataclasses.dataclass(frozen=True)
+class MoCoV2Method(Method):
+  """Queries from view1, keys from view2 through the EMA key network.
+
+  As in the reference, the key network (every parameter, heads included) is
+  moved towards the query network BEFORE the keys are computed, using the
+  query parameters of the start of the step; the key network runs in train
+  mode with its own BatchNorm statistics. The step's keys, gathered from all
+  devices, then replace the oldest queue entries.
+
+  extras: {'key_params', 'key_batch_stats', 'queue' (K, D) unit rows,
+  'queue_ptr' () int32}. Batch: view1, view2 (B, H, W, C) float32.
+  """
+  batch_keys: tuple[str, ...] = ("view1", "view2")
+  temperature: float = 0.07
+  momentum: float = 0.999
+  queue_size: int = 2048
+  embed_dim: int = 64
+
+  def init_inputs(self, batch: Batch):
+    return (batch["view1"],), {}
+
+  def init_extras(self, rng, params, batch_stats):
+    queue = losses.l2_normalize(
+        jax.random.normal(rng, (self.queue_size, self.embed_dim), jnp.float32))
+    return {"key_params": params, "key_batch_stats": batch_stats,
+            "queue": queue, "queue_ptr": jnp.zeros((), jnp.int32)}
+
+  def loss(self, params, state: TrainState, batch: Batch, rng: jax.Array):
+    extras = state.extras
+    m = self.momentum
+    key_params = jax.tree.map(lambda k, q: m * k + (1 - m) * q,
+                              extras["key_params"], jax.lax.stop_gradient(params))
+    query_rng, key_rng = jax.random.split(rng)
+    q, batch_stats = self.apply_train(params, state.batch_stats, batch["view1"],
+                                      rng=query_rng)
+    k, key_batch_stats = self.apply_train(
+        key_params, extras["key_batch_stats"], batch["view2"], rng=key_rng)
+    k = jax.lax.stop_gradient(k)
+    loss = losses.moco_infonce_loss(q, k, extras["queue"],
+                                    temperature=self.temperature,
+                                    axis_name=DATA_AXIS)
+    queue, queue_ptr = losses.enqueue_keys(extras["queue"], extras["queue_ptr"],
+                                           k, axis_name=DATA_AXIS)
+    new_extras = {"key_params": key_params, "key_batch_stats": key_batch_stats,
+                  "queue": queue, "queue_ptr": queue_ptr}
+    return loss, Aux(batch_stats=batch_stats, extras=new_extras, metrics={})

@@ -1,0 +1,180 @@
+"""One train step on 8 devices equals the same step on 1 device.
+
+For each method the oracle is the same step run on a one-device mesh with
+the same global batch: loss and its parts, the gradient (captured by a
+pass-through optimiser stage), the updated parameters, the BatchNorm running
+statistics and the method's extra state must agree to float32 rounding.
+
+Dropout is switched off (through a Flax method interceptor) because its
+masks are drawn per device and so legitimately differ between meshes.
+Inputs are 32x32: ReLU and max-pool are discontinuous, and a pre-activation
+within float32 rounding of zero (the two meshes sum BatchNorm statistics in
+different orders) would gate differently; with few activations this does
+not occur for these seeds, while 64x64 inputs hit one such value.
+"""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from glc_jax import methods, parallel
+
+GLOBAL_BATCH = 8
+IMAGE = 32
+BANDS = 4
+PATCHES = 4
+PATCH = 8
+LR = 0.5
+TINY_MODEL = dict(depth=18, width=0.125, embed_dim=16)
+
+
+def _no_dropout(next_fun, args, kwargs, context):
+  if isinstance(context.module, nn.Dropout) and context.method_name == "__call__":
+    return args[0]
+  return next_fun(*args, **kwargs)
+
+
+def _batch(seed):
+  rng = np.random.default_rng(seed)
+
+  def boxes():
+    y = rng.integers(0, IMAGE - PATCH, (GLOBAL_BATCH, PATCHES))
+    x = rng.integers(0, IMAGE - PATCH, (GLOBAL_BATCH, PATCHES))
+    return np.stack([y, x, y + PATCH, x + PATCH], -1).astype(np.int32)
+  shape = (GLOBAL_BATCH, IMAGE, IMAGE, BANDS)
+  valid = rng.random((GLOBAL_BATCH, PATCHES)) > 0.25
+  valid[:, 0] = True
+  return dict(view1=rng.normal(size=shape).astype(np.float32),
+              view2=rng.normal(size=shape).astype(np.float32),
+              patch_boxes1=boxes(), patch_boxes2=boxes(), patch_valid=valid)
+
+
+def _assert_close(got, want, what, rtol=1e-5, leaf_rtol=1e-4):
+  """Whole tree: ||got - want|| <= rtol ||want|| (2-norms over all leaves);
+  each leaf: max |got - want| <= leaf_rtol * max |want|.
+
+  The per-leaf bound is looser because a few leaves (e.g. a head's bias,
+  whose gradient is a sum that nearly cancels) are small results of large
+  sums, where a different summation order costs more relative digits; a
+  real sharding error (a missing or doubled reduction) is off by O(1).
+  """
+  flat_got = jax.tree_util.tree_leaves_with_path(got)
+  flat_want = jax.tree.leaves(want)
+  assert len(flat_got) == len(flat_want), what
+  diff2 = norm2 = 0.0
+  for (path, g), w in zip(flat_got, flat_want):
+    g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)
+    diff2 += np.sum((g - w) ** 2)
+    norm2 += np.sum(w ** 2)
+    err = np.abs(g - w).max() / max(np.abs(w).max(), 1e-20)
+    assert err <= leaf_rtol, (f"{what}{jax.tree_util.keystr(path)}: relative "
+                              f"difference {err:.2e}")
+  total = np.sqrt(diff2) / max(np.sqrt(norm2), 1e-20)
+  assert total <= rtol, f"{what}: relative difference {total:.2e}"
+
+
+def _keep_gradient():
+  """Optimiser stage that passes updates through and stores them as its state."""
+  return optax.GradientTransformation(
+      lambda params: jax.tree.map(jnp.zeros_like, params),
+      lambda updates, state, params=None: (updates, updates))
+
+
+def _tx():
+  return optax.chain(_keep_gradient(), optax.sgd(LR))
+
+
+def _run_step(method, host_state, batch, devices):
+  mesh = parallel.make_data_mesh(devices)
+  tx = _tx()
+  step = methods.make_train_step(method, tx, lambda s: LR, mesh)
+  state = parallel.replicate(host_state, mesh)
+  sharded = parallel.shard_host_batch(
+      {k: batch[k] for k in method.batch_keys}, mesh)
+  with nn.intercept_methods(_no_dropout):
+    new_state, metrics = step(state, sharded, jax.random.key(7))
+  return jax.device_get(new_state), jax.device_get(metrics)
+
+
+def check_one_vs_eight_devices(config, devices, seed=0):
+  method = methods.create_method(config)
+  batch = _batch(seed)
+  init_mesh = parallel.make_data_mesh(devices[:1])
+  state = methods.init_train_state(method, _tx(), init_mesh,
+                                   jax.random.key(seed), batch)
+  host_state = jax.device_get(state)
+
+  one_state, one_metrics = _run_step(method, host_state, batch, devices[:1])
+  eight_state, eight_metrics = _run_step(method, host_state, batch, devices)
+
+  assert set(one_metrics) == set(eight_metrics)
+  for key in one_metrics:
+    np.testing.assert_allclose(eight_metrics[key], one_metrics[key], rtol=1e-5,
+                               err_msg=key)
+  assert np.isfinite(one_metrics["loss"]) and one_metrics["grad_norm"] > 0
+  _assert_close(eight_state.opt_state[0], one_state.opt_state[0], "gradient")
+  _assert_close(eight_state.params, one_state.params, "params", rtol=1e-6)
+  _assert_close(eight_state.batch_stats, one_state.batch_stats, "batch_stats")
+  _assert_close(eight_state.extras, one_state.extras, "extras")
+  assert int(eight_state.step) == int(one_state.step) == 1
+  # The stats really moved, so the comparison above is not of initial values.
+  changed = jax.tree.map(lambda a, b: np.any(a != b), one_state.batch_stats,
+                         host_state.batch_stats)
+  assert any(jax.tree.leaves(changed))
+  return host_state, one_state, one_metrics
+
+
+def _config(name, **loss):
+  return ml_collections.ConfigDict(dict(method=name, model=dict(TINY_MODEL),
+                                        loss=loss))
+
+
+def test_glcnet_step_is_device_count_invariant(devices):
+  _, _, metrics = check_one_vs_eight_devices(_config("glcnet"), devices)
+  assert {"loss_global", "loss_local"} <= set(metrics)
+  np.testing.assert_allclose(
+      metrics["loss"], 0.5 * (metrics["loss_global"] + metrics["loss_local"]),
+      rtol=1e-6)
+
+
+def test_mocov2_step_is_device_count_invariant(devices):
+  host, one, _ = check_one_vs_eight_devices(
+      _config("mocov2", queue_size=4 * GLOBAL_BATCH), devices)
+  # EMA of the START-of-step query parameters into the key network.
+  want = jax.tree.map(lambda k, q: 0.999 * k + 0.001 * q,
+                      host.extras["key_params"], host.params)
+  _assert_close(one.extras["key_params"], want, "key_params", rtol=1e-6,
+                leaf_rtol=1e-6)
+  assert int(one.extras["queue_ptr"]) == GLOBAL_BATCH
+  np.testing.assert_array_equal(one.extras["queue"][GLOBAL_BATCH:],
+                                host.extras["queue"][GLOBAL_BATCH:])
+  np.testing.assert_allclose(
+      np.linalg.norm(one.extras["queue"][:GLOBAL_BATCH], axis=1), 1.0, rtol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["glcnet_nostyle", "glcnet_noglobal",
+                                  "glcnet_nolocal", "simclr"])
+def test_ablations_and_simclr_are_device_count_invariant(name, devices):
+  _, _, metrics = check_one_vs_eight_devices(_config(name), devices)
+  if name == "glcnet_noglobal":
+    assert "loss_global" not in metrics
+    np.testing.assert_allclose(metrics["loss"], metrics["loss_local"], rtol=1e-6)
+  if name == "glcnet_nolocal":
+    assert "loss_local" not in metrics
+    np.testing.assert_allclose(metrics["loss"], metrics["loss_global"], rtol=1e-6)
+
+
+def test_bad_inputs_are_clear_errors(devices):
+  with pytest.raises(ValueError, match="config.method"):
+    methods.create_method(ml_collections.ConfigDict(dict(method="byol")))
+  with pytest.raises(ValueError, match="config.loss"):
+    methods.create_method(_config("simclr", weight=0.3))
+  with pytest.raises(ValueError, match="not a positive multiple"):
+    parallel.check_global_batch(12, parallel.make_data_mesh(devices))
+  method = methods.create_method(_config("glcnet"))
+  with pytest.raises(ValueError, match="patch_valid"):
+    method.check_batch({"view1": None, "view2": None})
