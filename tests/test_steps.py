@@ -6,12 +6,16 @@ pass-through optimiser stage), the updated parameters, the BatchNorm running
 statistics and the method's extra state must agree to float32 rounding.
 
 Dropout is switched off (through a Flax method interceptor) because its
-masks are drawn per device and so legitimately differ between meshes.
-Inputs are 32x32: ReLU and max-pool are discontinuous, and a pre-activation
-within float32 rounding of zero (the two meshes sum BatchNorm statistics in
-different orders) would gate differently; with few activations this does
-not occur for these seeds, while 64x64 inputs hit one such value.
+masks are drawn per device and so legitimately differ between meshes. ReLU
+and max-pool are swapped for softplus and average pooling in both runs: the
+two meshes sum BatchNorm statistics in different orders, and a piecewise-
+linear gate whose input lies within float32 rounding of its kink would route
+a gradient differently (random 32x32 inputs hit one such value about every
+other seed). The swap keeps every cross-device reduction under test.
 """
+import contextlib
+from unittest import mock
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -37,6 +41,15 @@ def _no_dropout(next_fun, args, kwargs, context):
   return next_fun(*args, **kwargs)
 
 
+@contextlib.contextmanager
+def smooth_network():
+  """No dropout; softplus for ReLU and average for max pooling (see above)."""
+  with mock.patch.object(nn, "relu", jax.nn.softplus), \
+       mock.patch.object(nn, "max_pool", nn.avg_pool), \
+       nn.intercept_methods(_no_dropout):
+    yield
+
+
 def _batch(seed):
   rng = np.random.default_rng(seed)
 
@@ -47,9 +60,17 @@ def _batch(seed):
   shape = (GLOBAL_BATCH, IMAGE, IMAGE, BANDS)
   valid = rng.random((GLOBAL_BATCH, PATCHES)) > 0.25
   valid[:, 0] = True
+  erased = np.zeros(shape[:3], bool)
+  for b, y, x in zip(*(rng.integers(0, n, 4 * GLOBAL_BATCH)
+                       for n in (GLOBAL_BATCH, IMAGE - 8, IMAGE - 8))):
+    erased[b, y:y + 8, x:x + 8] = True
   return dict(view1=rng.normal(size=shape).astype(np.float32),
               view2=rng.normal(size=shape).astype(np.float32),
-              patch_boxes1=boxes(), patch_boxes2=boxes(), patch_valid=valid)
+              patch_boxes1=boxes(), patch_boxes2=boxes(), patch_valid=valid,
+              image=rng.normal(size=shape).astype(np.float32), mask=erased,
+              tiles=rng.normal(size=(GLOBAL_BATCH, 9, 16, 16, BANDS)
+                               ).astype(np.float32),
+              perm_index=rng.integers(0, 10, GLOBAL_BATCH).astype(np.int32))
 
 
 def _assert_close(got, want, what, rtol=1e-5, leaf_rtol=1e-4):
@@ -64,12 +85,16 @@ def _assert_close(got, want, what, rtol=1e-5, leaf_rtol=1e-4):
   flat_got = jax.tree_util.tree_leaves_with_path(got)
   flat_want = jax.tree.leaves(want)
   assert len(flat_got) == len(flat_want), what
+  # Leaves that are zero up to rounding (a conv bias feeding BatchNorm gets
+  # no gradient in exact arithmetic) are judged against the tree's scale.
+  floor = 1e-2 * max((np.abs(np.asarray(w)).max() for w in flat_want),
+                     default=0.0)
   diff2 = norm2 = 0.0
   for (path, g), w in zip(flat_got, flat_want):
     g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)
     diff2 += np.sum((g - w) ** 2)
     norm2 += np.sum(w ** 2)
-    err = np.abs(g - w).max() / max(np.abs(w).max(), 1e-20)
+    err = np.abs(g - w).max() / max(np.abs(w).max(), floor, 1e-20)
     assert err <= leaf_rtol, (f"{what}{jax.tree_util.keystr(path)}: relative "
                               f"difference {err:.2e}")
   total = np.sqrt(diff2) / max(np.sqrt(norm2), 1e-20)
@@ -94,17 +119,18 @@ def _run_step(method, host_state, batch, devices):
   state = parallel.replicate(host_state, mesh)
   sharded = parallel.shard_host_batch(
       {k: batch[k] for k in method.batch_keys}, mesh)
-  with nn.intercept_methods(_no_dropout):
+  with smooth_network():
     new_state, metrics = step(state, sharded, jax.random.key(7))
   return jax.device_get(new_state), jax.device_get(metrics)
 
 
-def check_one_vs_eight_devices(config, devices, seed=0):
+def check_one_vs_eight_devices(config, devices, seed=0, rtol=1e-5):
   method = methods.create_method(config)
   batch = _batch(seed)
   init_mesh = parallel.make_data_mesh(devices[:1])
-  state = methods.init_train_state(method, _tx(), init_mesh,
-                                   jax.random.key(seed), batch)
+  with smooth_network():
+    state = methods.init_train_state(method, _tx(), init_mesh,
+                                     jax.random.key(seed), batch)
   host_state = jax.device_get(state)
 
   one_state, one_metrics = _run_step(method, host_state, batch, devices[:1])
@@ -115,7 +141,8 @@ def check_one_vs_eight_devices(config, devices, seed=0):
     np.testing.assert_allclose(eight_metrics[key], one_metrics[key], rtol=1e-5,
                                err_msg=key)
   assert np.isfinite(one_metrics["loss"]) and one_metrics["grad_norm"] > 0
-  _assert_close(eight_state.opt_state[0], one_state.opt_state[0], "gradient")
+  _assert_close(eight_state.opt_state[0], one_state.opt_state[0], "gradient",
+                rtol=rtol)
   _assert_close(eight_state.params, one_state.params, "params", rtol=1e-6)
   _assert_close(eight_state.batch_stats, one_state.batch_stats, "batch_stats")
   _assert_close(eight_state.extras, one_state.extras, "extras")
@@ -166,6 +193,22 @@ def test_ablations_and_simclr_are_device_count_invariant(name, devices):
   if name == "glcnet_nolocal":
     assert "loss_local" not in metrics
     np.testing.assert_allclose(metrics["loss"], metrics["loss_global"], rtol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["inpainting", "jigsaw"])
+def test_inpainting_and_jigsaw_are_device_count_invariant(name, devices):
+  model = {k: v for k, v in TINY_MODEL.items() if k != "embed_dim"}
+  if name == "jigsaw":
+    model["num_permutations"] = 10
+  config = ml_collections.ConfigDict(dict(method=name, model=model))
+  # Not among the issue's 1e-5 criteria; nine BN groups (jigsaw) and
+  # transposed convs (inpainting) round a little more.
+  _, _, metrics = check_one_vs_eight_devices(config, devices, rtol=3e-5)
+  if name == "inpainting":
+    np.testing.assert_allclose(
+        metrics["loss"],
+        0.99 * metrics["loss_erased"] + 0.01 * metrics["loss_kept"], rtol=1e-6)
 
 
 def test_bad_inputs_are_clear_errors(devices):
