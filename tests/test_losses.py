@@ -197,3 +197,11 @@ def test_cross_entropy_ignores_label(mesh8):
                                               axis_name=DATA_AXIS)
   np.testing.assert_allclose(_sharded(mesh8, fn, 2)(logits, labels), want,
                              rtol=1e-6)
+
+
+def test_ntxent_without_valid_pairs_is_zero_and_finite():
+  z = np.ones((4, 8), np.float32)
+  loss, grad = jax.value_and_grad(
+      lambda a: losses.ntxent_loss(a, a + 1, valid=np.zeros(4, bool)))(z)
+  assert float(loss) == 0.0
+  np.testing.assert_array_equal(grad, 0.0)
