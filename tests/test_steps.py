@@ -70,7 +70,9 @@ def _batch(seed):
               image=rng.normal(size=shape).astype(np.float32), mask=erased,
               tiles=rng.normal(size=(GLOBAL_BATCH, 9, 16, 16, BANDS)
                                ).astype(np.float32),
-              perm_index=rng.integers(0, 10, GLOBAL_BATCH).astype(np.int32))
+              perm_index=rng.integers(0, 10, GLOBAL_BATCH).astype(np.int32),
+              label=np.where(rng.random(shape[:3]) < 0.2, 255,
+                             rng.integers(0, 5, shape[:3])).astype(np.int32))
 
 
 def _assert_close(got, want, what, rtol=1e-5, leaf_rtol=1e-4):
@@ -181,6 +183,18 @@ def test_mocov2_step_is_device_count_invariant(devices):
   np.testing.assert_allclose(
       np.linalg.norm(one.extras["queue"][:GLOBAL_BATCH], axis=1), 1.0, rtol=1e-6)
 
+  # Starting from given variables (fine-tuning / transfer): step 0, those
+  # parameters, a key network copied from them.
+  method = methods.create_method(_config("mocov2", queue_size=4 * GLOBAL_BATCH))
+  given = {"params": one.params, "batch_stats": one.batch_stats}
+  state = jax.device_get(methods.init_train_state(
+      method, _tx(), parallel.make_data_mesh(devices), jax.random.key(3),
+      _batch(0), variables=given))
+  assert int(state.step) == 0
+  _assert_close(state.params, one.params, "given params", rtol=0, leaf_rtol=0)
+  _assert_close(state.extras["key_params"], one.params, "key copy", rtol=0,
+                leaf_rtol=0)
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["glcnet_nostyle", "glcnet_noglobal",
@@ -196,14 +210,17 @@ def test_ablations_and_simclr_are_device_count_invariant(name, devices):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["inpainting", "jigsaw"])
-def test_inpainting_and_jigsaw_are_device_count_invariant(name, devices):
+@pytest.mark.parametrize("name", ["inpainting", "jigsaw", "segmentation"])
+def test_inpainting_jigsaw_segmentation_are_device_count_invariant(name,
+                                                                  devices):
   model = {k: v for k, v in TINY_MODEL.items() if k != "embed_dim"}
   if name == "jigsaw":
     model["num_permutations"] = 10
+  if name == "segmentation":
+    model["num_classes"] = 5
   config = ml_collections.ConfigDict(dict(method=name, model=model))
-  # Not among the 1e-5 criteria; nine BN groups (jigsaw) and
-  # transposed convs (inpainting) round a little more.
+  # Not among the 1e-5 criteria; nine BN groups (jigsaw),
+  # transposed convs (inpainting) and per-pixel logits round a little more.
   _, _, metrics = check_one_vs_eight_devices(config, devices, rtol=3e-5)
   if name == "inpainting":
     np.testing.assert_allclose(

@@ -3,16 +3,18 @@
 Config keys read here (ml_collections.ConfigDict):
 
   method   'glcnet' | 'glcnet_nostyle' | 'glcnet_noglobal' | 'glcnet_nolocal' |
-           'simclr' | 'mocov2' | 'inpainting' | 'jigsaw'
+           'simclr' | 'mocov2' | 'inpainting' | 'jigsaw' (pretraining) |
+           'segmentation' (fine-tuning DeepLabv3+)
   model    depth (50; 18/34/101), output_stride (16; 8), width (1.0, channel
-           multiplier), embed_dim (64; not inpainting/jigsaw), dtype
+           multiplier), embed_dim (64; contrastive methods only), dtype
            ('float32' | 'bfloat16', compute dtype), num_permutations (jigsaw,
-           1000).
+           1000), num_classes (segmentation, required).
   loss     optional overrides of the method's loss settings:
            glcnet: temperature 0.5, weight 0.5 (lambda), gather_negatives True;
            simclr: temperature 0.5, gather_negatives True;
            mocov2: temperature 0.07, momentum 0.999, queue_size 2048;
-           inpainting: erased_weight 0.99; jigsaw: none.
+           inpainting: erased_weight 0.99; jigsaw: none;
+           segmentation: ignore_index 255.
   optimizer  see glc_jax.optim.
 
 Typical use (train.py):
@@ -22,6 +24,8 @@ Typical use (train.py):
   tx, schedule = optim.build_optimizer(config.optimizer, steps_per_epoch=...,
       num_epochs=..., num_devices=mesh.size, global_batch=...)
   state = methods.init_train_state(method, tx, mesh, rng, example_batch)
+  # fine-tuning from transferred weights instead of a fresh init:
+  #   variables=models.transfer_pretrained(...) → init_train_state(..., variables=variables)
   train_step = methods.make_train_step(method, tx, schedule, mesh)
   for host_batch in loader:
     state, metrics = train_step(state, parallel.shard_host_batch(host_batch, mesh), rng)
@@ -40,6 +44,7 @@ from glc_jax.methods.glcnet import GLCNetMethod
 from glc_jax.methods.inpainting import InpaintingMethod
 from glc_jax.methods.jigsaw import JigsawMethod
 from glc_jax.methods.mocov2 import MoCoV2Method
+from glc_jax.methods.segmentation import SegmentationMethod
 from glc_jax.methods.simclr import SimCLRMethod
 from glc_jax.parallel import DATA_AXIS
 
@@ -50,10 +55,10 @@ _GLCNET_ABLATIONS = {
     "glcnet_nolocal": {"no_local": True},
 }
 METHOD_NAMES = tuple(_GLCNET_ABLATIONS) + ("simclr", "mocov2", "inpainting",
-                                           "jigsaw")
+                                           "jigsaw", "segmentation")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 _MODEL_KEYS = ("depth", "output_stride", "width", "embed_dim", "dtype",
-               "num_permutations")
+               "num_permutations", "num_classes")
 
 
 def _model_kwargs(config: ml_collections.ConfigDict, embed: bool) -> dict:
@@ -66,6 +71,7 @@ def _model_kwargs(config: ml_collections.ConfigDict, embed: bool) -> dict:
     raise ValueError(f"config.model.dtype = {dtype!r}; expected one of "
                      f"{sorted(_DTYPES)}")
   model.pop("num_permutations", None)
+  model.pop("num_classes", None)
   if not embed:
     model.pop("embed_dim", None)
   return dict(model, dtype=_DTYPES[dtype], axis_name=DATA_AXIS)
@@ -100,6 +106,14 @@ def create_method(config: ml_collections.ConfigDict) -> Method:
   if name == "inpainting":
     return InpaintingMethod(model=models.Inpainting(**_model_kwargs(config, False)),
                             **_loss_options(config, InpaintingMethod))
+  if name == "segmentation":
+    num_classes = config.get("model", {}).get("num_classes")
+    if not isinstance(num_classes, int) or num_classes < 1:
+      raise ValueError(f"config.model.num_classes = {num_classes!r}; the "
+                       "segmentation method needs a positive class count")
+    return SegmentationMethod(
+        model=models.DeepLabV3Plus(num_classes, **_model_kwargs(config, False)),
+        **_loss_options(config, SegmentationMethod))
   permutations = config.get("model", {}).get("num_permutations", 1000)
   return JigsawMethod(
       model=models.Jigsaw(num_permutations=permutations,
@@ -108,5 +122,6 @@ def create_method(config: ml_collections.ConfigDict) -> Method:
 
 
 __all__ = ["Aux", "GLCNetMethod", "InpaintingMethod", "JigsawMethod",
-           "METHOD_NAMES", "Method", "MoCoV2Method", "SimCLRMethod",
+           "METHOD_NAMES", "Method", "MoCoV2Method", "SegmentationMethod",
+           "SimCLRMethod",
            "TrainState", "create_method", "init_train_state", "make_train_step"]

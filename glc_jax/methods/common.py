@@ -105,36 +105,45 @@ def _one_example(batch: Batch) -> dict[str, jax.Array]:
 
 def init_train_state(method: Method, tx: optax.GradientTransformation,
                      mesh: jax.sharding.Mesh, rng: jax.Array,
-                     example_batch: Batch) -> TrainState:
-  """A fresh TrainState, built under jit straight into replicated arrays.
+                     example_batch: Batch,
+                     variables: Mapping[str, Any] | None = None) -> TrainState:
+  """A fresh TrainState (step 0), built under jit straight into replicated arrays.
 
   Args:
-    method: the pretraining method.
+    method: the method.
     tx: its optimiser.
     mesh: the data mesh.
     rng: PRNG key for parameters and extras (same on every process).
     example_batch: arrays or ShapeDtypeStructs with the batch's per-example
       shapes (the leading dimension is ignored).
+    variables: optional {'params', 'batch_stats'} to start from (e.g.
+      transferred pretraining weights) instead of a random init; host arrays,
+      identical on every process.
   """
   method.check_batch(example_batch)
   example = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                          dict(example_batch))
+  replicated = parallel.replicated_sharding(mesh)
+  if variables is not None:
+    variables = parallel.replicate(
+        {"params": variables["params"],
+         "batch_stats": variables.get("batch_stats", {})}, mesh)
 
-  def init(rng):
+  def init(rng, given):
     model_rng, extras_rng = jax.random.split(rng)
-    args, kwargs = method.init_inputs(_one_example(example))
-    variables = method.model.init(model_rng, *args, train=False, **kwargs)
-    params = variables["params"]
-    batch_stats = variables.get("batch_stats", {})
+    if given is None:
+      args, kwargs = method.init_inputs(_one_example(example))
+      given = method.model.init(model_rng, *args, train=False, **kwargs)
+    params = given["params"]
+    batch_stats = given.get("batch_stats", {})
     return TrainState(
         step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
         opt_state=tx.init(params),
         extras=method.init_extras(extras_rng, params, batch_stats))
 
-  shapes = jax.eval_shape(init, rng)
-  replicated = parallel.replicated_sharding(mesh)
+  shapes = jax.eval_shape(init, rng, variables)
   shardings = jax.tree.map(lambda _: replicated, shapes)
-  return jax.jit(init, out_shardings=shardings)(rng)
+  return jax.jit(init, out_shardings=shardings)(rng, variables)
 
 
 def make_train_step(method: Method, tx: optax.GradientTransformation,

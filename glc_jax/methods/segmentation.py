@@ -1,9 +1,10 @@
-"""Supervised fine-tuning: DeepLabv3+ with cross-entropy, on the pretraining step skeleton."""
+"""Supervised fine-tuning of the segmentation network on labelled tiles."""
 from __future__ import annotations
 
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 
 from glc_jax import losses
 from glc_jax.methods.common import Aux, Batch, Method, TrainState
@@ -12,10 +13,11 @@ from glc_jax.parallel import DATA_AXIS
 
 @dataclasses.dataclass(frozen=True)
 class SegmentationMethod(Method):
-  """Batch: image (B, H, W, C) float32, label (B, H, W) int32 with `ignore_index`.
+  """Pixel-wise cross-entropy over the labelled pixels of the global batch.
 
-  The loss is the mean cross-entropy over the non-ignored pixels of the global
-  batch (the reference's CrossEntropyLoss on one GPU).
+  Batch: image (B, H, W, C) float32, label (B, H, W) int32 with
+  `ignore_index` (255) for unlabelled pixels. Metrics: pixel_accuracy over
+  the labelled pixels.
   """
   batch_keys: tuple[str, ...] = ("image", "label")
   ignore_index: int = 255
@@ -24,26 +26,15 @@ class SegmentationMethod(Method):
     return (batch["image"],), {}
 
   def loss(self, params, state: TrainState, batch: Batch, rng: jax.Array):
-    logits, batch_stats = self.apply_train(params, state.batch_stats, batch["image"], rng=rng)
-    loss = losses.cross_entropy_loss(logits, batch["label"], ignore_index=self.ignore_index,
+    logits, batch_stats = self.apply_train(params, state.batch_stats,
+                                           batch["image"], rng=rng)
+    labels = batch["label"]
+    loss = losses.cross_entropy_loss(logits, labels,
+                                     ignore_index=self.ignore_index,
                                      axis_name=DATA_AXIS)
-    return loss, Aux(batch_stats=batch_stats, extras=state.extras, metrics={})
-
-
-def make_confusion_step(model, mesh: jax.sharding.Mesh, num_classes: int, ignore_index: int = 255):
-  """Jitted (variables, batch) -> (K, K) int32 confusion matrix of the global batch.
-
-  batch: image (B, H, W, C), label (B, H, W), valid (B,) bool (padding rows
-  are False and do not count), sharded over DATA_AXIS; variables replicated.
-  """
-  from glc_jax import metrics, parallel  # pylint: disable=import-outside-toplevel
-
-  def step(variables, batch):
-    logits = model.apply(variables, batch["image"], train=False)
-    label = jax.numpy.where(batch["valid"][:, None, None], batch["label"], ignore_index)
-    return metrics.confusion_matrix_jnp(label, jax.numpy.argmax(logits, -1), num_classes,
-                                        ignore_index, axis_name=DATA_AXIS)
-
-  sharded = jax.shard_map(step, mesh=mesh, in_specs=(parallel.REPLICATED_SPEC, parallel.BATCH_SPEC),
-                          out_specs=parallel.REPLICATED_SPEC)
-  return jax.jit(sharded)
+    labelled = labels != self.ignore_index
+    hits = jnp.sum((jnp.argmax(logits, -1) == labels) & labelled)
+    accuracy = (jax.lax.psum(hits.astype(jnp.float32), DATA_AXIS)
+                / jnp.maximum(jax.lax.psum(jnp.sum(labelled), DATA_AXIS), 1))
+    return loss, Aux(batch_stats=batch_stats, extras=state.extras,
+                     metrics={"pixel_accuracy": accuracy})
