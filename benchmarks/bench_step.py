@@ -131,7 +131,6 @@ def bench_step(args):
 
 
 def bench_memory(args):
-  import functools
 
   import jax
   import jax.numpy as jnp

@@ -3,7 +3,6 @@ sharded (8-device) losses against the same losses on the whole batch."""
 import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
