@@ -1,4 +1,4 @@
-"""Pretraining methods behind one registry, each a model + a loss + extra state.
+"""Training methods (pretraining and fine-tuning) behind one registry: model + loss + state.
 
 Config keys read here (ml_collections.ConfigDict):
 
