@@ -1,4 +1,4 @@
-"""Training methods (pretraining and fine-tuning) behind one registry: model + loss + state.
+"""Pretraining and fine-tuning methods behind one registry (model + loss).
 
 Config keys read here (ml_collections.ConfigDict):
 
