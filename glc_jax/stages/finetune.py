@@ -20,7 +20,7 @@ import numpy as np
 
 from glc_jax import checkpoint, methods, metrics, models, optim, parallel
 from glc_jax.data import pipelines
-from glc_jax.methods.segmentation import SegmentationMethod, make_confusion_step
+from glc_jax.methods.segmentation import SegmentationMethod
 from glc_jax.parallel import DATA_AXIS
 from glc_jax.stages import loop, setup
 
@@ -48,6 +48,22 @@ def initial_variables(config: ml_collections.ConfigDict, fresh: dict) -> tuple[d
     return models.transfer_pretrained(fresh, pretrained, mode=config.init.transfer)
   except (FileNotFoundError, ValueError) as e:
     raise setup.ConfigError(f"init.path: {e}") from None
+
+
+def make_confusion_step(model, mesh: jax.sharding.Mesh, num_classes: int, ignore_index: int = 255):
+  """Jitted (variables, batch) -> (K, K) int32 confusion matrix of the global batch.
+
+  batch: image (B, H, W, C), label (B, H, W), valid (B,) bool (padding rows
+  are False and do not count), sharded over DATA_AXIS; variables replicated.
+  """
+  def step(variables, batch):
+    logits = model.apply(variables, batch["image"], train=False)
+    label = jnp.where(batch["valid"][:, None, None], batch["label"], ignore_index)
+    return metrics.confusion_matrix_jnp(label, jnp.argmax(logits, -1), num_classes, ignore_index,
+                                        axis_name=DATA_AXIS)
+
+  return jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(parallel.REPLICATED_SPEC, parallel.BATCH_SPEC),
+                               out_specs=parallel.REPLICATED_SPEC))
 
 
 def make_validator(model, mesh, source, info, config, data_config):
