@@ -1,0 +1,68 @@
+"""The controlled comparison: pretraining methods × label fractions × seeds, one table out.
+
+    python -m glc_jax.benchmark --config=configs/benchmark.py --workdir=runs/bench \
+        --config.data.path=/data/potsdam_tiles [--config.imagenet_path=ckpt/resnet50_imagenet]
+    python -m glc_jax.benchmark --config=configs/benchmark.py:small --workdir=runs/bench_small
+
+Every method gets the same backbone, data, budget and seeds. Per method and
+seed one pretraining run; per label fraction one fine-tuning run from it
+(also from random init, and from ImageNet weights when `imagenet_path` is
+set); each evaluated on `evaluate.data.split` (test). The stage configs come
+from configs/{pretrain,finetune,evaluate}.py; `pretrain`, `finetune` and
+`evaluate` below override their keys for every cell.
+
+Variants:
+  (default)  all 8 methods + random (+ imagenet) × fractions 0.01, 0.05, 0.1,
+             0.25, 0.5, 1.0 × seeds 0, 1, 2; full-size model, the reference's
+             budgets (400 pretraining epochs, 150 fine-tuning epochs).
+  small      the synthetic corpus (made in the workdir when data.path is empty),
+             the tiny model, glcnet, simclr and random init, fractions 0.05 and
+             0.25, seeds 0 and 1; about 15-20 minutes on a quiet 2-core CPU.
+"""
+import ml_collections
+
+ALL_METHODS = ("glcnet", "glcnet_nostyle", "glcnet_noglobal", "glcnet_nolocal", "simclr", "mocov2",
+               "inpainting", "jigsaw")
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  variant = arg or "full"
+  if variant not in ("full", "small"):
+    raise ValueError(f"configs/benchmark.py: unknown variant {arg!r}; use 'small' or none")
+  small = variant == "small"
+  c = ml_collections.ConfigDict()
+  c.variant = variant
+  c.methods = ("glcnet", "simclr") if small else ALL_METHODS
+  c.random_init = True
+  # An import_torch checkpoint of ImageNet ResNet weights; empty = no ImageNet row.
+  c.imagenet_path = ""
+  c.fractions = (0.05, 0.25) if small else (0.01, 0.05, 0.1, 0.25, 0.5, 1.0)
+  c.seeds = (0, 1) if small else (0, 1, 2)
+  c.size = "tiny" if small else "full"
+
+  # data.path: a data_prep dataset with train/val/test splits. Empty (small
+  # variant): a synthetic corpus is rendered and converted under the workdir.
+  c.data = dict(path="", train_split="train", val_split="val", test_split="test")
+  # 40 scenes of 512² → 640 tiles of 128² (480 train, 32 val, 128 test): many
+  # scenes for scene-level style variety, and 24 labelled tiles at 5%.
+  c.synthetic = dict(num_scenes=40, size=512, bands=4, seed=0, tile=128,
+                     split_fractions="train=0.75,val=0.05,test=0.2")
+
+  # Overrides of configs/pretrain.py (per method; the same for every method).
+  c.pretrain = ml_collections.ConfigDict(
+      dict(epochs=6, data=dict(batch_size=32, num_workers=0)) if small else dict(epochs=400))
+  # Overrides of configs/finetune.py. `finetune_steps` > 0 gives every label
+  # fraction about the same number of updates (epochs = ceil(steps / steps
+  # per epoch)); 0 keeps finetune.epochs (the reference: 150 at any fraction).
+  c.finetune = ml_collections.ConfigDict(
+      dict(data=dict(batch_size=8, num_workers=0), input=dict(crop_size=128)) if small else
+      dict(epochs=150))
+  c.finetune_steps = 150 if small else 0
+  c.imagenet_transfer = "backbone"
+  # Overrides of configs/evaluate.py.
+  c.evaluate = ml_collections.ConfigDict(
+      dict(eval=dict(crop=128, stride=64, batch_size=16), write_predictions=False) if small else
+      dict(write_predictions=False))
+  # Persistent XLA compilation cache shared by all cells (same shapes compile once).
+  c.compilation_cache = True
+  return c

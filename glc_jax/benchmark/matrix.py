@@ -1,0 +1,185 @@
+"""The benchmark matrix: its cells, where each lives, and the stage configs that run it.
+
+A cell is one (init, label fraction, seed): fine-tuned from `init` (a
+pretraining method, 'random' or 'imagenet') on that fraction of the training
+labels, then evaluated. Pretraining runs are shared by the cells of a method
+and seed. Layout under the benchmark workdir:
+
+    pretrain/<method>/seed<k>/           a pretraining run
+    finetune/<init>/f<fraction>/seed<k>/ a fine-tuning run
+    eval/<init>/f<fraction>/seed<k>/     its evaluation (metrics.json = cell done)
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import math
+import pathlib
+from typing import Any
+
+import ml_collections
+
+CONFIG_DIR = pathlib.Path(__file__).resolve().parents[2] / "configs"
+BASELINE_INITS = ("random", "imagenet")
+
+
+class BenchmarkConfigError(ValueError):
+  """A benchmark config value that cannot work; the message names the key."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+  init: str
+  fraction: float
+  seed: int
+
+  @property
+  def name(self) -> str:
+    return f"{self.init}/f{self.fraction:g}/seed{self.seed}"
+
+  @property
+  def pretrained(self) -> bool:
+    return self.init not in BASELINE_INITS
+
+
+def pretrain_dir(work: pathlib.Path, method: str, seed: int) -> pathlib.Path:
+  return work / "pretrain" / method / f"seed{seed}"
+
+
+def finetune_dir(work: pathlib.Path, cell: Cell) -> pathlib.Path:
+  return work / "finetune" / cell.name
+
+
+def eval_dir(work: pathlib.Path, cell: Cell) -> pathlib.Path:
+  return work / "eval" / cell.name
+
+
+def is_done(work: pathlib.Path, cell: Cell) -> bool:
+  return (eval_dir(work, cell) / "metrics.json").is_file()
+
+
+def inits(config: ml_collections.ConfigDict) -> list[str]:
+  """Row order of the table: the methods, then random, then imagenet."""
+  rows = list(config.methods)
+  if config.random_init:
+    rows.append("random")
+  if config.imagenet_path:
+    rows.append("imagenet")
+  return rows
+
+
+def cells(config: ml_collections.ConfigDict) -> list[Cell]:
+  """All cells, seed-major so that a partial run already covers every init once."""
+  return [Cell(init, float(f), int(seed)) for seed in config.seeds for init in inits(config)
+          for f in config.fractions]
+
+
+def _config_module(name: str):
+  """configs/<name>.py, loaded by path (configs/ is not a package)."""
+  spec = importlib.util.spec_from_file_location(f"glc_jax_benchmark_configs_{name}",
+                                                CONFIG_DIR / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def stage_config(name: str, arg: str | None) -> ml_collections.ConfigDict:
+  return _config_module(name).get_config(arg)
+
+
+def check(config: ml_collections.ConfigDict) -> None:
+  """One-line errors for matrix keys that cannot work."""
+  known = _config_module("pretrain").METHODS
+  unknown = [m for m in config.methods if m not in known]
+  if unknown:
+    raise BenchmarkConfigError(f"config key methods: unknown {unknown}; expected some of {known}")
+  if not config.methods and not config.random_init and not config.imagenet_path:
+    raise BenchmarkConfigError("config keys methods, random_init, imagenet_path: nothing to compare")
+  bad = [f for f in config.fractions if not 0.0 < float(f) <= 1.0]
+  if bad or not config.fractions:
+    raise BenchmarkConfigError(f"config key fractions: {list(config.fractions)}; each must lie in (0, 1]")
+  if not config.seeds or len(set(config.seeds)) != len(config.seeds):
+    raise BenchmarkConfigError(f"config key seeds: {list(config.seeds)}; give distinct integers")
+  if config.size not in ("tiny", "full"):
+    raise BenchmarkConfigError(f"config key size is {config.size!r}; expected 'tiny' or 'full'")
+  if config.imagenet_path and not pathlib.Path(config.imagenet_path).exists():
+    raise BenchmarkConfigError(f"config key imagenet_path: {config.imagenet_path} does not exist")
+
+
+def override(base: ml_collections.ConfigDict, overrides: Any, where: str) -> None:
+  """Sets each (nested) key of `overrides` in `base`; a key `base` lacks is an error."""
+  for key, value in dict(overrides).items():
+    if key not in base:
+      raise BenchmarkConfigError(f"config key {where}.{key}: the stage config has no key {key!r}")
+    if isinstance(base[key], ml_collections.ConfigDict):
+      override(base[key], value, f"{where}.{key}")
+    else:
+      base[key] = value
+
+
+def pretrain_config(config, method: str, seed: int, data_path: str) -> ml_collections.ConfigDict:
+  c = stage_config("pretrain", f"{method},tiny" if config.size == "tiny" else method)
+  override(c, config.pretrain, "pretrain")
+  c.seed = seed
+  c.data.path = data_path
+  c.data.split = config.data.train_split
+  return c
+
+
+def subset_steps_per_epoch(num_labelled: int, batch_size: int) -> int:
+  return max(num_labelled // batch_size, 1)
+
+
+def finetune_config(config, cell: Cell, work: pathlib.Path, data_path: str,
+                    num_labelled: int) -> ml_collections.ConfigDict:
+  """The fine-tuning config of a cell; `num_labelled` tiles are in its label subset."""
+  c = stage_config("finetune", ("random" if cell.init == "random" else "checkpoint") +
+                   (",tiny" if config.size == "tiny" else ""))
+  override(c, config.finetune, "finetune")
+  c.seed = cell.seed
+  c.data.path = data_path
+  c.data.split = config.data.train_split
+  c.data.val_split = config.data.val_split
+  c.data.label_fraction = cell.fraction
+  if cell.init == "imagenet":
+    c.init.path = config.imagenet_path
+    c.init.transfer = config.imagenet_transfer
+  elif cell.pretrained:
+    c.init.path = str(pretrain_dir(work, cell.init, cell.seed))
+  if config.finetune_steps:
+    steps_per_epoch = subset_steps_per_epoch(num_labelled, c.data.batch_size)
+    c.epochs = math.ceil(config.finetune_steps / steps_per_epoch)
+  return c
+
+
+def evaluate_config(config, cell: Cell, work: pathlib.Path, data_path: str) -> ml_collections.ConfigDict:
+  c = stage_config("evaluate", None)
+  override(c, config.evaluate, "evaluate")
+  c.data.path = data_path
+  c.data.split = config.data.test_split
+  c.checkpoint = str(finetune_dir(work, cell))
+  return c
+
+
+# Keys that change what a finished cell means; the matrix keys (methods,
+# fractions, seeds, ...) may grow between runs of the same workdir.
+_MATRIX_KEYS = ("methods", "random_init", "imagenet_path", "fractions", "seeds", "compilation_cache")
+
+
+def check_same_setup(config: ml_collections.ConfigDict, work: pathlib.Path) -> None:
+  """Records the setup in the workdir; a rerun with another setup is an error."""
+  record = work / "benchmark_config.json"
+  setup = {k: v for k, v in json.loads(config.to_json()).items() if k not in _MATRIX_KEYS}
+  if record.is_file():
+    saved = json.loads(record.read_text())
+    changed = sorted(k for k in set(saved) | set(setup) if saved.get(k) != setup.get(k))
+    if changed:
+      raise BenchmarkConfigError(
+          f"{record}: this workdir was run with other settings of {', '.join(changed)}; "
+          "finished cells would not be comparable. Use a new --workdir")
+    return
+  work.mkdir(parents=True, exist_ok=True)
+  tmp = record.with_name(f".{record.name}.tmp")
+  tmp.write_text(json.dumps(setup, indent=2, sort_keys=True) + "\n")
+  tmp.replace(record)

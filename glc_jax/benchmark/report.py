@@ -1,0 +1,179 @@
+"""The benchmark's outputs: results.csv (one row per cell), results.md and plots.
+
+Scores are reported in percent. Over seeds: the mean and the sample standard
+deviation (ddof=1; '–' with a single seed). In each column of results.md the
+best mean is in bold (ties: all of them).
+"""
+from __future__ import annotations
+
+import csv
+import math
+import os
+import pathlib
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+METRICS = (("overall_accuracy", "OA"), ("kappa", "Kappa"), ("miou", "mIoU"))
+CSV_FIELDS = ("init", "fraction", "seed", "overall_accuracy", "kappa", "miou", "mean_f1", "num_pixels")
+
+
+def cell_row(init: str, fraction: float, seed: int, metrics: Mapping) -> dict:
+  """One results.csv row from an evaluation's metrics.json (fractions of 1, not %)."""
+  row = {"init": init, "fraction": fraction, "seed": seed}
+  for key in CSV_FIELDS[3:]:
+    value = metrics.get(key)
+    row[key] = math.nan if value is None else value
+  for name, scores in metrics.get("per_class", {}).items():
+    value = scores.get("iou")
+    row[f"iou_{name}"] = math.nan if value is None else value
+  return row
+
+
+def _atomic_write(path: pathlib.Path, text: str) -> None:
+  tmp = path.with_name(f".{path.name}.tmp")
+  tmp.write_text(text)
+  os.replace(tmp, path)
+
+
+def write_csv(path: pathlib.Path, rows: Sequence[Mapping]) -> None:
+  classes = dict.fromkeys(k for r in rows for k in r if k.startswith("iou_"))  # first-seen order
+  fields = list(CSV_FIELDS) + list(classes)
+  tmp = path.with_name(f".{path.name}.tmp")
+  with open(tmp, "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=fields, restval="")
+    writer.writeheader()
+    writer.writerows(rows)
+  os.replace(tmp, path)
+
+
+def read_csv(path: pathlib.Path) -> list[dict]:
+  with open(path, newline="") as f:
+    rows = list(csv.DictReader(f))
+  for row in rows:
+    for key, value in row.items():
+      if key == "seed":
+        row[key] = int(value)
+      elif key != "init":
+        row[key] = float(value) if value != "" else math.nan
+  return rows
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+  """(mean, sample std) of the finite values; std is NaN for fewer than two."""
+  x = np.asarray([v for v in values if math.isfinite(v)], np.float64)
+  if x.size == 0:
+    return math.nan, math.nan
+  return float(x.mean()), float(x.std(ddof=1)) if x.size > 1 else math.nan
+
+
+def aggregate(rows: Sequence[Mapping], key: str) -> dict[tuple[str, float], tuple[float, float, int]]:
+  """(init, fraction) → (mean, std, number of seeds) of `key` over seeds."""
+  groups: dict[tuple[str, float], list[float]] = {}
+  for row in rows:
+    groups.setdefault((row["init"], float(row["fraction"])), []).append(float(row[key]))
+  return {k: (*mean_std(v), len(v)) for k, v in groups.items()}
+
+
+def _fmt(mean: float, std: float) -> str:
+  if not math.isfinite(mean):
+    return "–"
+  spread = f"{100 * std:.2f}" if math.isfinite(std) else "–"
+  return f"{100 * mean:.2f} ± {spread}"
+
+
+def _fraction_label(f: float) -> str:
+  return f"{100 * f:g}%"
+
+
+def metric_table(rows: Sequence[Mapping], key: str, inits: Sequence[str],
+                 fractions: Sequence[float]) -> str:
+  """Markdown: one row per init, one column per fraction, best mean per column bold."""
+  stats = aggregate(rows, key)
+  header = "| init | " + " | ".join(_fraction_label(f) for f in fractions) + " |"
+  lines = [header, "|---|" + "---|" * len(fractions)]
+  best = {}
+  for f in fractions:
+    means = [stats[(i, f)][0] for i in inits if (i, f) in stats and math.isfinite(stats[(i, f)][0])]
+    best[f] = max(means) if means else None
+  for init in inits:
+    cells = []
+    for f in fractions:
+      if (init, f) not in stats:
+        cells.append("")
+        continue
+      mean, std, _ = stats[(init, f)]
+      text = _fmt(mean, std)
+      cells.append(f"**{text}**" if best[f] is not None and mean == best[f] else text)
+    lines.append(f"| {init} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def per_class_table(rows: Sequence[Mapping], inits: Sequence[str], fractions: Sequence[float]) -> str:
+  """Markdown: per-class IoU (mean over seeds, %) per init and fraction."""
+  classes = [k for k in rows[0] if k.startswith("iou_")] if rows else []
+  lines = ["| init | fraction | " + " | ".join(c[4:] for c in classes) + " |",
+           "|---|---|" + "---|" * len(classes)]
+  for init in inits:
+    for f in fractions:
+      picked = [r for r in rows if r["init"] == init and float(r["fraction"]) == f]
+      if not picked:
+        continue
+      means = [mean_std([float(r[c]) for r in picked])[0] for c in classes]
+      lines.append(f"| {init} | {_fraction_label(f)} | " +
+                   " | ".join("–" if not math.isfinite(m) else f"{100 * m:.2f}" for m in means) + " |")
+  return "\n".join(lines)
+
+
+def seeds_note(rows: Sequence[Mapping]) -> str:
+  counts = sorted({n for _, _, n in aggregate(rows, "overall_accuracy").values()})
+  return ", ".join(str(n) for n in counts)
+
+
+def results_markdown(rows: Sequence[Mapping], inits: Sequence[str], fractions: Sequence[float],
+                     title: str, test_split: str) -> str:
+  parts = [f"# {title}", "",
+           f"Scores on the `{test_split}` split in %, mean ± sample std over seeds "
+           f"(seeds per cell: {seeds_note(rows)}); columns are label fractions of the "
+           "training split; the best mean per column is in bold.", ""]
+  for key, label in METRICS:
+    parts += [f"## {label}", "", metric_table(rows, key, inits, fractions), ""]
+  parts += ["## Per-class IoU (mean over seeds)", "", per_class_table(rows, inits, fractions), ""]
+  return "\n".join(parts)
+
+
+def write_markdown(path: pathlib.Path, text: str) -> None:
+  _atomic_write(path, text)
+
+
+def plot_metrics(rows: Sequence[Mapping], inits: Sequence[str], fractions: Sequence[float],
+                 out_dir: pathlib.Path, prefix: str = "") -> list[pathlib.Path]:
+  """One PNG per metric: mean ± std against label fraction (log axis), a line per init."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
+  written = []
+  for key, label in METRICS:
+    stats = aggregate(rows, key)
+    fig, ax = plt.subplots(figsize=(5.5, 4), dpi=110)
+    for init in inits:
+      fs = [f for f in fractions if (init, f) in stats]
+      if not fs:
+        continue
+      means = np.array([100 * stats[(init, f)][0] for f in fs])
+      stds = np.nan_to_num(np.array([100 * stats[(init, f)][1] for f in fs]))
+      ax.errorbar([100 * f for f in fs], means, yerr=stds, marker="o", capsize=3, label=init)
+    ax.set_xscale("log")
+    ax.set_xticks([100 * f for f in fractions], [_fraction_label(f) for f in fractions])
+    ax.minorticks_off()
+    ax.set_xlabel("labelled fraction of the training split")
+    ax.set_ylabel(f"{label} (%)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = out_dir / f"{prefix}{key}.png"
+    fig.savefig(path)
+    plt.close(fig)
+    written.append(path)
+  return written

@@ -1,0 +1,118 @@
+"""Runs the benchmark matrix in this process, resuming from what the workdir holds.
+
+A cell whose evaluation wrote metrics.json is done and reused; an unfinished
+pretraining or fine-tuning run resumes from its own checkpoints, so a killed
+benchmark continues where it stopped. The stages run in-process with a
+persistent XLA compilation cache in the workdir, so cells of the same shapes
+(every seed, fraction and init of a fine-tuning model) compile once.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import time
+
+import jax
+import ml_collections
+
+from glc_jax.benchmark import matrix, report
+from glc_jax.benchmark.matrix import Cell
+from glc_jax.stages import evaluate, finetune, loop, pretrain, setup
+
+
+def enable_compilation_cache(work: pathlib.Path) -> None:
+  if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    return  # the user's own cache wins
+  jax.config.update("jax_compilation_cache_dir", str(work / "jax_cache"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def prepare_data(config: ml_collections.ConfigDict, work: pathlib.Path) -> str:
+  """The dataset path: `data.path`, or a synthetic corpus converted under the workdir."""
+  if config.data.path:
+    return config.data.path
+  from data_prep import convert, splits, synthetic  # pylint: disable=import-outside-toplevel
+  s = config.synthetic
+  corpus, dataset = work / "synthetic", work / "dataset"
+  if not corpus.exists():
+    synthetic.write_corpus(corpus, s.num_scenes, s.size, s.size, s.seed, s.bands, progress=True)
+  split_fractions = {k: float(v) for k, v in (p.split("=") for p in s.split_fractions.split(","))}
+  subsets = sorted(set(splits.DEFAULT_SUBSET_FRACTIONS) | {float(f) for f in config.fractions})
+  convert.convert(str(corpus / "images"), dataset, str(corpus / "labels"),
+                  class_map=str(corpus / "class_dict.csv"), tile=s.tile,
+                  split_fractions=split_fractions, split_seed=s.seed, subset_fractions=subsets,
+                  progress=False)
+  return str(dataset)
+
+
+def labelled_counts(config: ml_collections.ConfigDict, data_path: str) -> dict[float, int]:
+  """Tiles in each label subset; fails fast on a fraction the dataset does not store."""
+  counts = {}
+  for fraction in config.fractions:
+    source, _ = setup.open_split(data_path, config.data.train_split, float(fraction))
+    counts[float(fraction)] = len(source)
+  for split in (config.data.val_split, config.data.test_split):
+    setup.open_split(data_path, split)
+  return counts
+
+
+def _read_metrics(work: pathlib.Path, cell: Cell) -> dict:
+  return json.loads((matrix.eval_dir(work, cell) / "metrics.json").read_text())
+
+
+def run_cell(config, cell: Cell, work: pathlib.Path, data_path: str, num_labelled: int) -> dict:
+  """Pretrains (if its run is unfinished), fine-tunes and evaluates one cell."""
+  if cell.pretrained:
+    pretrain.run(matrix.pretrain_config(config, cell.init, cell.seed, data_path),
+                 str(matrix.pretrain_dir(work, cell.init, cell.seed)))
+  finetune.run(matrix.finetune_config(config, cell, work, data_path, num_labelled),
+               str(matrix.finetune_dir(work, cell)))
+  return evaluate.run(matrix.evaluate_config(config, cell, work, data_path),
+                      str(matrix.eval_dir(work, cell)))
+
+
+def write_reports(config, work: pathlib.Path, plots: bool) -> list[dict]:
+  """results.csv and results.md from every finished cell (and PNG plots if `plots`)."""
+  rows = [report.cell_row(c.init, c.fraction, c.seed, _read_metrics(work, c))
+          for c in matrix.cells(config) if matrix.is_done(work, c)]
+  if not rows:
+    return rows
+  report.write_csv(work / "results.csv", rows)
+  inits, fractions = matrix.inits(config), [float(f) for f in config.fractions]
+  title = f"Benchmark ({config.variant}): {', '.join(inits)}"
+  report.write_markdown(work / "results.md",
+                        report.results_markdown(rows, inits, fractions, title, config.data.test_split))
+  if plots:
+    report.plot_metrics(rows, inits, fractions, work)
+  return rows
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
+  """Runs every unfinished cell; returns the names of cells that failed (non-finite loss)."""
+  work = pathlib.Path(workdir)
+  matrix.check(config)
+  matrix.check_same_setup(config, work)
+  if config.compilation_cache:
+    enable_compilation_cache(work)
+  data_path = prepare_data(config, work)
+  counts = labelled_counts(config, data_path)
+  cells = matrix.cells(config)
+  failed = []
+  for k, cell in enumerate(cells, 1):
+    if matrix.is_done(work, cell):
+      print(f"[{k}/{len(cells)}] {cell.name}: done, reused")
+      continue
+    print(f"[{k}/{len(cells)}] {cell.name}: {counts[cell.fraction]} labelled tiles")
+    start = time.perf_counter()
+    try:
+      result = run_cell(config, cell, work, data_path, counts[cell.fraction])
+    except loop.NonFiniteLossError as e:
+      print(f"[{k}/{len(cells)}] {cell.name}: FAILED: {e}")
+      failed.append(cell.name)
+      continue
+    print(f"[{k}/{len(cells)}] {cell.name}: OA {100 * result['overall_accuracy']:.2f}, "
+          f"mIoU {100 * result['miou']:.2f} ({time.perf_counter() - start:.0f} s)")
+    write_reports(config, work, plots=False)
+  write_reports(config, work, plots=True)
+  return failed
