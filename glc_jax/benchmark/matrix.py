@@ -84,7 +84,8 @@ def _config_module(name: str):
   return module
 
 
-def stage_config(name: str, arg: str | None) -> ml_collections.ConfigDict:
+def load_config(name: str, arg: str | None) -> ml_collections.ConfigDict:
+  """get_config(arg) of configs/<name>.py."""
   return _config_module(name).get_config(arg)
 
 
@@ -119,7 +120,7 @@ def override(base: ml_collections.ConfigDict, overrides: Any, where: str) -> Non
 
 
 def pretrain_config(config, method: str, seed: int, data_path: str) -> ml_collections.ConfigDict:
-  c = stage_config("pretrain", f"{method},tiny" if config.size == "tiny" else method)
+  c = load_config("pretrain", f"{method},tiny" if config.size == "tiny" else method)
   override(c, config.pretrain, "pretrain")
   c.seed = seed
   c.data.path = data_path
@@ -134,7 +135,7 @@ def subset_steps_per_epoch(num_labelled: int, batch_size: int) -> int:
 def finetune_config(config, cell: Cell, work: pathlib.Path, data_path: str,
                     num_labelled: int) -> ml_collections.ConfigDict:
   """The fine-tuning config of a cell; `num_labelled` tiles are in its label subset."""
-  c = stage_config("finetune", ("random" if cell.init == "random" else "checkpoint") +
+  c = load_config("finetune", ("random" if cell.init == "random" else "checkpoint") +
                    (",tiny" if config.size == "tiny" else ""))
   override(c, config.finetune, "finetune")
   c.seed = cell.seed
@@ -154,7 +155,7 @@ def finetune_config(config, cell: Cell, work: pathlib.Path, data_path: str,
 
 
 def evaluate_config(config, cell: Cell, work: pathlib.Path, data_path: str) -> ml_collections.ConfigDict:
-  c = stage_config("evaluate", None)
+  c = load_config("evaluate", None)
   override(c, config.evaluate, "evaluate")
   c.data.path = data_path
   c.data.split = config.data.test_split

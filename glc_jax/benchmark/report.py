@@ -2,7 +2,7 @@
 
 Scores are reported in percent. Over seeds: the mean and the sample standard
 deviation (ddof=1; '–' with a single seed). In each column of results.md the
-best mean is in bold (ties: all of them).
+best mean is in bold (all of them when they tie at the printed precision).
 """
 from __future__ import annotations
 
@@ -82,6 +82,11 @@ def _fmt(mean: float, std: float) -> str:
   return f"{100 * mean:.2f} ± {spread}"
 
 
+def _shown(mean: float) -> float:
+  """The mean as printed (%, 2 decimals): equal-looking means tie for best."""
+  return round(100 * mean, 2)
+
+
 def _fraction_label(f: float) -> str:
   return f"{100 * f:g}%"
 
@@ -94,7 +99,8 @@ def metric_table(rows: Sequence[Mapping], key: str, inits: Sequence[str],
   lines = [header, "|---|" + "---|" * len(fractions)]
   best = {}
   for f in fractions:
-    means = [stats[(i, f)][0] for i in inits if (i, f) in stats and math.isfinite(stats[(i, f)][0])]
+    means = [_shown(stats[(i, f)][0]) for i in inits
+             if (i, f) in stats and math.isfinite(stats[(i, f)][0])]
     best[f] = max(means) if means else None
   for init in inits:
     cells = []
@@ -104,7 +110,7 @@ def metric_table(rows: Sequence[Mapping], key: str, inits: Sequence[str],
         continue
       mean, std, _ = stats[(init, f)]
       text = _fmt(mean, std)
-      cells.append(f"**{text}**" if best[f] is not None and mean == best[f] else text)
+      cells.append(f"**{text}**" if best[f] is not None and _shown(mean) == best[f] else text)
     lines.append(f"| {init} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
 

@@ -1,0 +1,164 @@
+"""The benchmark runner: aggregation against hand-computed figures, config checks, and
+resuming a killed matrix without redoing finished cells."""
+import json
+import math
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from glc_jax.benchmark import matrix, report
+
+
+
+def _row(init, fraction, seed, oa, kappa, miou, iou_car=0.5):
+  return report.cell_row(init, fraction, seed, {
+      "overall_accuracy": oa, "kappa": kappa, "miou": miou, "mean_f1": 0.0, "num_pixels": 10,
+      "per_class": {"building": {"iou": miou}, "car": {"iou": iou_car}}})
+
+
+def test_mean_and_sample_std_in_percent_with_best_in_bold():
+  rows = [_row("glcnet", 0.05, 0, 0.50, 0.10, 0.30), _row("glcnet", 0.05, 1, 0.60, 0.20, 0.40),
+          _row("glcnet", 0.05, 2, 0.70, 0.30, 0.50),
+          _row("random", 0.05, 0, 0.55, 0.40, 0.20), _row("random", 0.05, 1, 0.65, 0.50, 0.20),
+          _row("random", 0.25, 0, 0.80, None, 0.60)]
+  # OA glcnet: mean 60, sample std sqrt(((−10)² + 0 + 10²)/2) = 10; random: 60 ± sqrt(50).
+  oa = report.metric_table(rows, "overall_accuracy", ["glcnet", "random"], [0.05, 0.25])
+  assert "| glcnet | **60.00 ± 10.00** |  |" in oa
+  assert f"| random | **60.00 ± {math.sqrt(50):.2f}** | **80.00 ± –** |" in oa
+  kappa = report.metric_table(rows, "kappa", ["glcnet", "random"], [0.05, 0.25])
+  assert "| glcnet | 20.00 ± 10.00 |  |" in kappa
+  assert f"| random | **45.00 ± {math.sqrt(50):.2f}** | – |" in kappa  # a None kappa is not a score
+  per_class = report.per_class_table(rows, ["glcnet", "random"], [0.05, 0.25])
+  assert "| glcnet | 5% | 40.00 | 50.00 |" in per_class
+  assert "| random | 25% | 60.00 | 50.00 |" in per_class
+
+
+def test_csv_round_trip_keeps_every_cell(tmp_path):
+  rows = [_row("glcnet", 0.05, 0, 0.5, 0.1, 0.3), _row("simclr", 1.0, 2, 0.25, None, 0.125)]
+  report.write_csv(tmp_path / "r.csv", rows)
+  back = report.read_csv(tmp_path / "r.csv")
+  assert [(r["init"], r["fraction"], r["seed"]) for r in back] == [("glcnet", 0.05, 0), ("simclr", 1.0, 2)]
+  assert back[1]["miou"] == 0.125 and math.isnan(back[1]["kappa"])
+  assert back[0]["iou_car"] == 0.5 and back[1]["iou_building"] == 0.125
+
+
+def _small_config():
+  return matrix.load_config("benchmark", "small")
+
+
+def test_stage_configs_carry_the_cell():
+  config = _small_config()
+  work = pathlib.Path("/w")
+  cell = matrix.Cell("glcnet", 0.05, 1)
+  ft = matrix.finetune_config(config, cell, work, "/data", num_labelled=24)
+  assert ft.init.kind == "checkpoint" and ft.init.path == "/w/pretrain/glcnet/seed1"
+  assert ft.seed == 1 and ft.data.label_fraction == 0.05 and ft.data.path == "/data"
+  assert ft.epochs == math.ceil(config.finetune_steps / (24 // ft.data.batch_size))
+  assert matrix.finetune_config(config, matrix.Cell("random", 0.25, 0), work, "/data", 120).init.kind == "random"
+  pre = matrix.pretrain_config(config, "simclr", 1, "/data")
+  assert pre.method == "simclr" and pre.seed == 1 and pre.model.width == 0.25
+  ev = matrix.evaluate_config(config, cell, work, "/data")
+  assert ev.checkpoint == "/w/finetune/glcnet/f0.05/seed1" and ev.data.split == "test"
+
+
+def test_bad_keys_fail_in_one_line(tmp_path):
+  config = _small_config()
+  config.methods = ("glcnet", "byol")
+  with pytest.raises(matrix.BenchmarkConfigError, match="methods: unknown.*byol"):
+    matrix.check(config)
+  config = _small_config()
+  config.finetune.epochz = 3
+  with pytest.raises(matrix.BenchmarkConfigError, match="finetune.epochz"):
+    matrix.finetune_config(config, matrix.Cell("random", 0.05, 0), tmp_path, "/d", 24)
+  config = _small_config()
+  matrix.check_same_setup(config, tmp_path)
+  config.seeds = (0, 1, 2)  # growing the matrix is allowed
+  matrix.check_same_setup(config, tmp_path)
+  config.finetune_steps = 7
+  with pytest.raises(matrix.BenchmarkConfigError, match="finetune_steps"):
+    matrix.check_same_setup(config, tmp_path)
+
+
+# The matrix runs in a subprocess with the stages replaced by fakes that take
+# ~0.3 s and write what the real ones write (metrics.json last, atomically), so
+# the test exercises the runner's own bookkeeping: which cells it skips, runs
+# and resumes. The stages' own resume is tested with the stages.
+_DRIVER = textwrap.dedent("""
+    import json, os, pathlib, sys, time
+    from glc_jax.benchmark import matrix, runner
+    log = open(sys.argv[2], "a")
+
+    def fake(stage):
+      def run(config, workdir):
+        log.write(f"{stage} {workdir}\\n"); log.flush()
+        time.sleep(0.3)
+        work = pathlib.Path(workdir); work.mkdir(parents=True, exist_ok=True)
+        if stage == "evaluate":
+          ft = json.loads((pathlib.Path(config.checkpoint) / "config.json").read_text())
+          oa = 0.5 + 0.1 * ft["seed"] + ft["data"]["label_fraction"]
+          result = dict(overall_accuracy=oa, kappa=oa / 2, miou=oa / 4, mean_f1=0.0, num_pixels=1,
+                        per_class={"car": {"iou": oa / 4}})
+          (work / ".m.tmp").write_text(json.dumps(result)); os.replace(work / ".m.tmp", work / "metrics.json")
+          return result
+        (work / "config.json").write_text(json.dumps(config.to_dict()))
+      return run
+
+    for stage in ("pretrain", "finetune", "evaluate"):
+      getattr(runner, stage).run = fake(stage)
+    runner.prepare_data = lambda config, work: "/nonexistent/dataset"
+    runner.labelled_counts = lambda config, path: {float(f): 24 for f in config.fractions}
+    config = matrix.load_config("benchmark", "small")
+    config.methods = ("glcnet",)
+    config.compilation_cache = False
+    runner.run(config, sys.argv[1])
+""")
+
+
+@pytest.mark.slow
+def test_killed_matrix_resumes_without_redoing_finished_cells(tmp_path):
+  driver = tmp_path / "driver.py"
+  driver.write_text(_DRIVER)
+  work, log = tmp_path / "bench", tmp_path / "calls.log"
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  first = matrix.Cell("glcnet", 0.05, 0)
+  first_metrics = matrix.eval_dir(work, first) / "metrics.json"
+  proc = subprocess.Popen([sys.executable, str(driver), str(work), str(log)], env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  deadline = time.time() + 60
+  while not first_metrics.exists():
+    assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+    assert time.time() < deadline, "the first cell never finished"
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  mtime = first_metrics.stat().st_mtime_ns
+  all_cells = [matrix.Cell(i, f, s) for s in (0, 1) for i in ("glcnet", "random") for f in (0.05, 0.25)]
+  assert sum(matrix.is_done(work, c) for c in all_cells) < len(all_cells)
+  calls_before = log.read_text().splitlines()
+
+  done = subprocess.run([sys.executable, str(driver), str(work), str(log)], env=env,
+                        capture_output=True, text=True, timeout=120)
+  assert done.returncode == 0, done.stderr[-2000:]
+  rerun_calls = log.read_text().splitlines()[len(calls_before):]
+  assert first_metrics.stat().st_mtime_ns == mtime
+  assert not any(str(matrix.finetune_dir(work, first)) in c or str(matrix.eval_dir(work, first)) in c
+                 for c in rerun_calls)
+  assert all(matrix.is_done(work, c) for c in all_cells)
+  # Every cell was evaluated exactly once over both runs.
+  evaluations = [c for c in calls_before + rerun_calls if c.startswith("evaluate ")]
+  assert sorted(evaluations) == sorted(f"evaluate {matrix.eval_dir(work, c)}" for c in all_cells)
+
+  rows = report.read_csv(work / "results.csv")
+  assert len(rows) == len(all_cells)
+  expected = {(c.init, c.fraction, c.seed): 0.5 + 0.1 * c.seed + c.fraction for c in all_cells}
+  assert all(math.isclose(r["overall_accuracy"], expected[(r["init"], r["fraction"], r["seed"])])
+             for r in rows)
+  # glcnet at 5%: seeds 0 and 1 give 55% and 65% → 60.00 ± 7.07 (tied with random: bold).
+  assert f"| glcnet | **60.00 ± {math.sqrt(50):.2f}** |" in (work / "results.md").read_text()
+  assert all((work / f"{k}.png").stat().st_size > 0 for k in ("overall_accuracy", "kappa", "miou"))
