@@ -88,7 +88,7 @@ def device_counts(available: int, requested: list[str]) -> list[int]:
   return sorted(set(counts + [available]))
 
 
-def _load_config(method: str, size: str):
+def _stage_config(method: str, size: str):
   from glc_jax.benchmark import matrix  # pylint: disable=import-outside-toplevel
   tiny = ",tiny" if size == "tiny" else ""
   if method == "finetune":
@@ -116,11 +116,15 @@ def host_batch(method: str, config, batch: int, seed: int = 0) -> dict[str, np.n
   return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
 
 
-def time_step(method: str, size: str, num_devices: int, dtype: str, batch_per_device: int,
-              warmup: int, steps: int, peak_override: float = 0.0) -> Result:
-  """Compiles and times one method's train step on the first `num_devices` local devices."""
-  from glc_jax import flops, methods, optim, parallel  # pylint: disable=import-outside-toplevel
-  config = _load_config(method, size)
+def build_step(method: str, size: str, num_devices: int, dtype: str, batch_per_device: int,
+               shapes_only: bool = False):
+  """(train_step, state, device batch, rng, global batch) of a method on the first devices.
+
+  With `shapes_only`, state and batch are jax.ShapeDtypeStructs (enough to
+  trace, e.g. for step_flops), and nothing is compiled.
+  """
+  from glc_jax import methods, optim, parallel  # pylint: disable=import-outside-toplevel
+  config = _stage_config(method, size)
   config.model.dtype = dtype
   if method == "finetune":
     config.method = "segmentation"
@@ -132,9 +136,27 @@ def time_step(method: str, size: str, num_devices: int, dtype: str, batch_per_de
   tx, schedule = optim.build_optimizer(config.optimizer, steps_per_epoch=1000, num_epochs=1,
                                        num_devices=num_devices, global_batch=global_batch)
   rng = jax.random.key(0)
-  state = methods.init_train_state(method_obj, tx, mesh, rng, batch)
+  if shapes_only:
+    batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), batch)
+    state = jax.eval_shape(lambda key: methods.init_train_state(method_obj, tx, mesh, key, batch), rng)
+  else:
+    state = methods.init_train_state(method_obj, tx, mesh, rng, batch)
   train_step = methods.make_train_step(method_obj, tx, schedule, mesh)
-  step_flops = flops.analytic_flops(train_step, state, batch, rng) * num_devices
+  return train_step, state, batch, rng, global_batch
+
+
+def step_flops(train_step, state, batch, rng, num_devices: int) -> float:
+  """FLOPs of one step over all devices (the traced shard_map body counts one device)."""
+  from glc_jax import flops  # pylint: disable=import-outside-toplevel
+  return flops.analytic_flops(train_step, state, batch, rng) * num_devices
+
+
+def time_step(method: str, size: str, num_devices: int, dtype: str, batch_per_device: int,
+              warmup: int, steps: int, peak_override: float = 0.0) -> Result:
+  """Compiles and times one method's train step on the first `num_devices` local devices."""
+  train_step, state, batch, rng, global_batch = build_step(method, size, num_devices, dtype,
+                                                           batch_per_device)
+  total_flops = step_flops(train_step, state, batch, rng, num_devices)
   compiled = train_step.lower(state, batch, rng).compile()
   xla_mib = _xla_footprint_mib(compiled)
   times = []
@@ -145,10 +167,11 @@ def time_step(method: str, size: str, num_devices: int, dtype: str, batch_per_de
     if i >= warmup:
       times.append(time.perf_counter() - start)
   step_s = statistics.median(times)
-  peak = device_peak_tflops(mesh.devices.flat[0], peak_override)
-  mfu = step_flops / step_s / (peak * 1e12 * num_devices) if peak else None
+  devices = jax.local_devices()[:num_devices]
+  peak = device_peak_tflops(devices[0], peak_override)
+  mfu = total_flops / step_s / (peak * 1e12 * num_devices) if peak else None
   return Result(method, num_devices, dtype, global_batch, step_s, global_batch / step_s,
-                step_flops / global_batch / 1e9, mfu, xla_mib, _peak_in_use_mib(mesh))
+                total_flops / global_batch / 1e9, mfu, xla_mib, _peak_in_use_mib(devices))
 
 
 def _xla_footprint_mib(compiled) -> float | None:
@@ -163,9 +186,9 @@ def _xla_footprint_mib(compiled) -> float | None:
   return total / 2 ** 20
 
 
-def _peak_in_use_mib(mesh) -> float | None:
+def _peak_in_use_mib(devices) -> float | None:
   peaks = []
-  for device in mesh.devices.flat:
+  for device in devices:
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
     if not stats or "peak_bytes_in_use" not in stats:
       return None
