@@ -45,7 +45,10 @@ def _parse_flags(argv):
     sys.exit(f"error: {e}")
   except (AttributeError, KeyError) as e:
     bad = str(e).strip("\"'")
-    sys.exit(f"error: unknown config key {bad!r} (in --config.{bad}=...); see the config file for valid keys")
+    flag = next((a.split("=")[0] for a in argv if a.startswith("--config.")
+                 and a.split("=")[0].endswith("." + bad)), f"--config.{bad}")
+    sys.exit(f"error: unknown config key {flag[len('--config.'):]!r} (from {flag}); "
+             "see the config file for valid keys")
   except (ValueError, TypeError) as e:
     sys.exit(f"error: bad config override: {e}")
 
