@@ -96,18 +96,24 @@ def _stage_config(method: str, size: str):
   return matrix.load_config("pretrain", f"{method}{tiny}")
 
 
+def _recipe_configs():
+  from glc_jax.data import recipes  # pylint: disable=import-outside-toplevel
+  return {"glcnet": recipes.TwoViewConfig, "simclr": recipes.TwoViewConfig,
+          "mocov2": recipes.TwoViewConfig, "inpainting": recipes.InpaintingConfig,
+          "jigsaw": recipes.JigsawConfig, "finetune": recipes.FinetuneConfig}
+
+
 def host_batch(method: str, config, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
   """One batch from the method's input recipe applied to random 4-band uint8 tiles."""
   from glc_jax.data import pipelines  # pylint: disable=import-outside-toplevel
   from glc_jax.stages.pretrain import data_recipe_name  # pylint: disable=import-outside-toplevel
   rng = np.random.default_rng(seed)
-  recipe = dict({"norm": {"mode": "reference"}, "value_max": 255.0}, **config.input)
-  if method == "finetune":
-    example_fn = pipelines.recipe_for("finetune", recipe)
-    tile = config.input.crop_size
-  else:
-    example_fn = pipelines.recipe_for(data_recipe_name(method), recipe)
-    tile = 256
+  name = "finetune" if method == "finetune" else data_recipe_name(method)
+  # Only the recipes whose config has these keys take them (jigsaw has neither).
+  fields = {f.name for f in dataclasses.fields(_recipe_configs()[name])}
+  uint8 = {k: v for k, v in (("norm", {"mode": "reference"}), ("value_max", 255.0)) if k in fields}
+  example_fn = pipelines.recipe_for(name, dict(uint8, **config.input))
+  tile = config.input.crop_size if method == "finetune" else 256
   examples = []
   for _ in range(batch):
     record = {"image": rng.integers(0, 256, (tile, tile, 4), dtype=np.uint8),
@@ -246,12 +252,11 @@ def main(argv):
         results.append(r)
         print(f"{method} {dtype} ×{n}: {r.step_s:.3f} s/step, {r.items_per_s:.2f} "
               f"{_unit(method)}/s", flush=True)
-  table = markdown_table(results)
-  print(table)
-  if _OUT.value:
-    path = pathlib.Path(_OUT.value)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(header + "\n\n" + table + "\n")
+        if _OUT.value:  # after every row, so a long run killed midway keeps its rows
+          path = pathlib.Path(_OUT.value)
+          path.parent.mkdir(parents=True, exist_ok=True)
+          path.write_text(header + "\n\n" + markdown_table(results) + "\n")
+  print(markdown_table(results))
 
 
 if __name__ == "__main__":
