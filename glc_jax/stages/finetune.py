@@ -37,16 +37,38 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int) -> models.D
                               axis_name=DATA_AXIS, dtype=_DTYPES[config.model.dtype])
 
 
-def initial_variables(config: ml_collections.ConfigDict, fresh: dict) -> tuple[dict, list[str]]:
-  """Fresh variables with the pretrained ones copied in as `config.init` says."""
+def load_pretrained(config: ml_collections.ConfigDict, num_bands: int) -> dict | None:
+  """The variables `config.init` starts from (host arrays; None for random init).
+
+  Checked against the dataset's band count here, before any compute.
+  """
   if config.init.kind not in INIT_KINDS:
     raise setup.ConfigError(f"config key init.kind is {config.init.kind!r}; expected one of {INIT_KINDS}")
   if config.init.kind == "random":
-    return fresh, []
+    return None
+  if config.init.transfer not in models.TRANSFER_MODES:
+    raise setup.ConfigError(f"config key init.transfer is {config.init.transfer!r}; "
+                            f"expected one of {models.TRANSFER_MODES}")
   try:
     pretrained = checkpoint.load_variables(config.init.path)
+  except FileNotFoundError as e:
+    raise setup.ConfigError(f"init.path: {e}") from None
+  stem = pretrained["params"].get("backbone", {}).get("conv1", {}).get("kernel")
+  if stem is not None and np.shape(stem)[-2] != num_bands:
+    raise setup.ConfigError(f"init.path: band count does not match: {config.init.path} takes "
+                            f"{np.shape(stem)[-2]} bands (backbone/conv1/kernel {np.shape(stem)}), "
+                            f"data.path has {num_bands}")
+  return pretrained
+
+
+def initial_variables(config: ml_collections.ConfigDict, fresh: dict,
+                      pretrained: dict | None) -> tuple[dict, list[str]]:
+  """Fresh variables with `pretrained` (from load_pretrained) copied in as `config.init.transfer` says."""
+  if pretrained is None:
+    return fresh, []
+  try:
     return models.transfer_pretrained(fresh, pretrained, mode=config.init.transfer)
-  except (FileNotFoundError, ValueError) as e:
+  except ValueError as e:
     raise setup.ConfigError(f"init.path: {e}") from None
 
 
@@ -93,6 +115,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   if config.select_metric not in ("val_oa", "val_kappa", "val_miou"):
     raise setup.ConfigError(f"config key select_metric is {config.select_metric!r}; "
                             "expected val_oa, val_kappa or val_miou")
+  pretrained = load_pretrained(config, info.num_bands)
   mesh = parallel.make_data_mesh()
   global_batch = setup.checked_batch(config.data.batch_size, mesh, len(source))
   model = build_model(config, info.num_classes)
@@ -111,7 +134,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   state = methods.init_train_state(method, tx, mesh, jax.random.fold_in(rng, 0),
                                    setup.example_shapes(dataset))
   variables, copied = initial_variables(
-      config, {"params": state.params, "batch_stats": state.batch_stats})
+      config, {"params": state.params, "batch_stats": state.batch_stats}, pretrained)
   if copied:
     print(f"finetune: {len(copied)} tensors initialised from {config.init.path} ({config.init.transfer})")
   variables = parallel.replicate(jax.device_get(variables), mesh)

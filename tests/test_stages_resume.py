@@ -1,0 +1,214 @@
+"""Pretraining through train.py: a run killed mid-way and rerun matches an uninterrupted
+run, and fine-tuning starts from exactly the parameters the pretraining checkpoint holds.
+
+The runs are subprocesses on 8 virtual CPU devices (the device count of the
+in-process tests) with a ResNet-18 of width 1/8 on 64-pixel views; they share
+a persistent compilation cache, so only the first one compiles.
+"""
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from data_prep import convert, synthetic
+from glc_jax import checkpoint
+from glc_jax.stages import finetune, setup
+
+TOTAL_STEPS = 8
+CHECKPOINT_EVERY = 2
+MODEL = {"depth": 18, "width": 0.125}
+# Fields of a metrics.jsonl record that a resumed run must reproduce (not throughput).
+COMPARED = ("loss", "loss_global", "loss_local", "grad_norm", "lr")
+
+
+def _load_config(name: str, variant: str):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(f"{name}_cfg", f"configs/{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(variant)
+
+
+def _dataset(root: pathlib.Path, bands: int, split_fractions=None) -> pathlib.Path:
+  """4 scenes of 128² → 16 tiles of 64², all in 'train' unless split_fractions says otherwise."""
+  synthetic.write_corpus(root / "corpus", num_scenes=4, height=128, width=128, seed=2, bands=bands)
+  return convert.convert(str(root / "corpus" / "images"), root / "dataset",
+                         str(root / "corpus" / "labels"),
+                         class_map=str(root / "corpus" / "class_dict.csv"), tile=64,
+                         split_fractions=split_fractions, workers=0, progress=False)
+
+
+def _records(path: pathlib.Path) -> list[dict]:
+  """The complete lines of a metrics.jsonl (a killed writer may leave half a line)."""
+  text = path.read_text() if path.exists() else ""
+  return [json.loads(line) for line in text.splitlines(keepends=True) if line.endswith("\n")]
+
+
+def _checkpoint_steps(work: pathlib.Path) -> list[int]:
+  """Finished checkpoints (Orbax renames a step's temporary directory to its number when done)."""
+  root = work / "checkpoints"
+  return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) if root.is_dir() else []
+
+
+class _Runs:
+  """The pretraining runs of this module: uninterrupted, and killed then rerun."""
+
+  def __init__(self, root: pathlib.Path):
+    self.data = _dataset(root, bands=4)
+    self.env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                    XLA_FLAGS="--xla_force_host_platform_device_count=2",
+                    JAX_COMPILATION_CACHE_DIR=str(root / "jax_cache"))
+    self.uninterrupted, self.resumed = root / "uninterrupted", root / "resumed"
+
+  def command(self, work: pathlib.Path) -> list[str]:
+    overrides = {"data.path": self.data, "data.batch_size": 8, "data.num_workers": 0,
+                 "model.depth": MODEL["depth"], "model.width": MODEL["width"],
+                 "input.view_size": 64, "num_steps": TOTAL_STEPS,
+                 "checkpoint_every": CHECKPOINT_EVERY, "log_every": 1}
+    return [sys.executable, "train.py", "--config=configs/pretrain.py:glcnet,tiny",
+            f"--workdir={work}", *(f"--config.{k}={v}" for k, v in overrides.items())]
+
+  def run_to_end(self, work: pathlib.Path) -> None:
+    done = subprocess.run(self.command(work), env=self.env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+  def run_and_kill(self, work: pathlib.Path) -> tuple[int, int]:
+    """Starts a run and SIGKILLs it once it has logged a step past a finished checkpoint.
+
+    Returns (metrics.jsonl records at the kill, the checkpoint step the rerun must resume from).
+    """
+    proc = subprocess.Popen(self.command(work), env=self.env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 240
+    try:
+      while True:
+        assert proc.poll() is None, f"the run ended before it was killed:\n{proc.stderr.read()[-3000:]}"
+        assert time.monotonic() < deadline, "no checkpoint within the deadline"
+        steps = _checkpoint_steps(work)
+        records = _records(work / "metrics.jsonl")
+        if steps and records and records[-1]["step"] > steps[-1]:
+          break
+        time.sleep(0.02)
+    finally:
+      proc.send_signal(signal.SIGKILL)
+      proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    return len(_records(work / "metrics.jsonl")), _checkpoint_steps(work)[-1]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  runs = _Runs(tmp_path_factory.mktemp("resume"))
+  runs.run_to_end(runs.uninterrupted)
+  runs.killed_records, runs.resume_step = runs.run_and_kill(runs.resumed)
+  runs.run_to_end(runs.resumed)
+  return runs
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_with_the_losses_of_an_uninterrupted_run(runs):
+  reference = _records(runs.uninterrupted / "metrics.jsonl")
+  assert [r["step"] for r in reference] == list(range(1, TOTAL_STEPS + 1))
+
+  records = _records(runs.resumed / "metrics.jsonl")
+  before, after = records[:runs.killed_records], records[runs.killed_records:]
+  assert before[-1]["step"] < TOTAL_STEPS, "the kill came after the run had finished"
+  # The rerun continues from the last finished checkpoint, re-logging the steps after it.
+  assert [r["step"] for r in after] == list(range(runs.resume_step + 1, TOTAL_STEPS + 1))
+  assert before[-1]["step"] > runs.resume_step
+
+  last_per_step = {r["step"]: r for r in records}
+  assert sorted(last_per_step) == list(range(1, TOTAL_STEPS + 1))
+  for expected in reference:
+    got = last_per_step[expected["step"]]
+    assert {k: got[k] for k in COMPARED} == {k: expected[k] for k in COMPARED}, expected["step"]
+  # The steps logged before the kill and again after it agree too.
+  for record in before:
+    if record["step"] > runs.resume_step:
+      assert {k: record[k] for k in COMPARED} == {k: last_per_step[record["step"]][k] for k in COMPARED}
+
+  final_reference = checkpoint.read_state(runs.uninterrupted)
+  final_resumed = checkpoint.read_state(runs.resumed)
+  assert _checkpoint_steps(runs.resumed)[-1] == TOTAL_STEPS
+  assert jax.tree.structure(final_resumed) == jax.tree.structure(final_reference)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(final_resumed),
+                          jax.tree.leaves(final_reference)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(path))
+
+
+def _finetune_config(work: pathlib.Path, data: pathlib.Path, transfer: str):
+  config = _load_config("finetune", "checkpoint,tiny")
+  config.data.path = str(data)
+  config.init.path = str(work)
+  config.init.transfer = transfer
+  config.model.depth, config.model.width = MODEL["depth"], MODEL["width"]
+  return config
+
+
+@pytest.fixture(scope="module")
+def fresh_finetune_variables(runs):
+  config = _finetune_config(runs.uninterrupted, runs.data, "backbone")
+  model = finetune.build_model(config, num_classes=6)
+  example = np.zeros((1, 64, 64, 4), np.float32)
+  return jax.device_get(jax.jit(lambda k: model.init(k, example, train=False))(jax.random.key(3)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("transfer, roots", [("backbone", ("backbone",)),
+                                             ("backbone+encoder", ("backbone", "encoder"))])
+def test_finetune_starts_from_the_pretrained_leaves(runs, fresh_finetune_variables, transfer, roots):
+  # The oracle: the pretraining run's final state, read straight from its checkpoint.
+  saved = checkpoint.read_state(runs.uninterrupted / "checkpoints" / str(TOTAL_STEPS))
+  config = _finetune_config(runs.uninterrupted, runs.data, transfer)
+  pretrained = finetune.load_pretrained(config, num_bands=4)
+  variables, copied = finetune.initial_variables(config, fresh_finetune_variables, pretrained)
+
+  expected_copied = []
+  for col in ("params", "batch_stats"):
+    fresh = dict(jax.tree_util.tree_leaves_with_path(fresh_finetune_variables[col]))
+    got = dict(jax.tree_util.tree_leaves_with_path(variables[col]))
+    assert got.keys() == fresh.keys()
+    for path, leaf in got.items():
+      if path[0].key in roots:
+        pretrained = saved[col]
+        for key in path:
+          pretrained = pretrained[key.key]
+        np.testing.assert_array_equal(np.asarray(leaf), np.asarray(pretrained),
+                                      err_msg=f"{col}{jax.tree_util.keystr(path)}")
+        expected_copied.append(f"{col}/" + "/".join(k.key for k in path))
+      else:
+        np.testing.assert_array_equal(np.asarray(leaf), fresh[path],
+                                      err_msg=f"{col}{jax.tree_util.keystr(path)}")
+  assert sorted(copied) == sorted(expected_copied)
+  assert any(p.startswith(f"params/{roots[-1]}/") for p in copied)
+  # Pretraining moved the transferred kernels away from any fresh init, so equality means copied.
+  conv1 = ("backbone", "conv1", "kernel")
+  assert not np.array_equal(fresh_finetune_variables["params"]["backbone"]["conv1"]["kernel"],
+                            np.asarray(saved["params"]["backbone"]["conv1"]["kernel"])), conv1
+
+
+@pytest.mark.slow
+def test_finetune_from_a_4_band_checkpoint_on_3_band_data(runs, tmp_path_factory, monkeypatch):
+  data3 = _dataset(tmp_path_factory.mktemp("three_bands"), bands=3,
+                   split_fractions={"train": 0.5, "val": 0.5})
+  config = _finetune_config(runs.uninterrupted, data3, "backbone+encoder")
+  config.data.label_fraction = None
+  work = tmp_path_factory.mktemp("ft3") / "work"
+
+  def no_compute(*args, **kwargs):
+    raise AssertionError("the band count must be checked before the model is initialised")
+
+  monkeypatch.setattr(finetune.methods, "init_train_state", no_compute)
+  with pytest.raises(setup.ConfigError, match=r"^init.path: band count does not match: .* takes 4 "
+                                              r"bands .*, data.path has 3$") as error:
+    finetune.run(config, str(work))
+  assert "\n" not in str(error.value)
+  assert not work.exists()
