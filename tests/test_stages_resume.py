@@ -155,10 +155,13 @@ def _finetune_config(work: pathlib.Path, data: pathlib.Path, transfer: str):
 
 @pytest.fixture(scope="module")
 def fresh_finetune_variables(runs):
+  """Stand-ins for a fresh init: random values in the fine-tuning model's shapes (no compile)."""
   config = _finetune_config(runs.uninterrupted, runs.data, "backbone")
   model = finetune.build_model(config, num_classes=6)
-  example = np.zeros((1, 64, 64, 4), np.float32)
-  return jax.device_get(jax.jit(lambda k: model.init(k, example, train=False))(jax.random.key(3)))
+  shapes = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False),
+                          jax.ShapeDtypeStruct((1, 64, 64, 4), np.float32))
+  rng = np.random.default_rng(3)
+  return jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(s.dtype), shapes)
 
 
 @pytest.mark.slow
@@ -178,10 +181,10 @@ def test_finetune_starts_from_the_pretrained_leaves(runs, fresh_finetune_variabl
     assert got.keys() == fresh.keys()
     for path, leaf in got.items():
       if path[0].key in roots:
-        pretrained = saved[col]
+        oracle = saved[col]
         for key in path:
-          pretrained = pretrained[key.key]
-        np.testing.assert_array_equal(np.asarray(leaf), np.asarray(pretrained),
+          oracle = oracle[key.key]
+        np.testing.assert_array_equal(np.asarray(leaf), np.asarray(oracle),
                                       err_msg=f"{col}{jax.tree_util.keystr(path)}")
         expected_copied.append(f"{col}/" + "/".join(k.key for k in path))
       else:
@@ -189,10 +192,7 @@ def test_finetune_starts_from_the_pretrained_leaves(runs, fresh_finetune_variabl
                                       err_msg=f"{col}{jax.tree_util.keystr(path)}")
   assert sorted(copied) == sorted(expected_copied)
   assert any(p.startswith(f"params/{roots[-1]}/") for p in copied)
-  # Pretraining moved the transferred kernels away from any fresh init, so equality means copied.
-  conv1 = ("backbone", "conv1", "kernel")
-  assert not np.array_equal(fresh_finetune_variables["params"]["backbone"]["conv1"]["kernel"],
-                            np.asarray(saved["params"]["backbone"]["conv1"]["kernel"])), conv1
+  assert any(p.startswith("batch_stats/backbone/") for p in copied)  # BN statistics travel too
 
 
 @pytest.mark.slow
