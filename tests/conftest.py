@@ -11,6 +11,7 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -24,3 +25,31 @@ TINY_BANDS = 4
 def devices():
   assert jax.device_count() == 8, "tests expect 8 virtual CPU devices"
   return jax.devices()
+
+
+def assert_tree_close(got, want, what, rtol=1e-5, leaf_rtol=1e-4):
+  """Whole tree: ||got - want|| <= rtol ||want|| (2-norms over all leaves);
+  each leaf: max |got - want| <= leaf_rtol * max |want|.
+
+  The per-leaf bound is looser because a few leaves (e.g. a head's bias,
+  whose gradient is a sum that nearly cancels) are small results of large
+  sums, where a different summation order costs more relative digits; a
+  real sharding error (a missing or doubled reduction) is off by O(1).
+  """
+  flat_got = jax.tree_util.tree_leaves_with_path(got)
+  flat_want = jax.tree.leaves(want)
+  assert len(flat_got) == len(flat_want), what
+  # Leaves that are zero up to rounding (a conv bias feeding BatchNorm gets
+  # no gradient in exact arithmetic) are judged against the tree's scale.
+  floor = 1e-2 * max((np.abs(np.asarray(w)).max() for w in flat_want),
+                     default=0.0)
+  diff2 = norm2 = 0.0
+  for (path, g), w in zip(flat_got, flat_want):
+    g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)
+    diff2 += np.sum((g - w) ** 2)
+    norm2 += np.sum(w ** 2)
+    err = np.abs(g - w).max() / max(np.abs(w).max(), floor, 1e-20)
+    assert err <= leaf_rtol, (f"{what}{jax.tree_util.keystr(path)}: relative "
+                              f"difference {err:.2e}")
+  total = np.sqrt(diff2) / max(np.sqrt(norm2), 1e-20)
+  assert total <= rtol, f"{what}: relative difference {total:.2e}"

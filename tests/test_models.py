@@ -72,6 +72,53 @@ def test_dilated_strided_conv_matches_numpy():
   np.testing.assert_allclose(np.asarray(y), want, rtol=1e-5, atol=1e-5)
 
 
+
+# Rates at or beyond the map size leave only some taps (ASPP at 8×8 / 14×14), and
+# 1×1 convs (strided too) take the matmul path: both must equal the full definition.
+@pytest.mark.parametrize("size,k,stride,pad,dil", [
+    ((8, 8), 3, 1, 6, 6), ((8, 8), 3, 1, 12, 12), ((8, 20), 3, 1, 18, 18),
+    ((14, 14), 3, 1, 12, 12), ((9, 7), 1, 1, 0, 1), ((9, 7), 1, 2, 0, 1)])
+def test_conv_fast_paths_match_numpy_values_and_kernel_gradients(size, k, stride, pad, dil):
+  x = RNG.normal(size=(2, *size, 3)).astype(np.float32)
+  conv = layers.Conv2d(4, k, stride=stride, padding=pad, dilation=dil)
+  variables, y = _init_apply(conv, jnp.asarray(x))
+  w = np.asarray(variables["params"]["kernel"], np.float64)
+  np.testing.assert_allclose(np.asarray(y), np_conv(x, w, stride, pad, dil), rtol=1e-5, atol=1e-5)
+  cotangent = RNG.normal(size=y.shape)
+  grad = jax.grad(lambda v: jnp.sum(conv.apply(v, jnp.asarray(x)) * cotangent))(variables)
+  # d/dw[a, b] of sum(conv · g) = sum over outputs of input tap (a, b) ⊗ g: a conv of x with g.
+  want = np.zeros_like(w)
+  xp = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  for a in range(k):
+    for b in range(k):
+      taps = xp[:, a * dil::stride, b * dil::stride][:, :y.shape[1], :y.shape[2]]
+      want[a, b] = np.einsum("bhwc,bhwf->cf", taps, cotangent)
+  np.testing.assert_allclose(np.asarray(grad["params"]["kernel"]), want, rtol=1e-4, atol=1e-4)
+
+@pytest.mark.parametrize("shape,k,stride,pad", [((2, 9, 8, 3), 3, 2, 1), ((1, 7, 7, 2), 2, 2, 0)])
+def test_max_pool_values_and_first_max_gradient_follow_torch(shape, k, stride, pad):
+  # Values from a small set so windows hold ties at positive values too.
+  x = RNG.integers(0, 4, size=shape).astype(np.float32)
+  y = np.asarray(layers.max_pool(jnp.asarray(x), k, stride, pad))
+  xp = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), constant_values=-np.inf)
+  ho, wo = (xp.shape[1] - k) // stride + 1, (xp.shape[2] - k) // stride + 1
+  g = RNG.normal(size=(shape[0], ho, wo, shape[3]))
+  want_y = np.zeros((shape[0], ho, wo, shape[3]))
+  want_dx = np.zeros_like(xp, dtype=np.float64)
+  for n in range(shape[0]):
+    for c in range(shape[3]):
+      for i in range(ho):
+        for j in range(wo):
+          window = xp[n, i * stride:i * stride + k, j * stride:j * stride + k, c]
+          a, b = np.unravel_index(np.argmax(window), window.shape)  # first max, row-major
+          want_y[n, i, j, c] = window[a, b]
+          want_dx[n, i * stride + a, j * stride + b, c] += g[n, i, j, c]
+  np.testing.assert_array_equal(y, want_y)
+  dx = jax.grad(lambda v: jnp.sum(layers.max_pool(v, k, stride, pad) * g))(jnp.asarray(x))
+  np.testing.assert_allclose(np.asarray(dx), want_dx[:, pad:pad + shape[1], pad:pad + shape[2]],
+                             rtol=1e-6, atol=1e-6)
+
+
 def test_conv_transpose_matches_torch_definition():
   x = RNG.normal(size=(2, 5, 4, 3)).astype(np.float32)
   for k, p, op in ((5, 2, 0), (5, 2, 1), (3, 1, 1)):

@@ -22,7 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from glc_jax.models.layers import BatchNorm, Conv2d
+from glc_jax.models.layers import BatchNorm, Conv2d, max_pool
 
 STAGE_BLOCKS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 STRIDES_DILATIONS = {16: ((1, 2, 2, 1), (1, 1, 1, 2)), 8: ((1, 2, 1, 1), (1, 1, 2, 4))}
@@ -119,7 +119,7 @@ class ResNet(nn.Module):
     x = x.astype(self.dtype)
     x = Conv2d(scaled(64, self.width), 7, 2, 3, dtype=self.dtype, name="conv1")(x)
     x = nn.relu(norm(name="bn1")(x))
-    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    x = max_pool(x, 3, 2, 1)
     features = {}
     for stage, (n_blocks, stride, dilation) in enumerate(
         zip(STAGE_BLOCKS[self.depth], strides, dilations), start=1):
