@@ -164,3 +164,23 @@ def test_evaluate_a_4_band_model_on_3_band_data(chain, tmp_path, monkeypatch):
   assert "\n" not in str(error.value)
   assert ", 4, " in str(error.value) and ", 3, " in str(error.value)
   assert not work.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("key, value, message", [
+    ("transfer", "backbone+decoder", r"^config key init.transfer is 'backbone\+decoder'; expected one of"),
+    ("path", "/nonexistent/pretraining", r"^init.path: /nonexistent/pretraining: does not exist$"),
+])
+def test_finetune_bad_init_is_one_line_before_compute(chain, tmp_path, monkeypatch, key, value, message):
+  def no_compute(*args, **kwargs):
+    raise AssertionError("config.init must be checked before the model is initialised")
+
+  monkeypatch.setattr(finetune.methods, "init_train_state", no_compute)
+  config = _load_config("finetune", "checkpoint,tiny")
+  config.data.path = str(chain["data"])
+  config.data.label_fraction = None
+  config.init.path = str(chain["finetune"])
+  config.init[key] = value
+  with pytest.raises(setup.ConfigError, match=message):
+    finetune.run(config, str(tmp_path / "work"))
+  assert not (tmp_path / "work").exists()
