@@ -63,7 +63,7 @@ def load_pretrained(config: ml_collections.ConfigDict, num_bands: int) -> dict |
 
 def initial_variables(config: ml_collections.ConfigDict, fresh: dict,
                       pretrained: dict | None) -> tuple[dict, list[str]]:
-  """Fresh variables with `pretrained` (from load_pretrained) copied in as `config.init.transfer` says."""
+  """Fresh variables with `pretrained` (load_pretrained) copied in as `config.init.transfer` says."""
   if pretrained is None:
     return fresh, []
   try:
