@@ -73,11 +73,11 @@ def test_dilated_strided_conv_matches_numpy():
 
 
 
-# Rates at or beyond the map size leave only some taps (ASPP at 8×8 / 14×14), and
+# Dilated "same" convs (rates below, at and beyond the map size) run as per-tap matmuls, and
 # 1×1 convs (strided too) take the matmul path: both must equal the full definition.
 @pytest.mark.parametrize("size,k,stride,pad,dil", [
     ((8, 8), 3, 1, 6, 6), ((8, 8), 3, 1, 12, 12), ((8, 20), 3, 1, 18, 18),
-    ((14, 14), 3, 1, 12, 12), ((9, 7), 1, 1, 0, 1), ((9, 7), 1, 2, 0, 1)])
+    ((14, 14), 3, 1, 12, 12), ((5, 6), 3, 1, 2, 2), ((9, 7), 1, 1, 0, 1), ((9, 7), 1, 2, 0, 1)])
 def test_conv_fast_paths_match_numpy_values_and_kernel_gradients(size, k, stride, pad, dil):
   x = RNG.normal(size=(2, *size, 3)).astype(np.float32)
   conv = layers.Conv2d(4, k, stride=stride, padding=pad, dilation=dil)
