@@ -1,5 +1,10 @@
 """Grain pipelines end to end: pixel-id images, seeds, resume, sharding."""
+import glob
 import json
+import os
+import subprocess
+import sys
+import time
 
 import grain
 import jax
@@ -330,3 +335,51 @@ def test_jigsaw_tiles_follow_the_permutation():
   order = perms[out["perm_index"]]
   for i in range(9):
     np.testing.assert_allclose(out["tiles"][i], cells[order[i]], atol=1e-5)
+
+
+_KILLED_PARENT = """
+import sys, time
+sys.path.insert(0, {tests!r})
+from test_pipeline import _glcnet_ids, _id_source
+from glc_jax.data import pipelines
+ds = pipelines.train_dataset(_id_source(12), _glcnet_ids(), batch_size=2, seed=9,
+                             process_index=0, process_count=1)
+it = pipelines.make_iterator(ds, num_workers=2)
+next(it)
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+def _children(pid):
+  out = []
+  for stat in glob.glob("/proc/[0-9]*/stat"):
+    try:
+      fields = open(stat).read().rsplit(")", 1)[1].split()
+    except OSError:
+      continue
+    if int(fields[1]) == pid:
+      out.append(int(stat.split("/")[2]))
+  return out
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_workers_exit_when_the_parent_is_killed():
+  parent = subprocess.Popen(
+      [sys.executable, "-c", _KILLED_PARENT.format(tests=os.path.dirname(__file__))],
+      stdout=subprocess.PIPE, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  try:
+    assert parent.stdout.readline().strip() == "ready"
+    workers = _children(parent.pid)
+    assert workers, "no worker processes found"
+  finally:
+    parent.kill()
+    parent.wait()
+  deadline = time.monotonic() + 20
+  alive = workers
+  while alive and time.monotonic() < deadline:
+    time.sleep(0.2)
+    alive = [w for w in alive if os.path.exists(f"/proc/{w}")
+             and open(f"/proc/{w}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"]
+  assert not alive, f"worker processes {alive} outlived their killed parent"

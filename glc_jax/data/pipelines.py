@@ -37,7 +37,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import os
 import sys
+import threading
+import time
 from typing import Any, Callable, Mapping, Sequence
 
 import grain
@@ -290,6 +293,23 @@ def eval_dataset(source: Sequence[Mapping[str, Any]], *, batch_size: int,
 def _worker_init(worker_index: int, worker_count: int) -> None:
   del worker_index, worker_count
   augment.tune_allocator()
+  _exit_with_parent()
+
+
+def _exit_with_parent(poll_s: float = 1.0) -> None:
+  """Ends this worker process once its parent is gone.
+
+  A parent killed with SIGKILL (or by the OOM killer) cannot stop its Grain
+  workers, which would otherwise live on holding memory and shared buffers.
+  """
+  parent = os.getppid()
+
+  def watch():
+    while os.getppid() == parent:
+      time.sleep(poll_s)
+    os._exit(0)  # pylint: disable=protected-access
+
+  threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def _to_global(batch: dict, sharding) -> dict:
