@@ -16,6 +16,7 @@ from typing import Any
 
 import grain
 import orbax.checkpoint as ocp
+from absl import logging
 from orbax.checkpoint import checkpoint_managers
 
 PyTree = Any
@@ -110,10 +111,16 @@ def read_state(path: str | pathlib.Path) -> PyTree:
   path = pathlib.Path(path).absolute()
   for sub in ("best", "checkpoints"):
     if (path / sub).is_dir():
-      manager = ocp.CheckpointManager(path / sub, item_names=("state",),
-                                      options=ocp.CheckpointManagerOptions(read_only=True))
-      step = manager.latest_step()
-      manager.close()
+      # A read-only manager warns three times that it is read-only; that is the point here.
+      verbosity = logging.get_verbosity()
+      logging.set_verbosity(logging.ERROR)
+      try:
+        manager = ocp.CheckpointManager(path / sub, item_names=("state",),
+                                        options=ocp.CheckpointManagerOptions(read_only=True))
+        step = manager.latest_step()
+        manager.close()
+      finally:
+        logging.set_verbosity(verbosity)
       if step is not None:
         return read_state(path / sub / str(step))
   if not (path / "state").is_dir():

@@ -72,4 +72,6 @@ def fit(state: Any, train_step: Callable, iterator, rng: jax.Array, *, workdir: 
     raise
   finally:
     log.close()
+    # Stops Grain's workers and frees their shared-memory buffers before exit.
+    iterator.close()
   return state, checkpoints
