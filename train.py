@@ -9,6 +9,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from glc_jax import cli
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:variant]).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for outputs, checkpoints and logs.")
@@ -21,12 +23,8 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # Orbax and Grain report every save and worker at INFO
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  try:
-    config = _CONFIG.value
-    stage = config.stage
-  except OSError as e:  # ml_collections defers config-file errors to first access
-    reason = str(e).strip().splitlines()[-1].strip()
-    sys.exit(f"error: --config: {reason}")
+  config = cli.config_value(_CONFIG)
+  stage = config.stage
   if stage not in STAGES:
     sys.exit(f"error: config key 'stage' is {stage!r}; expected one of {', '.join(STAGES)}")
   stage_module = importlib.import_module(f"glc_jax.stages.{stage}")
@@ -37,21 +35,5 @@ def main(argv):
     sys.exit(f"error: {e}")
 
 
-def _parse_flags(argv):
-  """absl's parser, with a bad flag or config override reported in one line."""
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    sys.exit(f"error: {e}")
-  except (AttributeError, KeyError) as e:
-    bad = str(e).strip("\"'")
-    flag = next((a.split("=")[0] for a in argv if a.startswith("--config.")
-                 and a.split("=")[0].endswith("." + bad)), f"--config.{bad}")
-    sys.exit(f"error: unknown config key {flag[len('--config.'):]!r} (from {flag}); "
-             "see the config file for valid keys")
-  except (ValueError, TypeError) as e:
-    sys.exit(f"error: bad config override: {e}")
-
-
 if __name__ == "__main__":
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

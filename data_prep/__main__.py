@@ -6,6 +6,7 @@ import logging
 import sys
 
 from data_prep.errors import DataPrepError
+from data_prep import splits
 from data_prep.splits import DEFAULT_SUBSET_FRACTIONS
 
 
@@ -27,14 +28,10 @@ def _key_value(text: str) -> tuple[str, str]:
 
 
 def _fractions(text: str) -> dict[str, float]:
-  out = {}
-  for item in text.split(","):
-    key, value = _key_value(item)
-    try:
-      out[key] = float(value)
-    except ValueError:
-      raise argparse.ArgumentTypeError(f"{item!r}: fraction must be a number") from None
-  return out
+  try:
+    return splits.parse_fractions(text)
+  except DataPrepError as e:
+    raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _float_list(text: str) -> list[float]:

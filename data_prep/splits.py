@@ -14,6 +14,20 @@ from data_prep.scenes import Scene
 DEFAULT_SUBSET_FRACTIONS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 
+def parse_fractions(text: str) -> dict[str, float]:
+  """'train=0.7,val=0.1,test=0.2' → {'train': 0.7, 'val': 0.1, 'test': 0.2}."""
+  out = {}
+  for item in text.split(","):
+    key, sep, value = item.partition("=")
+    if not sep or not key or not value:
+      raise DataPrepError(f"{item!r} must be SPLIT=FRACTION")
+    try:
+      out[key] = float(value)
+    except ValueError:
+      raise DataPrepError(f"{item!r}: fraction must be a number") from None
+  return out
+
+
 def _read_list(path: Path) -> list[str]:
   try:
     lines = path.read_text().splitlines()

@@ -61,3 +61,13 @@ def test_train_py_unknown_key_is_one_line(tmp_path):
   assert result.returncode != 0
   assert result.stderr.strip().splitlines()[-1] == (
       "error: unknown config key 'data.nope' (from --config.data.nope); see the config file for valid keys")
+
+
+@pytest.mark.parametrize("entry", [["train.py"], ["-m", "glc_jax.benchmark"]])
+def test_missing_config_file_is_one_line(entry, tmp_path):
+  result = subprocess.run([sys.executable, *entry, "--config=configs/nothere.py", f"--workdir={tmp_path}/w"],
+                          capture_output=True, text=True, timeout=120)
+  assert result.returncode != 0
+  assert result.stderr.strip().splitlines() == [
+      "error: --config: [Errno 2] No such file or directory: 'configs/nothere.py'"]
+  assert not (tmp_path / "w").exists()

@@ -37,12 +37,11 @@ def prepare_data(config: ml_collections.ConfigDict, work: pathlib.Path) -> str:
   corpus, dataset = work / "synthetic", work / "dataset"
   if not corpus.exists():
     synthetic.write_corpus(corpus, s.num_scenes, s.size, s.size, s.seed, s.bands, progress=True)
-  split_fractions = {k: float(v) for k, v in (p.split("=") for p in s.split_fractions.split(","))}
   subsets = sorted(set(splits.DEFAULT_SUBSET_FRACTIONS) | {float(f) for f in config.fractions})
   convert.convert(str(corpus / "images"), dataset, str(corpus / "labels"),
                   class_map=str(corpus / "class_dict.csv"), tile=s.tile,
-                  split_fractions=split_fractions, split_seed=s.seed, subset_fractions=subsets,
-                  progress=False)
+                  split_fractions=splits.parse_fractions(s.split_fractions), split_seed=s.seed,
+                  subset_fractions=subsets, progress=False)
   return str(dataset)
 
 

@@ -10,12 +10,8 @@ import pathlib
 
 import ml_collections
 
-from data_prep import convert, synthetic
+from data_prep import convert, splits, synthetic
 from glc_jax.stages import evaluate, finetune, pretrain
-
-
-def _fractions(spec: str) -> dict[str, float]:
-  return {name: float(value) for name, value in (part.split("=") for part in spec.split(","))}
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -29,7 +25,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   print(f"[2/5] ArrayRecord dataset → {dataset}")
   convert.convert(str(corpus / "images"), dataset, str(corpus / "labels"),
                   class_map=str(corpus / "class_dict.csv"), tile=config.prep.tile,
-                  split_fractions=_fractions(config.prep.split_fractions), split_seed=config.seed)
+                  split_fractions=splits.parse_fractions(config.prep.split_fractions),
+                  split_seed=config.seed)
 
   print("[3/5] GLCNet pretraining")
   pre = config.pretrain.copy_and_resolve_references()
