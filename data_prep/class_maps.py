@@ -111,7 +111,7 @@ def read_class_csv(path: str | Path, colour_order: str | None = None) -> ClassMa
     raise DataPrepError(
         f"{path}: header {rows[0]} must be a name column followed by R, G and B columns in any order")
   channel = [_COLOUR_COLUMNS[h] for h in order_names]
-  names, colours = [], []
+  names, colours, seen = [], [], {}
   for line, row in enumerate(rows[1:], start=2):
     try:
       values = [int(v) for v in row[1:4]]
@@ -122,9 +122,17 @@ def read_class_csv(path: str | Path, colour_order: str | None = None) -> ClassMa
     rgb = [0, 0, 0]
     for c, v in zip(channel, values):
       rgb[c] = v
-    names.append(row[0].strip())
-    colours.append(tuple(rgb))
-  return ClassMap(tuple(names), tuple(colours))
+    name, rgb = row[0].strip(), tuple(rgb)
+    if rgb in seen:
+      raise DataPrepError(f"{path}: line {line}: colour {rgb} of {name!r} is already given to "
+                          f"{seen[rgb][0]!r} on line {seen[rgb][1]}")
+    seen[rgb] = (name, line)
+    names.append(name)
+    colours.append(rgb)
+  try:
+    return ClassMap(tuple(names), tuple(colours))
+  except DataPrepError as e:
+    raise DataPrepError(f"{path}: {e}") from None
 
 
 def load_class_map(spec: str, colour_order: str | None = None) -> ClassMap:

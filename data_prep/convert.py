@@ -2,7 +2,7 @@
 
 The dataset is built in a hidden sibling folder `.NAME.incomplete-PID` and renamed
 to its final path only when complete, so a reader never sees a partial dataset; a
-killed run leaves only that folder, which the next run removes.
+killed run leaves only that folder, which the next run removes (see output_folder).
 """
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ from typing import Iterator, Mapping, Sequence
 import numpy as np
 import tqdm
 
-from data_prep import class_maps, scenes as scenes_lib, splits as splits_lib, tiling, writer
+from data_prep import class_maps, output_folder, parent_death, scenes as scenes_lib
+from data_prep import splits as splits_lib, tiling, writer
 from data_prep.errors import DataPrepError
 from data_prep.stats import PERCENTILES, BandStatsAccumulator
 
@@ -38,28 +39,12 @@ def _fingerprint(settings: dict, files: Sequence[Path]) -> str:
   """Hash of the settings and of every input file's path, size and mtime."""
   h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
   for f in files:
-    st = f.stat()
+    try:
+      st = f.stat()
+    except OSError as e:
+      raise DataPrepError(f"{f}: cannot read ({e.strerror})") from None
     h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
   return h.hexdigest()
-
-
-def _pid_alive(pid: int) -> bool:
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:
-    return True
-  return True
-
-
-def _remove_stale_temps(out: Path) -> None:
-  """Removes folders left by killed runs: partial builds, and replaced datasets."""
-  for stale in [*out.parent.glob(f".{out.name}.incomplete-*"), *out.parent.glob(f".{out.name}.old-*")]:
-    pid = stale.name.rsplit("-", 1)[-1]
-    if pid.isdigit() and int(pid) != os.getpid() and _pid_alive(int(pid)):
-      raise DataPrepError(f"{out}: another data_prep run (pid {pid}) is writing this dataset")
-    shutil.rmtree(stale, ignore_errors=True)
 
 
 def read_prep_metadata(path: Path) -> dict | None:
@@ -89,7 +74,9 @@ def _run_jobs(jobs: Sequence[tiling.TileJob], options: tiling.TileOptions,
   # Forking a process that has JAX loaded (threads) can deadlock, so spawn then;
   # otherwise fork, which also works from scripts without a __main__ guard.
   method = "spawn" if "jax" in sys.modules else "fork"
-  pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method))
+  pool = concurrent.futures.ProcessPoolExecutor(
+      workers, mp_context=multiprocessing.get_context(method),
+      initializer=parent_death.exit_with_parent, initargs=(os.getpid(),))
   try:
     pending = collections.deque()
     job_iter = iter(jobs)
@@ -119,6 +106,7 @@ def _palette(num_classes: int) -> tuple[tuple[int, int, int], ...]:
 class _SplitResult:
   num_records: int = 0
   num_skipped: int = 0
+  num_nonfinite: int = 0
   scene_ids: list = dataclasses.field(default_factory=list)
   stats: BandStatsAccumulator | None = None
   class_counts: np.ndarray | None = None
@@ -190,6 +178,11 @@ def convert(
   subset_fractions = sorted(set(float(f) for f in subset_fractions))
   if any(not 0.0 < f <= 1.0 for f in subset_fractions):
     raise DataPrepError(f"subset fractions {subset_fractions} must lie in (0, 1]")
+  for split, list_file in (split_lists or {}).items():
+    if not Path(list_file).is_file():
+      problem = "is a directory" if Path(list_file).is_dir() else "does not exist"
+      raise DataPrepError(f"{list_file}: split list of {split!r} {problem}")
+  splits_lib.group_regex(group_pattern)  # before any file is read
   image_paths = scenes_lib.expand_paths(images, "image")
   label_paths = scenes_lib.expand_paths(labels, "label") if labels is not None else None
   if isinstance(class_map, str):
@@ -213,51 +206,57 @@ def convert(
   list_files = [Path(p) for p in (split_lists or {}).values()]
   fingerprint = _fingerprint(settings, image_paths + (label_paths or []) + list_files + class_map_file)
 
-  _remove_stale_temps(out)
-  if out.exists():
-    existing = read_prep_metadata(out)
-    if existing is not None and existing.get("fingerprint") == fingerprint:
-      log.info("%s is complete and up to date; skipping", out)
-      return out
-    if not overwrite:
-      what = "a dataset built with other settings or inputs" if existing else "not a data_prep dataset"
-      raise DataPrepError(f"{out}: already exists and is {what}; pass --overwrite to replace it")
-
-  scenes = scenes_lib.inspect_scenes(image_paths, label_paths, tile=tile, nodata=nodata,
-                                     label_stem_replace=label_stem_replace)
-  split_names, assignment = _assign_splits(scenes, split_lists, split_fractions, split_seed, group_pattern)
-  jobs, job_split = [], []
-  for name in split_names:
-    for scene in (s for s in scenes if assignment.get(s.scene_id) == name):
-      for job in _chunk_jobs(scene, scenes_lib.scene_windows(scene, tile, stride, keep_edge_tiles), tile):
-        jobs.append(job)
-        job_split.append(name)
-  if not jobs:
-    raise DataPrepError(f"{', '.join(map(str, split_lists.values()))}: the split lists name none of the images")
-  options = tiling.TileOptions(
-      max_nodata_fraction=max_nodata_fraction, class_map=class_map,
-      num_classes=len(class_map.names) if class_map else None, unknown_to_ignore=unknown_to_ignore)
-
-  tmp = out.parent / f".{out.name}.incomplete-{os.getpid()}"
   try:
-    tmp.mkdir(parents=True)
-    first, labelled = scenes[0], label_paths is not None
-    features = writer.tile_features(tile, first.bands, first.dtype, labelled)
-    results, split_infos = _write_splits(tmp, features, split_names, jobs, job_split, options,
-                                         workers, max_shard_bytes, f"data_prep {out.name}", progress)
-    if not split_infos:
-      raise DataPrepError(f"{', '.join(map(str, image_paths[:3]))}: no tiles kept "
-                          f"(all exceed nodata fraction {max_nodata_fraction})")
-    metadata = _metadata(results, [s.name for s in split_infos], fingerprint, settings,
-                         first, class_map, labelled, subset_fractions, subset_seed)
-    writer.write_dataset_info(
-        tmp, features, split_infos, metadata,
-        description=f"{first.bands}-band {first.dtype} {tile}x{tile} tiles of "
-                    f"{len(scenes)} GeoTIFF scenes, made by data_prep.")
-    _move_into_place(tmp, out)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with output_folder.lock(out):
+      output_folder.remove_leftovers(out)
+      existing = read_prep_metadata(out)
+      if existing is not None and existing.get("fingerprint") == fingerprint:
+        log.info("%s is complete and up to date; skipping", out)
+        return out
+      output_folder.check_replaceable(out, overwrite)
+
+      scenes = scenes_lib.inspect_scenes(image_paths, label_paths, tile=tile, nodata=nodata,
+                                         label_stem_replace=label_stem_replace)
+      split_names, assignment = _assign_splits(scenes, split_lists, split_fractions, split_seed,
+                                               group_pattern)
+      jobs, job_split = [], []
+      for name in split_names:
+        for scene in (s for s in scenes if assignment.get(s.scene_id) == name):
+          for job in _chunk_jobs(scene, scenes_lib.scene_windows(scene, tile, stride, keep_edge_tiles), tile):
+            jobs.append(job)
+            job_split.append(name)
+      if not jobs:
+        raise DataPrepError(f"{', '.join(map(str, split_lists.values()))}: "
+                            "the split lists name none of the images")
+      options = tiling.TileOptions(
+          max_nodata_fraction=max_nodata_fraction, class_map=class_map,
+          num_classes=len(class_map.names) if class_map else None, unknown_to_ignore=unknown_to_ignore)
+
+      tmp = output_folder.temp_folder(out)
+      try:
+        tmp.mkdir()
+        first, labelled = scenes[0], label_paths is not None
+        features = writer.tile_features(tile, first.bands, first.dtype, labelled)
+        results, split_infos = _write_splits(tmp, features, split_names, jobs, job_split, options,
+                                             workers, max_shard_bytes, f"data_prep {out.name}", progress)
+        if not split_infos:
+          raise DataPrepError(f"{', '.join(map(str, image_paths[:3]))}: no tiles kept "
+                              f"(all exceed nodata fraction {max_nodata_fraction})")
+        metadata = _metadata(results, [s.name for s in split_infos], fingerprint, settings,
+                             first, class_map, labelled, subset_fractions, subset_seed)
+        writer.write_dataset_info(
+            tmp, features, split_infos, metadata,
+            description=f"{first.bands}-band {first.dtype} {tile}x{tile} tiles of "
+                        f"{len(scenes)} GeoTIFF scenes, made by data_prep.")
+        output_folder.move_into_place(tmp, out)
+      except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+  except OSError as e:
+    # Reading errors are DataPrepErrors already: what is left is the output's
+    # file system (read-only, full, no permission).
+    raise DataPrepError(f"{out}: cannot write the dataset ({e.strerror or e})") from None
   return out
 
 
@@ -286,20 +285,28 @@ def _write_splits(tmp: Path, features, split_names: list[str], jobs: list[tiling
   first = jobs[0].scene
   results = {name: _SplitResult(stats=BandStatsAccumulator(first.bands, first.dtype)) for name in split_names}
   split_writers: dict[str, writer.SplitWriter] = {}
+  scene, finite, nonfinite = None, 0, 0  # of the scene being read (its jobs are consecutive)
   with tqdm.tqdm(total=sum(len(j.windows) for j in jobs), unit="tile", desc=desc,
                  disable=not progress, smoothing=0.1) as bar:
     for name, job, chunk in zip(job_split, jobs, _run_jobs(jobs, options, workers)):
+      if scene is None or job.scene.scene_id != scene.scene_id:
+        _end_scene(scene, finite, nonfinite)
+        scene, finite, nonfinite = job.scene, 0, 0
+      finite += chunk.num_finite
+      nonfinite += chunk.num_nonfinite
       result = results[name]
       split_writer = split_writers.setdefault(name, writer.SplitWriter(tmp, name, features, max_shard_bytes))
       for record in chunk.records:
         split_writer.write(record)
       result.num_records += len(chunk.records)
       result.num_skipped += chunk.num_skipped
+      result.num_nonfinite += chunk.num_nonfinite
       if not result.scene_ids or result.scene_ids[-1] != job.scene.scene_id:
         result.scene_ids.append(job.scene.scene_id)
       result.stats.merge(chunk.stats)
       result.class_counts = chunk.class_counts + (0 if result.class_counts is None else result.class_counts)
       bar.update(len(job.windows))
+  _end_scene(scene, finite, nonfinite)
   split_infos = []
   for name in split_names:
     if results[name].num_records == 0:
@@ -309,14 +316,17 @@ def _write_splits(tmp: Path, features, split_names: list[str], jobs: list[tiling
   return results, split_infos
 
 
-def _move_into_place(tmp: Path, out: Path) -> None:
-  if out.exists():
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
-  else:
-    tmp.rename(out)
+def _end_scene(scene: scenes_lib.Scene | None, finite: int, nonfinite: int) -> None:
+  """Refuses a scene with no finite pixel; reports the non-finite pixels made nodata."""
+  if scene is None:
+    return
+  if finite == 0:
+    raise DataPrepError(f"{scene.image_path}: every pixel has a NaN or infinite value in some band; "
+                        "there is no data to tile")
+  if nonfinite:
+    log.warning("%s: %d pixels of the kept tiles have NaN or infinite values; they are nodata "
+                "(label 255, left out of the statistics) and written as %g",
+                scene.image_path, nonfinite, tiling.nonfinite_fill(scene.nodata))
 
 
 def _metadata(results: dict[str, _SplitResult], split_names: list[str], fingerprint: str,
@@ -337,6 +347,7 @@ def _metadata(results: dict[str, _SplitResult], split_names: list[str], fingerpr
     entry = {
         "num_records": r.num_records,
         "num_skipped_tiles": r.num_skipped,
+        "nonfinite_pixel_count": r.num_nonfinite,
         "scene_ids": r.scene_ids,
         "band_stats": r.stats.summary(),
     }

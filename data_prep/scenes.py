@@ -58,8 +58,12 @@ def expand_paths(specs: str | Sequence[str], what: str) -> list[Path]:
   if not paths:
     raise DataPrepError(f"{', '.join(map(str, specs))}: no {what} GeoTIFF files found")
   for p in paths:
-    if not p.is_file():
+    if p.is_dir():
+      raise DataPrepError(f"{p}: is a directory, not a GeoTIFF ({what} files must be .tif/.tiff files)")
+    if not p.exists():
       raise DataPrepError(f"{p}: {what} file does not exist")
+    if not p.is_file():
+      raise DataPrepError(f"{p}: {what} path is not a regular file")
   return paths
 
 

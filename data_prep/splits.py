@@ -53,6 +53,16 @@ def splits_from_lists(scenes: Sequence[Scene], lists: Mapping[str, str | Path]) 
   return assignment
 
 
+def group_regex(group_pattern: str | None) -> re.Pattern | None:
+  """The compiled `--group-pattern` (None without one); DataPrepError if it is not a regex."""
+  if not group_pattern:
+    return None
+  try:
+    return re.compile(group_pattern)
+  except re.error as e:
+    raise DataPrepError(f"--group-pattern {group_pattern!r} is not a valid regular expression ({e})") from None
+
+
 def splits_by_scene(scenes: Sequence[Scene], fractions: Mapping[str, float], seed: int,
                     group_pattern: str | None = None) -> dict[str, str]:
   """Scene id → split, whole scene groups at a time, shuffled by `seed`.
@@ -64,7 +74,7 @@ def splits_by_scene(scenes: Sequence[Scene], fractions: Mapping[str, float], see
   """
   if any(f < 0 for f in fractions.values()) or not math.isclose(sum(fractions.values()), 1.0):
     raise DataPrepError(f"split fractions {dict(fractions)} must be non-negative and sum to 1")
-  pattern = re.compile(group_pattern) if group_pattern else None
+  pattern = group_regex(group_pattern)
   def group_of(scene_id: str) -> str:
     if pattern is None:
       return scene_id

@@ -37,12 +37,21 @@ class TileChunk:
   stats: BandStatsAccumulator
   class_counts: np.ndarray  # (256,) int64 pixels per label value; [255] = ignore
   num_skipped: int
+  num_nonfinite: int = 0    # pixels of kept tiles with NaN/±Inf in some band (filled)
+  num_finite: int = 0       # pixels of all windows read, kept or not, finite in every band
+
+
+def nonfinite_fill(nodata: float | None) -> float:
+  """The value NaN/±Inf pixels get in written tiles: the scene's nodata value if it
+  is finite, else 0 (a float model input must never be NaN)."""
+  return float(nodata) if nodata is not None and np.isfinite(nodata) else 0.0
 
 
 def _valid_mask(src, window: Window, image: np.ndarray, nodata: float | None) -> np.ndarray | None:
   """(H, W) bool, True where at least one band holds data; None when all pixels do.
 
-  Nodata comes from the nodata value, else from an internal/sidecar mask. A band
+  Nodata comes from the nodata value, else from an internal/sidecar mask (a pixel
+  with a non-finite band is nodata too: the caller adds that). A band
   that GDAL calls alpha is treated as data: 4-band RGBIR GeoTIFFs (ISPRS Potsdam's
   among them) are often written with the infrared band flagged as alpha.
   """
@@ -98,7 +107,8 @@ def read_chunk(job: TileJob, options: TileOptions) -> TileChunk:
   scene = job.scene
   stats = BandStatsAccumulator(scene.bands, scene.dtype)
   class_counts = np.zeros(256, np.int64)
-  records, skipped = [], 0
+  records, skipped, nonfinite, finite_pixels = [], 0, 0, 0
+  fill = np.float32(nonfinite_fill(scene.nodata))
   current = scene.image_path
   try:
     with open_raster(scene.image_path) as src:
@@ -112,9 +122,16 @@ def read_chunk(job: TileJob, options: TileOptions) -> TileChunk:
           current = scene.image_path
           image = np.moveaxis(src.read(window=window), 0, -1)
           valid = _valid_mask(src, window, image, scene.nodata)
+          finite = np.isfinite(image).all(axis=-1) if image.dtype.kind == "f" else None
+          if finite is not None and not finite.all():
+            valid = finite if valid is None else valid & finite
+          finite_pixels += height * width if finite is None else int(finite.sum())
           if valid is not None and 1.0 - valid.mean() > options.max_nodata_fraction:
             skipped += 1
             continue
+          if finite is not None and not finite.all():
+            nonfinite += int((~finite).sum())
+            image = np.where(np.isfinite(image), image, fill)
           record = {
               "image": np.ascontiguousarray(image),
               "scene_id": scene.scene_id,
@@ -138,4 +155,4 @@ def read_chunk(job: TileJob, options: TileOptions) -> TileChunk:
   except (RasterioError, OSError) as e:
     raise DataPrepError(f"{current}: read failed, file may be truncated or corrupt "
                         f"({_root_reason(e)})") from None
-  return TileChunk(records, stats, class_counts, skipped)
+  return TileChunk(records, stats, class_counts, skipped, nonfinite, finite_pixels)

@@ -7,6 +7,8 @@ which writes dataset_info.json, features.json and metadata.json.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 from pathlib import Path
 
@@ -17,6 +19,16 @@ from array_record.python.array_record_module import ArrayRecordWriter
 DATASET_NAME = "geotiff_tiles"
 DATASET_VERSION = "1.0.0"
 _SHARD_SUFFIX = "array_record"
+
+
+@contextlib.contextmanager
+def _array_record_errors(path: Path):
+  """ArrayRecord reports I/O failures (e.g. a full disk) as RuntimeError; make them OSError."""
+  try:
+    yield
+  except RuntimeError as e:
+    reason = str(e).split(";")[0].strip() or "ArrayRecord write failed"
+    raise OSError(errno.EIO, reason, os.fspath(path)) from None
 
 
 def tile_features(tile: int, bands: int, dtype: str, labelled: bool) -> tfds.features.FeaturesDict:
@@ -57,26 +69,31 @@ class SplitWriter:
     data = self._features.serialize_example(record)
     if self._writer is None or self._shard_bytes + len(data) > self._max_shard_bytes:
       self._roll()
-    self._writer.write(data)
+    with _array_record_errors(self._paths[-1]):
+      self._writer.write(data)
     self.shard_lengths[-1] += 1
     self._shard_bytes += len(data)
     self.num_bytes += len(data)
 
   def _roll(self) -> None:
-    if self._writer is not None:
-      self._writer.close()
+    self._close_shard()
     path = self._data_dir / f"{self._split}.partial-{len(self._paths)}"
     # group_size:1 makes every record individually addressable, as TFDS does.
-    self._writer = ArrayRecordWriter(os.fspath(path), "group_size:1")
+    with _array_record_errors(path):
+      self._writer = ArrayRecordWriter(os.fspath(path), "group_size:1")
     self._paths.append(path)
     self.shard_lengths.append(0)
     self._shard_bytes = 0
 
+  def _close_shard(self) -> None:
+    if self._writer is not None:
+      writer, self._writer = self._writer, None
+      with _array_record_errors(self._paths[-1]):
+        writer.close()
+
   def close(self) -> tfds.core.SplitInfo:
     """Closes the last shard and gives shards their final TFDS names."""
-    if self._writer is not None:
-      self._writer.close()
-      self._writer = None
+    self._close_shard()
     total = len(self._paths)
     for i, path in enumerate(self._paths):
       path.rename(self._data_dir / (f"{DATASET_NAME}-{self._split}.{_SHARD_SUFFIX}-"

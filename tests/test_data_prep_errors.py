@@ -1,0 +1,308 @@
+"""data_prep under hostile conditions: folders it did not make, leftovers of killed
+runs, killed parents, unwritable or full disks, broken names and non-finite pixels.
+
+Oracles: the files a user put on disk (still there, byte for byte), the process
+table (/proc), numpy masks of the fixture rasters, and the one-line error contract
+of `python -m data_prep` (one line, naming the file or option, nothing left behind).
+"""
+import errno
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+from data_prep import __main__ as cli
+from data_prep import writer
+from data_prep.convert import convert
+from data_prep.errors import DataPrepError
+from glc_jax.data.source import open_dataset
+from test_data_prep import no_leftovers, random_scene, write_tif
+
+
+def _cli_error(capsys, args):
+  """Runs the CLI expecting a failure; returns its one error line."""
+  code = cli.main(args + ["--workers", "0", "--no-progress"])
+  lines = capsys.readouterr().err.strip().splitlines()
+  assert code != 0
+  assert len(lines) == 1 and lines[0].startswith("data_prep: error: "), lines
+  return lines[0]
+
+
+@pytest.fixture
+def scene(tmp_path):
+  write_tif(tmp_path / "a.tif", random_scene(np.random.default_rng(0), "uint8", 2, 32, 32))
+  return tmp_path / "a.tif"
+
+
+def _files(folder):
+  return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+# --- --overwrite replaces only what data_prep made ---------------------------------
+
+
+@pytest.mark.parametrize("flag", [[], ["--overwrite"]])
+def test_folder_that_is_not_a_dataset_is_never_replaced(tmp_path, capsys, scene, flag):
+  user = tmp_path / "out"
+  (user / "sub").mkdir(parents=True)
+  (user / "thesis.tex").write_text("years of work")
+  (user / "sub" / "data.csv").write_text("1,2,3")
+  before = _files(user)
+  line = _cli_error(capsys, ["--images", str(scene), "--tile", "16", "--out", str(user)] + flag)
+  assert str(user) in line and "not a data_prep dataset" in line
+  assert "--overwrite" not in line.replace("--overwrite replaces only", "")
+  assert _files(user) == before
+  assert not list(tmp_path.glob(".out.*"))
+
+
+def test_dataset_holding_foreign_files_is_not_replaced(tmp_path, capsys, scene):
+  out = convert(str(scene), tmp_path / "out", tile=16, workers=0, progress=False)
+  (out / "notes.txt").write_text("mine")
+  before = _files(out)
+  line = _cli_error(capsys, ["--images", str(scene), "--tile", "8", "--out", str(out), "--overwrite"])
+  assert "notes.txt" in line
+  assert _files(out) == before and not list(tmp_path.glob(".out.*"))
+
+
+def test_existing_file_is_not_replaced_and_nothing_is_left(tmp_path, capsys, scene):
+  target = tmp_path / "out"
+  target.write_text("a file")
+  line = _cli_error(capsys, ["--images", str(scene), "--tile", "16", "--out", str(target), "--overwrite"])
+  assert str(target) in line and "not a data_prep dataset" in line
+  assert target.read_text() == "a file"
+  assert not list(tmp_path.glob(".out.*"))
+
+
+def test_overwrite_replaces_a_dataset_and_an_empty_folder_is_used(tmp_path, scene):
+  out = convert(str(scene), tmp_path / "out", tile=16, workers=0, progress=False)
+  convert(str(scene), out, tile=8, workers=0, progress=False, overwrite=True)
+  assert open_dataset(out, "train")[1].num_records == 16
+  (tmp_path / "empty").mkdir()
+  convert(str(scene), tmp_path / "empty", tile=16, workers=0, progress=False)
+  assert open_dataset(tmp_path / "empty", "train")[1].num_records == 4
+  assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+# --- one run per dataset, robust to PID reuse ---------------------------------------
+
+
+def test_leftover_of_a_killed_run_whose_pid_was_reused_does_not_block(tmp_path, scene):
+  # A live process that is not data_prep (this test's parent) now owns the PID
+  # that the killed run put in its temp folder's name.
+  leftover = tmp_path / f".out.incomplete-{os.getppid()}"
+  leftover.mkdir()
+  (leftover / "train.partial-0").write_bytes(b"half a shard")
+  out = convert(str(scene), tmp_path / "out", tile=16, workers=0, progress=False)
+  assert open_dataset(out, "train")[1].num_records == 4
+  assert not leftover.exists() and not list(tmp_path.glob(".out.*"))
+
+
+_HOLD_LOCK = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from data_prep import output_folder
+    with output_folder.lock(Path(sys.argv[1])):
+      print("locked", flush=True)
+      time.sleep(120)
+""")
+
+
+def test_live_run_is_refused_and_its_death_frees_the_dataset(tmp_path, scene):
+  out = tmp_path / "out"
+  holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(out)], stdout=subprocess.PIPE,
+                            text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+  try:
+    assert holder.stdout.readline().strip() == "locked"
+    with pytest.raises(DataPrepError, match=rf"{out}: another data_prep run \(pid {holder.pid}\)"):
+      convert(str(scene), out, tile=16, workers=0, progress=False)
+  finally:
+    holder.kill()
+    holder.wait()
+  convert(str(scene), out, tile=16, workers=0, progress=False)
+  assert open_dataset(out, "train")[1].num_records == 4 and not list(tmp_path.glob(".out.*"))
+
+
+# --- reader workers die with their parent -------------------------------------------
+
+
+def _children(pid):
+  children = []
+  for entry in os.listdir("/proc"):
+    if entry.isdigit():
+      try:
+        with open(f"/proc/{entry}/stat") as f:
+          fields = f.read().rsplit(")", 1)[1].split()
+      except OSError:
+        continue
+      if int(fields[1]) == pid:
+        children.append(int(entry))
+  return children
+
+
+def _running(pid):
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+  except OSError:
+    return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs /proc")
+def test_reader_workers_exit_when_the_parent_is_killed(tmp_path):
+  write_tif(tmp_path / "big.tif", np.random.default_rng(5).integers(0, 256, (4, 1024, 1024), dtype=np.uint8))
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "data_prep", "--images", str(tmp_path / "big.tif"), "--out",
+       str(tmp_path / "out"), "--tile", "16", "--workers", "2", "--no-progress"],
+      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 60
+  workers = []
+  while len(workers) < 2 and time.time() < deadline and proc.poll() is None:
+    workers = _children(proc.pid)
+    time.sleep(0.01)
+  os.kill(proc.pid, signal.SIGKILL)
+  proc.wait()
+  assert len(workers) >= 2, "the conversion ended before its workers were seen"
+  deadline = time.time() + 5
+  while any(map(_running, workers)) and time.time() < deadline:
+    time.sleep(0.05)
+  alive = [pid for pid in workers if _running(pid)]
+  for pid in alive:
+    os.kill(pid, signal.SIGKILL)
+  assert not alive, f"workers {alive} outlived their killed parent"
+
+
+# --- one-line errors ----------------------------------------------------------------
+
+
+def test_missing_split_list_is_one_line(tmp_path, capsys, scene):
+  line = _cli_error(capsys, ["--images", str(scene), "--tile", "16", "--out", str(tmp_path / "out"),
+                             "--split-list", f"train={tmp_path / 'nope.txt'}"])
+  assert "nope.txt" in line and no_leftovers(tmp_path)
+
+
+def test_invalid_group_pattern_is_one_line(tmp_path, capsys, scene):
+  line = _cli_error(capsys, ["--images", str(scene), "--tile", "16", "--out", str(tmp_path / "out"),
+                             "--split-fractions", "train=1", "--group-pattern", "(city_"])
+  assert "--group-pattern" in line and "(city_" in line and no_leftovers(tmp_path)
+
+
+def test_read_only_output_folder_is_one_line(tmp_path, capsys, scene, monkeypatch):
+  parent = tmp_path / "ro"
+  parent.mkdir()
+  real_open, real_mkdir = os.open, os.mkdir
+  def refuse(path):
+    if str(path).startswith(str(parent)):
+      raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+  def ro_open(path, flags, *args, **kwargs):
+    if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+      refuse(path)
+    return real_open(path, flags, *args, **kwargs)
+  def ro_mkdir(path, *args, **kwargs):
+    refuse(path)
+    return real_mkdir(path, *args, **kwargs)
+  monkeypatch.setattr(os, "open", ro_open)
+  monkeypatch.setattr(os, "mkdir", ro_mkdir)
+  line = _cli_error(capsys, ["--images", str(scene), "--tile", "16", "--out", str(parent / "out")])
+  assert str(parent / "out") in line and "Read-only file system" in line
+  assert not list(parent.iterdir())
+
+
+class _FullDiskWriter:
+  """ArrayRecordWriter on a full disk: ArrayRecord reports ENOSPC as a RuntimeError
+  when it flushes a chunk (seen on a 1 MiB tmpfs), here after two records."""
+
+  def __init__(self, path, options):
+    self._file = open(path, "wb")
+    self._records = 0
+
+  def write(self, data):
+    self._records += 1
+    if self._records > 2:
+      raise RuntimeError(f"write() failed: No space left on device; writing {self._file.name}; at byte 0")
+    self._file.write(data)
+
+  def close(self):
+    self._file.close()
+
+
+def _enospc_metadata(*args, **kwargs):
+  raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "dataset_info.json")
+
+
+@pytest.mark.parametrize("where", ["shards", "metadata"])
+def test_full_disk_is_one_line_and_leaves_nothing(tmp_path, capsys, scene, monkeypatch, where):
+  if where == "shards":
+    monkeypatch.setattr(writer, "ArrayRecordWriter", _FullDiskWriter)
+  else:
+    monkeypatch.setattr(writer.tfds.folder_dataset, "write_metadata", _enospc_metadata)
+  line = _cli_error(capsys, ["--images", str(scene), "--tile", "8", "--out", str(tmp_path / "out")])
+  assert str(tmp_path / "out") in line and "No space left on device" in line
+  assert no_leftovers(tmp_path)
+
+
+def test_duplicate_colour_in_class_map_names_the_csv(tmp_path, capsys, scene):
+  csv = tmp_path / "classes.csv"
+  csv.write_text("name,R,G,B\nroad,255,255,255\nroof,0,0,255\nsnow,255,255,255\n")
+  write_tif(tmp_path / "lbl.tif", np.zeros((3, 32, 32), np.uint8))
+  line = _cli_error(capsys, ["--images", str(scene), "--labels", str(tmp_path / "lbl.tif"),
+                             "--label-stem-replace", "a=lbl", "--class-map", str(csv), "--tile", "16",
+                             "--out", str(tmp_path / "out")])
+  assert str(csv) in line and "(255, 255, 255)" in line and "'road'" in line and "'snow'" in line
+
+
+def test_directory_named_like_a_geotiff_is_reported_as_a_directory(tmp_path, capsys, scene):
+  (tmp_path / "x.tif").mkdir()
+  line = _cli_error(capsys, ["--images", str(tmp_path), "--tile", "16", "--out", str(tmp_path / "out")])
+  assert f"{tmp_path / 'x.tif'}: is a directory, not a GeoTIFF" in line
+  line = _cli_error(capsys, ["--images", str(tmp_path / "*.tif"), "--tile", "16",
+                             "--out", str(tmp_path / "out")])
+  assert "is a directory, not a GeoTIFF" in line
+
+
+# --- non-finite pixels are nodata ---------------------------------------------------
+
+
+@pytest.mark.parametrize("nodata,fill", [(None, 0.0), (-9999.0, -9999.0)])
+def test_non_finite_pixels_are_nodata_and_never_written(tmp_path, nodata, fill):
+  rng = np.random.default_rng(7)
+  image = rng.normal(100.0, 20.0, (2, 32, 32)).astype(np.float32)
+  image[0, 3, 5] = np.nan
+  image[1, 10, 12] = np.inf
+  image[0, 20, 7] = -np.inf
+  image[:, 16:, 16:] = np.nan  # a whole tile: skipped as nodata
+  write_tif(tmp_path / "f.tif", image, nodata=nodata)
+  write_tif(tmp_path / "f_lbl.tif", rng.integers(0, 4, (1, 32, 32), dtype=np.uint8))
+  out = convert(str(tmp_path / "f.tif"), tmp_path / "out", labels=str(tmp_path / "f_lbl.tif"),
+                label_stem_replace=("f", "f_lbl"), tile=16, workers=0, progress=False)
+  source, info = open_dataset(out, "train")
+  bad_pixel = ~np.isfinite(image).all(axis=0)
+  kept = np.ones((32, 32), bool)
+  kept[16:, 16:] = False
+  windows = sorted(tuple(int(v) for v in source[i]["window"][:2]) for i in range(len(source)))
+  assert windows == [(0, 0), (0, 16), (16, 0)]
+  for i in range(len(source)):
+    rec = source[i]
+    r, c = (int(v) for v in rec["window"][:2])
+    want = np.moveaxis(image[:, r:r + 16, c:c + 16], 0, -1)
+    want = np.where(np.isfinite(want), want, np.float32(fill))
+    np.testing.assert_array_equal(rec["image"], want)
+    assert (rec["label"][bad_pixel[r:r + 16, c:c + 16]] == 255).all()
+  valid = (kept & ~bad_pixel)
+  np.testing.assert_allclose(info.band_stats.mean, image[:, valid].astype(np.float64).mean(1), rtol=1e-12)
+  assert info.metadata["splits"]["train"]["nonfinite_pixel_count"] == 3
+
+
+def test_scene_without_a_finite_pixel_is_one_line(tmp_path, capsys):
+  good = np.random.default_rng(8).normal(0, 1, (1, 32, 32)).astype(np.float32)
+  write_tif(tmp_path / "good.tif", good)
+  write_tif(tmp_path / "nan.tif", np.full((1, 32, 32), np.nan, np.float32))
+  line = _cli_error(capsys, ["--images", str(tmp_path / "good.tif"), str(tmp_path / "nan.tif"),
+                             "--tile", "16", "--max-nodata-fraction", "1", "--out", str(tmp_path / "out")])
+  assert f"{tmp_path / 'nan.tif'}: " in line and "NaN" in line
+  assert no_leftovers(tmp_path)
