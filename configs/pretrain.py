@@ -20,7 +20,8 @@ def _input(method: str, tiny: bool) -> ml_collections.ConfigDict:
   if method in ("inpainting",):
     return ml_collections.ConfigDict(dict(view_size=96) if tiny else {})
   if method == "jigsaw":
-    return ml_collections.ConfigDict(dict(tile_size=32, tile_crop=28) if tiny else {})
+    return ml_collections.ConfigDict(
+        dict(tile_size=32, tile_crop=28, augment=dict(crop_size=96)) if tiny else {})
   if method.startswith("glcnet"):
     return ml_collections.ConfigDict(dict(view_size=96, patch_size=16) if tiny else
                                      dict(view_size=224, patch_size=48, patch_num=4))

@@ -1,4 +1,5 @@
 """Grain pipelines end to end: pixel-id images, seeds, resume, sharding."""
+import dataclasses
 import glob
 import json
 import os
@@ -11,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from glc_jax.data import patches, pipelines
+from glc_jax.data import patches, pipelines, recipes
 
 TILE, VIEW = 48, 32
 
@@ -303,6 +304,49 @@ def test_pipelines_over_a_data_prep_dataset(tmp_path):
   mean = np.array(data["norm"]["mean"], np.float32)
   std = np.array(data["norm"]["std"], np.float32)
   np.testing.assert_allclose(got, (tiles - mean) / std, rtol=1e-5, atol=1e-5)
+
+
+_STATS = {"norm": {"mode": "stats", "mean": (10.0,) * 4, "std": (2.0,) * 4},
+          "value_max": 1000.0}
+_NO_FINETUNE_AUG = {"flip_probs": (1.0, 0.0, 0.0, 0.0), "rot_p": 0.0, "warp": {"p": 0.0},
+                    "hsv_p": 0.0, "band_jitter": 0.0, "noise_p": 0.0}
+
+
+@pytest.mark.parametrize("method", sorted(pipelines.RECIPE_CONFIGS))
+def test_dataset_keys_reach_every_recipe(method):
+  """Every method's recipe accepts what the stages derive from the dataset,
+  and normalises with it: a constant 12 becomes (12 - 10) / 2 = 1 everywhere."""
+  config = {"finetune": {"crop_size": 24, **_NO_FINETUNE_AUG},
+            "jigsaw": {"tile_size": 8, "tile_crop": 8,
+                       "augment": {"crop_size": 24, **_NO_FINETUNE_AUG}},
+            "inpainting": {"tile_crop": 24, "view_size": 16}}.get(
+                method, {"tile_crop": 24, "view_size": 16, "patch_size": 4,
+                         "view2": {"colour": {"p": 0.0}, "blur_p": 0.0, "gray_p": 0.0}})
+  fn = pipelines.recipe_for(method, config, dataset=_STATS)
+  record = {"image": np.full((24, 24, 4), 12, np.uint16),
+            "label": np.zeros((24, 24), np.uint8)}
+  out = fn(record, np.random.default_rng(0))
+  image = out.get("view2", out.get("tiles", out.get("image")))
+  np.testing.assert_allclose(image, 1.0, atol=1e-6)
+  cfg = fn.keywords["cfg"]
+  colour_cfg = cfg.augment if method == "jigsaw" else cfg
+  if hasattr(colour_cfg, "value_max"):
+    assert colour_cfg.value_max == 1000.0
+
+
+def test_config_keys_win_over_dataset_keys():
+  fn = pipelines.recipe_for("inpainting", {"tile_crop": 24, "view_size": 16,
+                                           "norm": {"mode": "reference"}}, dataset=_STATS)
+  out = fn({"image": np.full((24, 24, 4), 255, np.uint8)}, np.random.default_rng(0))
+  np.testing.assert_allclose(out["image"], 1.6, atol=1e-6)
+
+
+def test_nested_overrides_keep_the_nested_defaults():
+  jigsaw = recipes.config_from_dict(recipes.JigsawConfig, {"augment": {"hsv_p": 0.0}})
+  assert (jigsaw.augment.crop_size, jigsaw.augment.hsv_p) == (
+      recipes.JigsawConfig().augment.crop_size, 0.0)
+  two = recipes.config_from_dict(recipes.TwoViewConfig, {"view1": {"gray_p": 0.3}})
+  assert two.view1 == dataclasses.replace(recipes.NO_VIEW_AUG, gray_p=0.3)
 
 
 def test_inpainting_mask_is_a_union_of_blocks():

@@ -9,23 +9,15 @@ persistent XLA compilation cache in the workdir, so cells of the same shapes
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import time
 
-import jax
 import ml_collections
 
+from glc_jax import compile_cache
 from glc_jax.benchmark import matrix, report
 from glc_jax.benchmark.matrix import Cell
 from glc_jax.stages import evaluate, finetune, loop, pretrain, setup
-
-
-def enable_compilation_cache(work: pathlib.Path) -> None:
-  if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-    return  # the user's own cache wins
-  jax.config.update("jax_compilation_cache_dir", str(work / "jax_cache"))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 def prepare_data(config: ml_collections.ConfigDict, work: pathlib.Path) -> str:
@@ -93,7 +85,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
   matrix.check(config)
   matrix.check_same_setup(config, work)
   if config.compilation_cache:
-    enable_compilation_cache(work)
+    compile_cache.enable(work / "jax_cache")
   data_path = prepare_data(config, work)
   counts = labelled_counts(config, data_path)
   cells = matrix.cells(config)

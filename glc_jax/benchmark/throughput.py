@@ -96,23 +96,14 @@ def _stage_config(method: str, size: str):
   return matrix.load_config("pretrain", f"{method}{tiny}")
 
 
-def _recipe_configs():
-  from glc_jax.data import recipes  # pylint: disable=import-outside-toplevel
-  return {"glcnet": recipes.TwoViewConfig, "simclr": recipes.TwoViewConfig,
-          "mocov2": recipes.TwoViewConfig, "inpainting": recipes.InpaintingConfig,
-          "jigsaw": recipes.JigsawConfig, "finetune": recipes.FinetuneConfig}
-
-
 def host_batch(method: str, config, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
   """One batch from the method's input recipe applied to random 4-band uint8 tiles."""
   from glc_jax.data import pipelines  # pylint: disable=import-outside-toplevel
   from glc_jax.stages.pretrain import data_recipe_name  # pylint: disable=import-outside-toplevel
   rng = np.random.default_rng(seed)
   name = "finetune" if method == "finetune" else data_recipe_name(method)
-  # Only the recipes whose config has these keys take them (jigsaw has neither).
-  fields = {f.name for f in dataclasses.fields(_recipe_configs()[name])}
-  uint8 = {k: v for k, v in (("norm", {"mode": "reference"}), ("value_max", 255.0)) if k in fields}
-  example_fn = pipelines.recipe_for(name, dict(uint8, **config.input))
+  example_fn = pipelines.recipe_for(name, config.input,
+                                    dataset={"norm": {"mode": "reference"}, "value_max": 255.0})
   tile = config.input.crop_size if method == "finetune" else 256
   examples = []
   for _ in range(batch):

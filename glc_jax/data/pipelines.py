@@ -50,9 +50,6 @@ from glc_jax.data import augment, recipes
 
 ExampleFn = Callable[[Mapping[str, Any], np.random.Generator], dict]
 
-METHODS = ("glcnet", "simclr", "mocov2", "inpainting", "jigsaw", "finetune")
-
-
 def _process(process_index: int | None, process_count: int | None):
   if process_index is None or process_count is None:
     import jax  # pylint: disable=g-import-not-at-top
@@ -79,27 +76,69 @@ def shard_indices(num_records: int, process_index: int, process_count: int,
   return range(start, start + base + (process_index < extra))
 
 
+RECIPE_CONFIGS = {
+    "glcnet": recipes.TwoViewConfig,
+    "simclr": recipes.TwoViewConfig,
+    "mocov2": recipes.TwoViewConfig,
+    "inpainting": recipes.InpaintingConfig,
+    "jigsaw": recipes.JigsawConfig,
+    "finetune": recipes.FinetuneConfig,
+}
+
+
+def _placed(cls, keys: Mapping[str, Any]) -> dict:
+  """`keys` put wherever config dataclass `cls` has a field of that name,
+  at the top level or in a nested config (jigsaw's `augment`)."""
+  out = {}
+  for field in dataclasses.fields(cls):
+    if field.name in keys:
+      out[field.name] = keys[field.name]
+    elif dataclasses.is_dataclass(field.default):
+      nested = _placed(type(field.default), keys)
+      if nested:
+        out[field.name] = nested
+  return out
+
+
+def _merged(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict:
+  out = dict(base)
+  for key, value in override.items():
+    if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+      value = _merged(out[key], value)
+    out[key] = value
+  return out
+
+
 def recipe_for(method: str, config: Mapping[str, Any] | Any | None = None,
-               permutations: np.ndarray | None = None) -> ExampleFn:
+               permutations: np.ndarray | None = None,
+               dataset: Mapping[str, Any] | None = None) -> ExampleFn:
   """Binds a method's recipe to its config (a dataclass, mapping or None).
 
   `config` keys are the fields of the method's config dataclass in
   `glc_jax.data.recipes` (nested mappings for nested dataclasses); unknown
-  keys raise. Jigsaw uses `permutations` (N, grid**2), by default the
+  keys raise. `dataset` holds the keys that come from the dataset
+  (`dataset_data_config`: norm, value_max); each goes wherever the method's
+  config has a field of that name and is ignored where it has none
+  (inpainting does no colour work, so it takes no value_max); keys given in
+  `config` win. Jigsaw uses `permutations` (N, grid**2), by default the
   models' deterministic maximal-Hamming set of 1000.
   """
+  if method not in RECIPE_CONFIGS:
+    raise ValueError(f"unknown input method {method!r} (expected one of "
+                     f"{', '.join(RECIPE_CONFIGS)})")
+  cls = RECIPE_CONFIGS[method]
+  if dataclasses.is_dataclass(config):
+    config = dataclasses.asdict(config)
+  values = _merged(_placed(cls, dataset or {}), dict(config or {}))
+  cfg = recipes.config_from_dict(cls, values, method)
   if method == "glcnet":
-    cfg = recipes.config_from_dict(recipes.TwoViewConfig, config, method)
     return functools.partial(recipes.two_view_example, cfg=cfg)
   if method in ("simclr", "mocov2"):
-    cfg = recipes.config_from_dict(recipes.TwoViewConfig, config, method)
-    cfg = dataclasses.replace(cfg, patch_num=0)
-    return functools.partial(recipes.two_view_example, cfg=cfg)
+    return functools.partial(recipes.two_view_example,
+                             cfg=dataclasses.replace(cfg, patch_num=0))
   if method == "inpainting":
-    cfg = recipes.config_from_dict(recipes.InpaintingConfig, config, method)
     return functools.partial(recipes.inpainting_example, cfg=cfg)
   if method == "jigsaw":
-    cfg = recipes.config_from_dict(recipes.JigsawConfig, config, method)
     if permutations is None:
       from glc_jax.models.permutations import jigsaw_permutations  # pylint: disable=g-import-not-at-top
       permutations = jigsaw_permutations(1000, cfg.grid ** 2)
@@ -108,11 +147,7 @@ def recipe_for(method: str, config: Mapping[str, Any] | Any | None = None,
                        f"expected (N, {cfg.grid ** 2})")
     return functools.partial(recipes.jigsaw_example, cfg=cfg,
                              permutations=np.asarray(permutations))
-  if method == "finetune":
-    cfg = recipes.config_from_dict(recipes.FinetuneConfig, config, method)
-    return functools.partial(recipes.finetune_example, cfg=cfg)
-  raise ValueError(f"unknown input method {method!r} (expected one of "
-                   f"{', '.join(METHODS)})")
+  return functools.partial(recipes.finetune_example, cfg=cfg)
 
 
 def dataset_data_config(info, norm_mode: str = "reference",
@@ -290,19 +325,21 @@ def eval_dataset(source: Sequence[Mapping[str, Any]], *, batch_size: int,
                                batch_fn=_stack)
 
 
-def _worker_init(worker_index: int, worker_count: int) -> None:
+def _worker_init(worker_index: int, worker_count: int, parent: int) -> None:
   del worker_index, worker_count
   augment.tune_allocator()
-  _exit_with_parent()
+  _exit_with_parent(parent)
 
 
-def _exit_with_parent(poll_s: float = 1.0) -> None:
-  """Ends this worker process once its parent is gone.
+def _exit_with_parent(parent: int, poll_s: float = 1.0) -> None:
+  """Ends this worker process once `parent` (the pid that started it) is gone.
 
   A parent killed with SIGKILL (or by the OOM killer) cannot stop its Grain
   workers, which would otherwise live on holding memory and shared buffers.
+  The pid comes from the parent itself: a worker takes seconds to start
+  (spawn imports the main module), and one whose parent died meanwhile has
+  already been re-parented, so its own getppid() would name the new parent.
   """
-  parent = os.getppid()
 
   def watch():
     while os.getppid() == parent:
@@ -350,7 +387,7 @@ def make_iterator(ds: grain.MapDataset, *, num_workers: int = 0,
     it_ds = it_ds.mp_prefetch(
         grain.MultiprocessingOptions(num_workers=num_workers,
                                      per_worker_buffer_size=worker_buffer),
-        worker_init_fn=_worker_init)
+        worker_init_fn=functools.partial(_worker_init, parent=os.getpid()))
   else:
     augment.tune_allocator()
   if sharding is not None:

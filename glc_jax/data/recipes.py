@@ -165,30 +165,35 @@ class EvalConfig:
   norm: NormConfig = NormConfig()
 
 
-def config_from_dict(cls, values: Mapping[str, Any] | None, where: str = ""):
+def config_from_dict(cls, values: Mapping[str, Any] | None, where: str = "",
+                     base: Any = None):
   """Builds config dataclass `cls` from a (nested) mapping, e.g. a ConfigDict.
 
-  Unknown keys raise a one-line ValueError naming the key; nested dataclass
-  fields accept mappings; lists become tuples.
+  Keys override `base` (default `cls()`); a nested mapping overrides the
+  nested default it replaces, so `{"augment": {"hsv_p": 0}}` keeps jigsaw's
+  own augment.crop_size and `{"view1": {"gray_p": 0.1}}` keeps view 1's
+  other no-augmentation settings. Unknown keys raise a one-line ValueError
+  naming the key; lists become tuples.
   """
+  base = cls() if base is None else base
   if values is None:
-    return cls()
+    return base
   if dataclasses.is_dataclass(values):
     return values
-  fields = {f.name: f for f in dataclasses.fields(cls)}
+  fields = {f.name for f in dataclasses.fields(cls)}
   kwargs = {}
   for key, value in dict(values).items():
     name = f"{where}.{key}" if where else key
     if key not in fields:
       raise ValueError(f"unknown data config key {name!r} "
                        f"(known: {', '.join(sorted(fields))})")
-    default = getattr(cls(), key)
+    default = getattr(base, key)
     if dataclasses.is_dataclass(default):
-      value = config_from_dict(type(default), value, name)
+      value = config_from_dict(type(default), value, name, base=default)
     elif isinstance(value, list):
       value = tuple(value)
     kwargs[key] = value
-  return cls(**kwargs)
+  return dataclasses.replace(base, **kwargs)
 
 
 # ---------------------------------------------------------------------------
@@ -388,7 +393,10 @@ def jigsaw_example(record: Mapping[str, Any], rng: np.random.Generator,
   g, t = cfg.grid, cfg.tile_size
   base = finetune_example(record, rng, cfg.augment, with_label=False)["image"]
   if base.shape[0] < g * t:
-    raise ValueError(f"jigsaw needs a {g * t}-pixel crop, got {base.shape[0]}")
+    raise ValueError(f"jigsaw needs {g * t}-pixel crops (grid {g} × tile_size {t}) but "
+                     f"gets {base.shape[0]} (the smaller of augment.crop_size "
+                     f"{cfg.augment.crop_size} and the {min(record['image'].shape[:2])}-pixel "
+                     "tiles): lower tile_size or use larger tiles")
   tiles = []
   for r in range(g):
     for c in range(g):

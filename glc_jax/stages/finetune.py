@@ -22,19 +22,16 @@ from glc_jax import checkpoint, methods, metrics, models, optim, parallel
 from glc_jax.data import pipelines
 from glc_jax.methods.segmentation import SegmentationMethod
 from glc_jax.parallel import DATA_AXIS
-from glc_jax.stages import loop, setup
+from glc_jax.stages import loop, run_dir, setup
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 INIT_KINDS = ("random", "checkpoint")
 
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int) -> models.DeepLabV3Plus:
-  if config.model.dtype not in _DTYPES:
-    raise setup.ConfigError(f"config key model.dtype is {config.model.dtype!r}; "
-                            f"expected one of {sorted(_DTYPES)}")
-  return models.DeepLabV3Plus(num_classes=num_classes, depth=config.model.depth,
-                              output_stride=config.model.output_stride, width=config.model.width,
-                              axis_name=DATA_AXIS, dtype=_DTYPES[config.model.dtype])
+  try:
+    return models.DeepLabV3Plus(num_classes=num_classes, **methods.model_kwargs(config))
+  except ValueError as e:
+    raise setup.ConfigError(str(e)) from None
 
 
 def load_pretrained(config: ml_collections.ConfigDict, num_bands: int) -> dict | None:
@@ -46,6 +43,9 @@ def load_pretrained(config: ml_collections.ConfigDict, num_bands: int) -> dict |
     raise setup.ConfigError(f"config key init.kind is {config.init.kind!r}; expected one of {INIT_KINDS}")
   if config.init.kind == "random":
     return None
+  if not config.init.path:
+    raise setup.ConfigError("config key init.path is empty: set it to a pretraining run's workdir "
+                            "or an imported checkpoint, or use configs/finetune.py:random")
   if config.init.transfer not in models.TRANSFER_MODES:
     raise setup.ConfigError(f"config key init.transfer is {config.init.transfer!r}; "
                             f"expected one of {models.TRANSFER_MODES}")
@@ -105,13 +105,18 @@ def make_validator(model, mesh, source, info, config, data_config):
   return validate
 
 
+COUNTS = {"epochs": 1, "log_every": 1, "checkpoint_every": 1, "keep_checkpoints": 1,
+          "data.num_workers": 0}
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
+  setup.check_counts(config, COUNTS)
   source, info = setup.open_split(config.data.path, config.data.split, config.data.label_fraction)
   if not info.labelled:
     raise setup.ConfigError(f"data.path: {config.data.path} has no labels; fine-tuning needs labels")
   if config.data.val_split == config.data.split:
     raise setup.ConfigError("data.val_split must differ from data.split (model selection needs held-out data)")
-  val_source, _ = setup.open_split(config.data.path, config.data.val_split)
+  val_source, _ = setup.open_split(config.data.path, config.data.val_split, split_key="data.val_split")
   if config.select_metric not in ("val_oa", "val_kappa", "val_miou"):
     raise setup.ConfigError(f"config key select_metric is {config.select_metric!r}; "
                             "expected val_oa, val_kappa or val_miou")
@@ -130,25 +135,26 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   tx, schedule = optim.build_optimizer(config.optimizer, steps_per_epoch=steps_per_epoch,
                                        num_epochs=config.epochs,
                                        num_devices=parallel.data_size(mesh), global_batch=global_batch)
-  rng = jax.random.key(config.seed)
-  state = methods.init_train_state(method, tx, mesh, jax.random.fold_in(rng, 0),
-                                   setup.example_shapes(dataset))
-  variables, copied = initial_variables(
-      config, {"params": state.params, "batch_stats": state.batch_stats}, pretrained)
-  if copied:
-    print(f"finetune: {len(copied)} tensors initialised from {config.init.path} ({config.init.transfer})")
-  variables = parallel.replicate(jax.device_get(variables), mesh)
-  state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
+  with run_dir.claim(workdir, config) as claim:
+    rng = jax.random.key(config.seed)
+    state = methods.init_train_state(method, tx, mesh, jax.random.fold_in(rng, 0),
+                                     setup.example_shapes(dataset))
+    variables, copied = initial_variables(
+        config, {"params": state.params, "batch_stats": state.batch_stats}, pretrained)
+    if copied:
+      print(f"finetune: {len(copied)} tensors initialised from {config.init.path} ({config.init.transfer})")
+    variables = parallel.replicate(jax.device_get(variables), mesh)
+    state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
 
-  train_step = methods.make_train_step(method, tx, schedule, mesh)
-  iterator = pipelines.make_iterator(dataset, num_workers=config.data.num_workers,
-                                     sharding=parallel.batch_sharding(mesh))
-  validate = make_validator(model, mesh, val_source, info, config, data_config)
-  setup.write_run_config(workdir, config)
-  _, checkpoints = loop.fit(
-      state, train_step, iterator, jax.random.fold_in(rng, 1), workdir=workdir,
-      total_steps=total_steps, steps_per_epoch=steps_per_epoch,
-      checkpoint_every=config.checkpoint_every, keep_checkpoints=config.keep_checkpoints,
-      log_every=config.log_every, items_per_step=global_batch, desc="finetune",
-      validate=validate, best_metric=config.select_metric)
-  checkpoints.close()
+    train_step = methods.make_train_step(method, tx, schedule, mesh)
+    iterator = pipelines.make_iterator(dataset, num_workers=config.data.num_workers,
+                                       sharding=parallel.batch_sharding(mesh))
+    validate = make_validator(model, mesh, val_source, info, config, data_config)
+    claim.record_config("finetune")
+    _, checkpoints = loop.fit(
+        state, train_step, iterator, jax.random.fold_in(rng, 1), workdir=workdir,
+        total_steps=total_steps, steps_per_epoch=steps_per_epoch,
+        checkpoint_every=config.checkpoint_every, keep_checkpoints=config.keep_checkpoints,
+        log_every=config.log_every, items_per_step=global_batch, desc="finetune",
+        validate=validate, best_metric=config.select_metric)
+    checkpoints.close()

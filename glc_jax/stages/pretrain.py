@@ -15,14 +15,20 @@ import ml_collections
 
 from glc_jax import methods, optim, parallel
 from glc_jax.data import pipelines
-from glc_jax.stages import loop, setup
+from glc_jax.stages import loop, run_dir, setup
 
 
 def data_recipe_name(method: str) -> str:
   return "glcnet" if method.startswith("glcnet") else method
 
 
+# Minimum of each count key; epochs only counts when num_steps is 0.
+COUNTS = {"num_steps": 0, "log_every": 1, "checkpoint_every": 1, "keep_checkpoints": 1,
+          "data.num_workers": 0}
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
+  setup.check_counts(config, COUNTS if config.num_steps else dict(COUNTS, epochs=1))
   source, info = setup.open_split(config.data.path, config.data.split)
   mesh = parallel.make_data_mesh()
   global_batch = setup.checked_batch(config.data.batch_size, mesh, len(source))
@@ -39,16 +45,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
       config.optimizer, steps_per_epoch=steps_per_epoch,
       num_epochs=-(-total_steps // steps_per_epoch), num_devices=parallel.data_size(mesh),
       global_batch=global_batch)
-  rng = jax.random.key(config.seed)
-  state = methods.init_train_state(method, tx, mesh, jax.random.fold_in(rng, 0),
-                                   setup.example_shapes(dataset))
-  train_step = methods.make_train_step(method, tx, schedule, mesh)
-  iterator = pipelines.make_iterator(dataset, num_workers=config.data.num_workers,
-                                     sharding=parallel.batch_sharding(mesh))
-  setup.write_run_config(workdir, config)
-  _, checkpoints = loop.fit(
-      state, train_step, iterator, jax.random.fold_in(rng, 1), workdir=workdir,
-      total_steps=total_steps, steps_per_epoch=steps_per_epoch,
-      checkpoint_every=config.checkpoint_every, keep_checkpoints=config.keep_checkpoints,
-      log_every=config.log_every, items_per_step=global_batch, desc=f"pretrain {config.method}")
-  checkpoints.close()
+  with run_dir.claim(workdir, config) as claim:
+    rng = jax.random.key(config.seed)
+    state = methods.init_train_state(method, tx, mesh, jax.random.fold_in(rng, 0),
+                                     setup.example_shapes(dataset))
+    train_step = methods.make_train_step(method, tx, schedule, mesh)
+    iterator = pipelines.make_iterator(dataset, num_workers=config.data.num_workers,
+                                       sharding=parallel.batch_sharding(mesh))
+    desc = f"pretrain {config.method}"
+    claim.record_config(desc)
+    _, checkpoints = loop.fit(
+        state, train_step, iterator, jax.random.fold_in(rng, 1), workdir=workdir,
+        total_steps=total_steps, steps_per_epoch=steps_per_epoch,
+        checkpoint_every=config.checkpoint_every, keep_checkpoints=config.keep_checkpoints,
+        log_every=config.log_every, items_per_step=global_batch, desc=desc)
+    checkpoints.close()

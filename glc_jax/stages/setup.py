@@ -1,9 +1,6 @@
 """Checks and set-up every stage does before any compute."""
 from __future__ import annotations
 
-import json
-import pathlib
-
 import jax
 import ml_collections
 
@@ -16,13 +13,35 @@ class ConfigError(ValueError):
 
 
 def open_split(path: str, split: str, subset_fraction: float | None = None,
-               key: str = "data.path") -> tuple[TileSource, DatasetInfo]:
+               key: str = "data.path", split_key: str = "data.split",
+               fraction_key: str = "data.label_fraction") -> tuple[TileSource, DatasetInfo]:
+  """The split (or its labelled subset); a bad value is a ConfigError naming its config key."""
   if not path:
     raise ConfigError(f"config key {key} is empty: set it to a dataset made by `python -m data_prep`")
   try:
+    source, info = open_dataset(path, split)
+  except FileNotFoundError as e:
+    raise ConfigError(f"{key}: {e}") from None
+  except KeyError as e:
+    raise ConfigError(f"{split_key}: {e.args[0]}") from None
+  except ValueError as e:
+    raise ConfigError(f"{key}: {e}") from None
+  if subset_fraction is None:
+    return source, info
+  try:
     return open_dataset(path, split, subset_fraction)
-  except (FileNotFoundError, KeyError, ValueError) as e:
-    raise ConfigError(f"{key}: {str(e).strip(chr(34) + chr(39))}") from None
+  except ValueError as e:
+    raise ConfigError(f"{fraction_key}: {e}") from None
+
+
+def check_counts(config: ml_collections.ConfigDict, minimums: dict[str, int]) -> None:
+  """One-line error for an integer key (dotted path) below its minimum, e.g. epochs=0."""
+  for key, least in minimums.items():
+    value = config
+    for part in key.split("."):
+      value = value[part]
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+      raise ConfigError(f"config key {key} is {value!r}; expected an integer >= {least}")
 
 
 def checked_batch(global_batch: int, mesh: jax.sharding.Mesh, num_records: int,
@@ -37,13 +56,13 @@ def checked_batch(global_batch: int, mesh: jax.sharding.Mesh, num_records: int,
 
 
 def example_shapes(dataset) -> dict[str, jax.ShapeDtypeStruct]:
-  """Shapes and dtypes of one batch of a MapDataset of batches (computes batch 0)."""
-  return {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in dataset[0].items()}
+  """Shapes and dtypes of one batch of a MapDataset of batches (computes batch 0).
 
-
-def write_run_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """Records the config a run was started with, next to its checkpoints."""
-  if jax.process_index() == 0:
-    work = pathlib.Path(workdir)
-    work.mkdir(parents=True, exist_ok=True)
-    (work / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=str) + "\n")
+  The first batch is where an input recipe meets the data, so a recipe's
+  complaint about it (views larger than the tiles, say) is a config error.
+  """
+  try:
+    batch = dataset[0]
+  except ValueError as e:
+    raise ConfigError(f"input: {e}") from None
+  return {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
