@@ -30,11 +30,14 @@ def get_config(arg=None):
 
   pretrain = _sibling("pretrain").get_config("glcnet,tiny")
   pretrain.data.batch_size = 32
+  # A short run on a small batch: the reference's lr of one GPU (1e-3, 1e-4) at these batches.
+  pretrain.optimizer.reference_batch = 32
   pretrain.epochs = 12
   c.pretrain = pretrain
 
   finetune = _sibling("finetune").get_config("checkpoint,tiny")
   finetune.data.batch_size = 4
+  finetune.optimizer.reference_batch = 4
   finetune.epochs = 80
   finetune.log_every = 20
   finetune.input.crop_size = 128

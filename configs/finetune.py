@@ -5,7 +5,7 @@
 
 Argument: "checkpoint" (default) or "random", optionally ",tiny". Defaults are
 the reference's: batch 16, 150 epochs, Adam lr 1e-4 (0.9, 0.99), L2 1e-5, lr ×
-0.98 per epoch, backbone + encoder transferred, 256×256 crops with the
+0.98 per epoch (a larger global batch scales the lr: 1e-4 per 16 examples), backbone + encoder transferred, 256×256 crops with the
 reference's augmentation. The best state by validation OA is kept (the
 reference's criterion), on `data.val_split`, apart from the test split.
 """
@@ -26,9 +26,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.init = dict(kind=kind, path="", transfer="backbone+encoder")
   c.input = dict(crop_size=128) if tiny else dict(crop_size=256)
   c.model = dict(depth=50, output_stride=16, width=0.25 if tiny else 1.0, dtype="float32")
-  c.optimizer = dict(name="adam", lr=1e-4, lr_scaling="none", b1=0.9, b2=0.99, eps=1e-8,
+  c.optimizer = dict(name="adam", lr=1e-4, lr_scaling="batch", reference_batch=16, b1=0.9, b2=0.99, eps=1e-8,
                      weight_decay=1e-5, schedule="exponential", decay_rate=0.98, per_epoch=True,
                      warmup_epochs=0.0, grad_clip_norm=0.0)
+  if tiny:
+    c.optimizer.reference_batch = c.data.batch_size  # 1e-4 at the tiny batch
   c.epochs = 30 if tiny else 150
   c.log_every = 10 if tiny else 50
   c.checkpoint_every = 50 if tiny else 500

@@ -6,8 +6,12 @@
 Methods: glcnet, glcnet_nostyle, glcnet_noglobal, glcnet_nolocal, simclr, mocov2,
 inpainting, jigsaw. Append ",tiny" (e.g. "glcnet,tiny") for a narrow ResNet-50
 on small views that runs on a CPU in minutes. Defaults are the reference's:
-ResNet-50 DeepLabv3+ at output stride 16, 224×224 views, batch 256 per device,
-Adam (0.9, 0.99), L2 1e-5, lr 1e-3 × devices with cosine decay to 4e-8, 400 epochs.
+ResNet-50 DeepLabv3+ at output stride 16, 224×224 views, Adam (0.9, 0.99), L2 1e-5,
+cosine decay to 4e-8, 400 epochs. `data.batch_size` is the global batch (all devices
+and hosts); the lr is `optimizer.lr × data.batch_size / optimizer.reference_batch`,
+1e-3 per 256 pairs, which is the reference's 1e-3 × GPUs at 256 pairs per GPU on any
+number of devices (glc_jax/optim.py). For a batch of 256 per device on N devices,
+set data.batch_size=256·N.
 """
 import ml_collections
 
@@ -57,10 +61,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if method == "jigsaw":
     c.model.num_permutations = 1000
   c.loss = _loss(method)
-  c.optimizer = dict(name="adam", lr=1e-3, lr_scaling="devices", reference_batch=256, b1=0.9,
+  c.optimizer = dict(name="adam", lr=1e-3, lr_scaling="batch", reference_batch=256, b1=0.9,
                      b2=0.99, eps=1e-8, weight_decay=1e-5, momentum=0.9, trust_coefficient=0.001,
                      schedule="cosine", end_lr=4e-8, decay_rate=0.98, per_epoch=True,
                      warmup_epochs=0.0, grad_clip_norm=0.0)
+  if tiny:
+    c.optimizer.reference_batch = c.data.batch_size  # 1e-3 at the tiny batch, as on one GPU
   if method == "mocov2" and tiny:
     c.loss.queue_size = 256
   c.epochs = 20 if tiny else 400

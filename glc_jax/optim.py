@@ -4,11 +4,21 @@ Config keys (an ml_collections.ConfigDict, usually `config.optimizer`):
 
   name           'adam' (default; L2 decay added to the gradient, as torch
                  Adam's weight_decay), 'adamw' (decoupled decay), 'lars'.
-  lr             base learning rate (pretraining 1e-3, fine-tuning 1e-4).
-  lr_scaling     'none' | 'devices' (lr × device count, as the reference
-                 scales by GPU count) | 'batch' (lr × global_batch /
-                 reference_batch).
-  reference_batch  batch the base lr is meant for (256) when lr_scaling='batch'.
+  lr             learning rate per `reference_batch` examples (pretraining
+                 1e-3 per 256, fine-tuning 1e-4 per 16).
+  lr_scaling     'batch' (default: lr × global_batch / reference_batch) |
+                 'none' (lr as given) | 'devices' (lr × device count).
+  reference_batch  the global batch `lr` is meant for (256 for pretraining,
+                 16 for fine-tuning).
+
+The learning-rate rule: `data.batch_size` is the global batch (over every
+device and host), and the lr is `lr × global_batch / reference_batch`. The
+reference trains 256 pairs per GPU at 1e-3 × GPUs, i.e. 1e-3 per 256
+examples, so the rule reproduces it on any number of GPUs, and a pod keeps
+the same lr per example whatever its size. 'devices' multiplies by the
+device count whatever the global batch is (on 64 chips with the same
+global batch that is 64× the reference's lr per example); it is kept only
+for comparisons with runs that used it.
   b1, b2, eps    Adam moments (0.9, 0.99, 1e-8).
   weight_decay   1e-5.
   momentum       LARS momentum (0.9).
@@ -43,9 +53,9 @@ _SCALINGS = ("none", "devices", "batch")
 
 
 def default_optimizer_config() -> ml_collections.ConfigDict:
-  """The reference's pretraining optimiser: Adam, cosine to 4e-8, lr × devices."""
+  """The reference's pretraining optimiser: Adam, cosine to 4e-8, 1e-3 per 256 examples."""
   return ml_collections.ConfigDict(dict(
-      name="adam", lr=1e-3, lr_scaling="devices", reference_batch=256,
+      name="adam", lr=1e-3, lr_scaling="batch", reference_batch=256,
       b1=0.9, b2=0.99, eps=1e-8, weight_decay=1e-5, momentum=0.9,
       trust_coefficient=0.001, schedule="cosine", end_lr=4e-8,
       decay_rate=0.98, per_epoch=True, warmup_epochs=0.0,
@@ -53,9 +63,9 @@ def default_optimizer_config() -> ml_collections.ConfigDict:
 
 
 def finetune_optimizer_config() -> ml_collections.ConfigDict:
-  """The reference's fine-tuning optimiser: Adam lr 1e-4 × 0.98 per epoch."""
+  """The reference's fine-tuning optimiser: Adam 1e-4 at batch 16, × 0.98 per epoch."""
   config = default_optimizer_config()
-  config.update(lr=1e-4, lr_scaling="none", schedule="exponential")
+  config.update(lr=1e-4, reference_batch=16, schedule="exponential")
   return config
 
 
@@ -68,7 +78,7 @@ def _choice(config, key, allowed):
 
 def scaled_lr(config: ml_collections.ConfigDict, num_devices: int,
               global_batch: int) -> float:
-  """Base lr after the configured scaling rule."""
+  """Base lr after the configured scaling rule (the module docstring's rule)."""
   scaling = _choice(config, "lr_scaling", _SCALINGS)
   if scaling == "devices":
     return config.lr * num_devices

@@ -1,4 +1,5 @@
 """Optimiser and schedules against numpy transcriptions of torch's formulas."""
+import importlib.util
 import math
 
 import jax
@@ -44,7 +45,7 @@ def test_adam_matches_torch_semantics():
 def test_cosine_schedule_is_torch_cosine_annealing_per_epoch():
   config = optim.default_optimizer_config()
   tx, schedule = optim.build_optimizer(config, steps_per_epoch=3, num_epochs=10,
-                                       num_devices=4)
+                                       num_devices=4, global_batch=1024)
   base, end = 4e-3, 4e-8
   for step in range(30):
     epoch = step // 3
@@ -56,11 +57,40 @@ def test_finetune_schedule_decays_per_epoch_and_warmup():
   config = optim.finetune_optimizer_config()
   config.warmup_epochs = 1
   _, schedule = optim.build_optimizer(config, steps_per_epoch=4, num_epochs=5,
-                                      num_devices=8)
+                                      num_devices=8, global_batch=16)
   np.testing.assert_allclose([schedule(s) for s in range(4)],
                              [0, 2.5e-5, 5e-5, 7.5e-5], rtol=1e-6)
   np.testing.assert_allclose([schedule(s) for s in (4, 7, 8, 12)],
                              [1e-4, 1e-4, 0.98e-4, 0.98 ** 2 * 1e-4], rtol=1e-6)
+
+
+def _config_file(name: str, variant: str | None = None):
+  spec = importlib.util.spec_from_file_location(f"{name}_cfg", f"configs/{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(variant)
+
+
+@pytest.mark.parametrize("devices, global_batch, want", [
+    (1, 256, 1e-3),     # the reference on one GPU
+    (8, 2048, 8e-3),    # the reference on 8 GPUs: 1e-3 × GPUs at 256 per GPU
+    (8, 256, 1e-3),     # the same global batch on more devices: the same lr
+    (1, 96, 3.75e-4),   # not a multiple of 256: 1e-3 × 96 / 256
+])
+def test_pretraining_lr_is_1e_3_per_256_examples(devices, global_batch, want):
+  config = _config_file("pretrain", "glcnet").optimizer
+  _, schedule = optim.build_optimizer(config, steps_per_epoch=10, num_epochs=400,
+                                      num_devices=devices, global_batch=global_batch)
+  np.testing.assert_allclose(schedule(0), want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("devices, global_batch, want", [(1, 16, 1e-4), (8, 16, 1e-4),
+                                                         (8, 64, 4e-4)])
+def test_finetuning_lr_is_1e_4_per_16_examples(devices, global_batch, want):
+  config = _config_file("finetune").optimizer
+  _, schedule = optim.build_optimizer(config, steps_per_epoch=10, num_epochs=150,
+                                      num_devices=devices, global_batch=global_batch)
+  np.testing.assert_allclose(schedule(0), want, rtol=1e-6)
 
 
 def test_batch_scaling_and_clipping():
