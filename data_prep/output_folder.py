@@ -13,14 +13,16 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Iterator
 
 from data_prep.errors import DataPrepError
-from data_prep.writer import DATASET_NAME
+from data_prep.writer import DATASET_NAME, SHARD_SUFFIX
 
 _METADATA_FILES = ("dataset_info.json", "features.json", "metadata.json")
+_SHARD_NAME = re.compile(rf"{re.escape(DATASET_NAME)}-\w+\.{SHARD_SUFFIX}-\d{{5}}-of-\d{{5}}")
 
 
 def _lock_path(out: Path) -> Path:
@@ -78,7 +80,7 @@ def remove_leftovers(out: Path) -> None:
 
 
 def _is_dataset_file(name: str) -> bool:
-  return name in _METADATA_FILES or name.startswith(f"{DATASET_NAME}-")
+  return name in _METADATA_FILES or _SHARD_NAME.fullmatch(name) is not None
 
 
 def _made_by_data_prep(out: Path) -> bool:
@@ -100,7 +102,8 @@ def check_replaceable(out: Path, overwrite: bool) -> None:
   if not out.exists() and not out.is_symlink():
     return
   if not out.is_dir() or out.is_symlink():
-    raise DataPrepError(f"{out}: exists and is not a data_prep dataset but a file; "
+    kind = "a symbolic link" if out.is_symlink() else "a file"
+    raise DataPrepError(f"{out}: exists and is not a data_prep dataset but {kind}; "
                         "data_prep replaces only datasets it made: choose another --out")
   entries = sorted(p.name for p in out.iterdir())
   if not entries:

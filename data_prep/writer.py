@@ -18,7 +18,7 @@ from array_record.python.array_record_module import ArrayRecordWriter
 
 DATASET_NAME = "geotiff_tiles"
 DATASET_VERSION = "1.0.0"
-_SHARD_SUFFIX = "array_record"
+SHARD_SUFFIX = "array_record"
 
 
 @contextlib.contextmanager
@@ -96,7 +96,7 @@ class SplitWriter:
     self._close_shard()
     total = len(self._paths)
     for i, path in enumerate(self._paths):
-      path.rename(self._data_dir / (f"{DATASET_NAME}-{self._split}.{_SHARD_SUFFIX}-"
+      path.rename(self._data_dir / (f"{DATASET_NAME}-{self._split}.{SHARD_SUFFIX}-"
                                      f"{i:05d}-of-{total:05d}"))
     return tfds.core.SplitInfo(name=self._split, shard_lengths=list(self.shard_lengths),
                                num_bytes=self.num_bytes)
