@@ -381,17 +381,31 @@ def test_jigsaw_tiles_follow_the_permutation():
     np.testing.assert_allclose(out["tiles"][i], cells[order[i]], atol=1e-5)
 
 
+# A parent that starts 2 Grain workers. "running": killed once a batch came
+# back. "starting": killed while its workers are still starting; each sleeps
+# first in the spawn import of this script, as train.py's workers spend
+# seconds importing it (the pipeline is small, so it is already in the pipe).
 _KILLED_PARENT = """
-import sys, time
+import sys, threading, time
+if __name__ == "__mp_main__" and {moment!r} == "starting":
+  time.sleep(6)
 sys.path.insert(0, {tests!r})
-from test_pipeline import _glcnet_ids, _id_source
-from glc_jax.data import pipelines
-ds = pipelines.train_dataset(_id_source(12), _glcnet_ids(), batch_size=2, seed=9,
-                             process_index=0, process_count=1)
-it = pipelines.make_iterator(ds, num_workers=2)
-next(it)
-print("ready", flush=True)
-time.sleep(600)
+if __name__ == "__main__":
+  import grain
+  from glc_jax.data import pipelines
+  if {moment!r} == "running":
+    from test_pipeline import _glcnet_ids, _id_source
+    ds = pipelines.train_dataset(_id_source(12), _glcnet_ids(), batch_size=2, seed=9,
+                                 process_index=0, process_count=1)
+  else:
+    ds = grain.MapDataset.range(64).batch(2)
+  it = pipelines.make_iterator(ds, num_workers=2)
+  if {moment!r} == "running":
+    next(it)
+  else:
+    threading.Thread(target=next, args=(it,), daemon=True).start()
+  print("ready", flush=True)
+  time.sleep(600)
 """
 
 
@@ -407,16 +421,42 @@ def _children(pid):
   return out
 
 
+def _workers(pid):
+  """The Grain worker processes among `pid`'s children (not the resource tracker)."""
+  found = []
+  for child in _children(pid):
+    try:
+      if b"spawn_main" in open(f"/proc/{child}/cmdline", "rb").read():
+        found.append(child)
+    except OSError:
+      pass
+  return found
+
+
+def _running(pid):
+  try:
+    return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+  except OSError:
+    return False
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-def test_workers_exit_when_the_parent_is_killed():
-  parent = subprocess.Popen(
-      [sys.executable, "-c", _KILLED_PARENT.format(tests=os.path.dirname(__file__))],
-      stdout=subprocess.PIPE, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+@pytest.mark.parametrize("moment", ["running", "starting"])
+def test_workers_exit_when_the_parent_is_killed(tmp_path, moment):
+  script = tmp_path / "parent.py"
+  script.write_text(_KILLED_PARENT.format(tests=os.path.dirname(__file__), moment=moment))
+  parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                            env=dict(os.environ, JAX_PLATFORMS="cpu"))
   try:
     assert parent.stdout.readline().strip() == "ready"
-    workers = _children(parent.pid)
-    assert workers, "no worker processes found"
+    deadline = time.monotonic() + 20
+    while len(_workers(parent.pid)) < 2 and time.monotonic() < deadline:
+      time.sleep(0.05)
+    workers = _workers(parent.pid)
+    assert len(workers) == 2, f"{len(workers)} worker processes found, expected 2"
+    if moment == "starting":
+      time.sleep(0.5)  # the parent has written the workers' pipeline; they still sleep
   finally:
     parent.kill()
     parent.wait()
@@ -424,6 +464,5 @@ def test_workers_exit_when_the_parent_is_killed():
   alive = workers
   while alive and time.monotonic() < deadline:
     time.sleep(0.2)
-    alive = [w for w in alive if os.path.exists(f"/proc/{w}")
-             and open(f"/proc/{w}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"]
+    alive = [w for w in alive if _running(w)]
   assert not alive, f"worker processes {alive} outlived their killed parent"

@@ -339,6 +339,8 @@ def _exit_with_parent(parent: int, poll_s: float = 1.0) -> None:
   The pid comes from the parent itself: a worker takes seconds to start
   (spawn imports the main module), and one whose parent died meanwhile has
   already been re-parented, so its own getppid() would name the new parent.
+  Not prctl(PR_SET_PDEATHSIG): Grain starts workers from helper threads, and
+  that signal fires when the starting thread ends, not the process.
   """
 
   def watch():
