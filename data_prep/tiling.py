@@ -37,8 +37,8 @@ class TileChunk:
   stats: BandStatsAccumulator
   class_counts: np.ndarray  # (256,) int64 pixels per label value; [255] = ignore
   num_skipped: int
-  num_nonfinite: int = 0    # pixels of kept tiles with NaN/±Inf in some band (filled)
-  num_finite: int = 0       # pixels of all windows read, kept or not, finite in every band
+  num_nonfinite: int        # pixels of kept tiles with NaN/±Inf in some band (filled)
+  num_finite: int           # pixels of all windows read, kept or not, finite in every band
 
 
 def nonfinite_fill(nodata: float | None) -> float:
