@@ -11,8 +11,12 @@ RGB raster (3 bands, uint8; pixels without a prediction are black).
 """
 from __future__ import annotations
 
+import collections
 import contextlib
+import hashlib
 import os
+import pathlib
+import re
 import tempfile
 import warnings
 from typing import Iterator, Sequence
@@ -58,6 +62,38 @@ def _atomic_output(path: str | os.PathLike) -> Iterator[str]:
     _discard(temp)
     raise
   os.replace(temp, path)
+
+
+_SAFE_STEM = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def _hashed_stem(scene_id: str) -> str:
+  # '~' never occurs in a kept id, so a hashed stem cannot equal one.
+  readable = re.sub(r"[^A-Za-z0-9._-]+", "_", scene_id).strip("._-")[:80] or "scene"
+  return f"{readable}~{hashlib.sha256(scene_id.encode()).hexdigest()[:12]}"
+
+
+def scene_file_stems(scene_ids: Sequence[str]) -> dict[str, str]:
+  """A file-name stem for each scene id: distinct ids get distinct stems.
+
+  An id of letters, digits, '.', '_' and '-' (not starting with '.', '_' or
+  '-', at most 100 characters) is kept; any other id, and ids that differ only
+  in case (one file on a case-insensitive file system), become the id with
+  runs of other characters replaced by '_' plus '~' and 12 hex digits of the
+  id's SHA-256, e.g. '../../x' -> 'x~<hash>'.
+  """
+  stems = {i: i if _SAFE_STEM.fullmatch(i) else _hashed_stem(i) for i in scene_ids}
+  by_case = collections.Counter(stem.casefold() for stem in stems.values())
+  return {i: _hashed_stem(i) if by_case[stem.casefold()] > 1 else stem for i, stem in stems.items()}
+
+
+def inside(folder: str | os.PathLike, name: str) -> pathlib.Path:
+  """`folder/name`, refused (ValueError) unless it resolves to a path inside `folder`."""
+  root = pathlib.Path(folder).resolve()
+  path = pathlib.Path(folder) / name
+  if not path.resolve().is_relative_to(root) or path.resolve() == root:
+    raise ValueError(f"{path} resolves to {path.resolve()}, outside {root}; refusing to write it")
+  return path
 
 
 def _as_affine(transform: Transform) -> Affine:

@@ -71,3 +71,87 @@ def test_missing_config_file_is_one_line(entry, tmp_path):
   assert result.stderr.strip().splitlines() == [
       "error: --config: [Errno 2] No such file or directory: 'configs/nothere.py'"]
   assert not (tmp_path / "w").exists()
+
+
+def _finetune_config(path, variant="random,tiny", **overrides):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("ft_cfg", "configs/finetune.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(variant)
+  config.data.path = str(path)
+  config.data.val_split = "val"
+  for key, value in overrides.items():
+    section, _, name = key.rpartition(".")
+    (config[section] if section else config)[name] = value
+  return config
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory):
+  """4 scenes split train/val/test by scene, with the default labelled subsets of train."""
+  root = tmp_path_factory.mktemp("labelled")
+  synthetic.write_corpus(root / "corpus", num_scenes=4, height=128, width=128, seed=3)
+  return convert.convert(str(root / "corpus" / "images"), root / "ds", str(root / "corpus" / "labels"),
+                         class_map=str(root / "corpus" / "class_dict.csv"), tile=64, workers=0,
+                         split_fractions={"train": 0.5, "val": 0.25, "test": 0.25}, progress=False)
+
+
+@pytest.fixture
+def no_compute(monkeypatch):
+  def refuse(*args, **kwargs):
+    raise AssertionError("the config must be checked before the model is initialised")
+
+  monkeypatch.setattr(pretrain.methods, "init_train_state", refuse)
+  monkeypatch.setattr(finetune.methods, "init_train_state", refuse)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("epochs", 0, r"^config key epochs is 0; expected an integer >= 1$"),
+    ("num_steps", -3, r"^config key num_steps is -3; expected an integer >= 0$"),
+    ("checkpoint_every", 0, r"^config key checkpoint_every is 0; expected an integer >= 1$"),
+    ("log_every", -1, r"^config key log_every is -1; expected an integer >= 1$"),
+    ("keep_checkpoints", 0, r"^config key keep_checkpoints is 0; expected an integer >= 1$"),
+])
+def test_pretrain_counts_out_of_range(dataset, tmp_path, no_compute, key, value, message):
+  config = _config(dataset, **{"data.batch_size": 8})
+  config[key] = value
+  with pytest.raises(setup.ConfigError, match=message):
+    pretrain.run(config, str(tmp_path / "work"))
+  assert not (tmp_path / "work").exists()
+
+
+def test_finetune_zero_epochs(labelled, tmp_path, no_compute):
+  with pytest.raises(setup.ConfigError, match=r"^config key epochs is 0; expected an integer >= 1$"):
+    finetune.run(_finetune_config(labelled, epochs=0, **{"data.label_fraction": 1.0}), str(tmp_path / "w"))
+  assert not (tmp_path / "w").exists()
+
+
+def test_train_py_epochs_zero_is_one_line(dataset, tmp_path):
+  result = subprocess.run([sys.executable, "train.py", "--config=configs/pretrain.py:glcnet,tiny",
+                           f"--workdir={tmp_path}/w", f"--config.data.path={dataset}",
+                           "--config.data.batch_size=8", "--config.epochs=0"],
+                          capture_output=True, text=True, timeout=120)
+  assert result.returncode != 0
+  assert result.stderr.strip().splitlines()[-1] == (
+      "error: config key epochs is 0; expected an integer >= 1"), result.stderr[-2000:]
+  assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"data.label_fraction": 0.3},
+     r"^data.label_fraction: subset fraction 0.3 not stored for split 'train'; available: "),
+    ({"data.split": "nope"}, r"^data.split: .*: no split 'nope'; splits are \['test', 'train', 'val'\]$"),
+    ({"data.val_split": "nope"}, r"^data.val_split: .*: no split 'nope'; splits are "),
+])
+def test_finetune_data_errors_name_their_key(labelled, tmp_path, no_compute, overrides, message):
+  with pytest.raises(setup.ConfigError, match=message):
+    finetune.run(_finetune_config(labelled, **overrides), str(tmp_path / "w"))
+
+
+def test_finetune_from_an_empty_init_path(labelled, tmp_path, no_compute):
+  config = _finetune_config(labelled, "checkpoint,tiny", **{"data.label_fraction": 1.0})
+  with pytest.raises(setup.ConfigError, match=(
+      r"^config key init.path is empty: set it to a pretraining run's workdir or an imported "
+      r"checkpoint, or use configs/finetune.py:random$")):
+    finetune.run(config, str(tmp_path / "w"))

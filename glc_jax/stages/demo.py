@@ -1,7 +1,8 @@
 """The demo chain on the synthetic corpus (the README's main job).
 
 Every step writes under the workdir and is skipped or resumed when its output
-is already there, so rerunning the command continues where it stopped.
+is already there, so rerunning the command continues where it stopped. The
+demo holds its workdir (run.lock) while it runs; a second demo there is refused.
 """
 from __future__ import annotations
 
@@ -11,11 +12,17 @@ import pathlib
 import ml_collections
 
 from data_prep import convert, splits, synthetic
-from glc_jax.stages import evaluate, finetune, pretrain
+from glc_jax.stages import evaluate, finetune, pretrain, run_dir
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
-  work = pathlib.Path(workdir)
+  # Each stage below holds its own sub-workdir (other lock files), so holding
+  # this one for the whole chain cannot block them.
+  with run_dir.claim(workdir):
+    _chain(config, pathlib.Path(workdir))
+
+
+def _chain(config: ml_collections.ConfigDict, work: pathlib.Path) -> None:
   corpus, dataset = work / "synthetic", work / "dataset"
   print(f"[1/5] synthetic corpus → {corpus}")
   if not corpus.exists():

@@ -5,7 +5,9 @@ predicted with overlapping sliding windows whose logits are averaged, and every
 pixel of the split enters one confusion matrix. Writes to the workdir:
 metrics.json, confusion_matrix.png and, per scene, predictions/<scene>_class.tif
 (class indices) and predictions/<scene>_colour.tif, both carrying the scene's
-CRS and geotransform.
+CRS and geotransform. Scene ids become file names through
+predictions.scene_file_stems (an id that is no safe file name gets a readable,
+unique replacement), and no file is written outside predictions/.
 
 Config keys (configs/evaluate.py): data.path, data.split, data.norm;
 checkpoint (a fine-tuning workdir: its best state); model (depth,
@@ -27,7 +29,7 @@ from jax.experimental import multihost_utils
 
 from glc_jax import checkpoint, inference, metrics, parallel, predictions
 from glc_jax.data import pipelines, recipes
-from glc_jax.stages import finetune, setup
+from glc_jax.stages import finetune, run_dir, setup
 
 
 def _model_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -39,10 +41,31 @@ def _model_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
   return ml_collections.ConfigDict({"model": config.model.to_dict()})
 
 
-def _check_compatible(variables, model, num_bands: int, where: str):
+def _pretraining_checkpoint(checkpoint_path: str, variables, expected) -> str | None:
+  """Why `variables` look like a pretraining checkpoint (its config.json, or pretext heads), or None."""
+  run_config = pathlib.Path(checkpoint_path) / "config.json"
+  if run_config.is_file():
+    try:
+      stage = json.loads(run_config.read_text()).get("stage")
+    except ValueError:
+      stage = None
+    if stage == "pretrain":
+      return "its run's config.json says stage 'pretrain'"
+  extra = sorted(set(variables["params"]) - set(expected["params"]))
+  if extra and "backbone" in variables["params"]:
+    return f"it has pretext layers a fine-tuned model lacks: {', '.join(extra)}"
+  return None
+
+
+def _check_compatible(variables, model, num_bands: int, where: str, checkpoint_path: str):
   """One-line error if the checkpoint does not fit the model and dataset."""
   expected = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False),
                             jax.ShapeDtypeStruct((1, 64, 64, num_bands), np.float32))
+  why = _pretraining_checkpoint(checkpoint_path, variables, expected)
+  if why:
+    raise setup.ConfigError(f"{where}: {checkpoint_path} is a pretraining checkpoint ({why}); "
+                            "fine-tune it first (configs/finetune.py with init.path set to it) "
+                            "and evaluate the fine-tuning workdir")
   flat_expected = dict(jax.tree_util.tree_leaves_with_path(expected))
   flat_found = dict(jax.tree_util.tree_leaves_with_path(
       {"params": variables["params"], "batch_stats": variables["batch_stats"]}))
@@ -90,6 +113,7 @@ def _write_json(path: pathlib.Path, obj) -> None:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  setup.check_counts(config, {"eval.crop": 1, "eval.stride": 1, "eval.batch_size": 1})
   source, info = setup.open_split(config.data.path, config.data.split)
   if not info.labelled:
     raise setup.ConfigError(f"data.path: split {config.data.split!r} has no labels to evaluate against")
@@ -100,8 +124,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     variables = checkpoint.load_variables(config.checkpoint)
   except FileNotFoundError as e:
     raise setup.ConfigError(f"checkpoint: {e}") from None
-  _check_compatible(variables, model, info.num_bands, "checkpoint")
+  _check_compatible(variables, model, info.num_bands, "checkpoint", config.checkpoint)
+  with run_dir.claim(workdir):
+    return _evaluate(config, pathlib.Path(workdir), source, info, model, variables)
 
+
+def _evaluate(config, work: pathlib.Path, source, info, model, variables) -> dict:
   local = parallel.make_data_mesh(jax.local_devices())
   batch = -(-config.eval.batch_size // local.size) * local.size
   variables = jax.device_put(variables, parallel.replicated_sharding(local))
@@ -110,9 +138,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   norm = pipelines.dataset_data_config(info, norm_mode=config.data.norm)["norm"]
   eval_cfg = recipes.config_from_dict(recipes.EvalConfig, {"norm": norm}, "eval")
 
-  work = pathlib.Path(workdir)
-  (work / "predictions").mkdir(parents=True, exist_ok=True)
+  out = work / "predictions"
   scenes = list(_scenes(source).items())
+  file_stems = predictions.scene_file_stems([scene_id for scene_id, _ in scenes])
+  out.mkdir(parents=True, exist_ok=True)
   mine = scenes[jax.process_index()::jax.process_count()]
   confusion = np.zeros((info.num_classes,) * 2, np.int64)
   from tqdm import tqdm  # pylint: disable=import-outside-toplevel
@@ -126,9 +155,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     classes = np.argmax(logits, axis=-1).astype(np.uint8)
     confusion += metrics.confusion_matrix(label, classes, info.num_classes, info.ignore_index)
     if config.write_predictions:
-      out = work / "predictions"
-      predictions.write_prediction(out / f"{scene_id}_class.tif", out / f"{scene_id}_colour.tif",
-                                   classes, crs=crs or None, transform=transform,
+      try:
+        paths = [predictions.inside(out, f"{file_stems[scene_id]}_{kind}.tif")
+                 for kind in ("class", "colour")]
+      except ValueError as e:
+        raise setup.ConfigError(f"scene {scene_id!r}: {e}") from None
+      predictions.write_prediction(*paths, classes, crs=crs or None, transform=transform,
                                    colours=info.class_colours)
   if jax.process_count() > 1:
     confusion = np.asarray(multihost_utils.process_allgather(confusion)).sum(axis=0)

@@ -1,0 +1,235 @@
+"""A run's workdir: one run at a time, and a resumed run keeps the config it started with.
+
+What a training stage keeps in its workdir (besides checkpoints and logs):
+  run.lock             exists while a run holds the workdir: an flock held for
+                       the run's lifetime (the kernel drops it when the process
+                       dies, however it dies), and the holder's pid, host and
+                       start time for the message a second run gets
+  config.json          the config the run started with, never rewritten
+  config_changes.jsonl one line per resume that changed a resumable key
+
+A workdir holding a checkpoint is resumed; the new config must then equal the
+stored one (config.json with the recorded changes applied) except in
+RESUMABLE_KEYS.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import errno
+import fcntl
+import json
+import os
+import pathlib
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from glc_jax.stages import setup
+
+LOCK_FILE = "run.lock"
+CONFIG_FILE = "config.json"
+CHANGES_FILE = "config_changes.jsonl"
+
+# Keys that change how long a run goes on or how it reports, not what it computes
+# up to the resume point. data.num_workers is not one: Grain's iterator state
+# records one position per worker and restores only into the same worker count.
+# num_steps and epochs also set the length of the lr schedule, which then spans
+# the new length from the resume point on (recorded with the change).
+RESUMABLE_KEYS = frozenset({"num_steps", "epochs", "log_every", "checkpoint_every",
+                            "keep_checkpoints"})
+
+_ABSENT = "<absent>"
+_MESSAGE_BYTES = 4096  # a refusal broadcast from process 0 to the others
+
+
+class WorkdirBusyError(setup.ConfigError):
+  """Another live run holds the workdir."""
+
+
+class ConfigChangedError(setup.ConfigError):
+  """A resumed run's config differs from its stored one in keys that may not change."""
+
+
+def _json_tree(config: ml_collections.ConfigDict) -> dict:
+  """The config as config.json stores it (tuples become lists, other types their str)."""
+  return json.loads(json.dumps(config.to_dict(), default=str))
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict) and value:
+      flat.update(_flatten(value, f"{prefix}{key}."))
+    else:
+      flat[f"{prefix}{key}"] = value
+  return flat
+
+
+def holds_checkpoint(work: pathlib.Path) -> bool:
+  """Whether a run has saved a step here (Orbax names a finished step by its number)."""
+  return any(p.name.isdigit() for sub in ("checkpoints", "best") if (work / sub).is_dir()
+             for p in (work / sub).iterdir())
+
+
+def stored_config(work: pathlib.Path) -> dict[str, Any]:
+  """config.json flattened to dotted keys, with the accepted changes applied in order."""
+  path = work / CONFIG_FILE
+  try:
+    flat = _flatten(json.loads(path.read_text()))
+    lines = (work / CHANGES_FILE).read_text().splitlines() if (work / CHANGES_FILE).exists() else []
+    for line in lines:
+      for key, change in json.loads(line)["changes"].items():
+        flat[key] = change["to"]
+  except FileNotFoundError:
+    raise setup.ConfigError(f"{path} is missing, but {work} holds checkpoints: the config they "
+                            "were made with is unknown; use another workdir") from None
+  except (ValueError, KeyError, TypeError) as e:
+    raise setup.ConfigError(f"{path.parent}: unreadable {path.name} or {CHANGES_FILE} "
+                            f"({type(e).__name__}: {e})") from None
+  return flat
+
+
+def config_changes(work: pathlib.Path, config: ml_collections.ConfigDict) -> dict[str, tuple]:
+  """{dotted key: (stored, new)} of a resumed run; {} for a fresh one.
+
+  Raises ConfigChangedError naming every changed key outside RESUMABLE_KEYS.
+  """
+  if not holds_checkpoint(work):
+    return {}
+  old, new = stored_config(work), _flatten(_json_tree(config))
+  changes = {k: (old.get(k, _ABSENT), new.get(k, _ABSENT)) for k in sorted(set(old) | set(new))
+             if old.get(k, _ABSENT) != new.get(k, _ABSENT)}
+  refused = [k for k in changes if k not in RESUMABLE_KEYS]
+  if refused:
+    listed = ", ".join(f"{k} {changes[k][0]!r} → {changes[k][1]!r}" for k in refused)
+    raise ConfigChangedError(
+        f"{work} holds a run started with another config: {listed}; a resumed run may only "
+        f"change {', '.join(sorted(RESUMABLE_KEYS))}. Use another workdir for a new run")
+  return changes
+
+
+def _describe_holder(fd: int) -> str:
+  try:
+    holder = json.loads(os.pread(fd, _MESSAGE_BYTES, 0) or b"{}")
+    return f"pid {holder['pid']} on {holder['host']}, started {holder['started']}"
+  except (ValueError, KeyError, TypeError):
+    return "it has not yet written its pid"
+
+
+def _lock(work: pathlib.Path) -> int:
+  """An open, flock-ed descriptor of the workdir's lock file; WorkdirBusyError if another holds it."""
+  path = work / LOCK_FILE
+  for _ in range(100):
+    try:
+      work.mkdir(parents=True, exist_ok=True)
+      fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except FileNotFoundError:  # the previous holder removed its fresh, empty workdir
+      continue
+    except OSError as e:
+      raise setup.ConfigError(f"{work}: cannot write the workdir ({e.strerror})") from None
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+      holder = _describe_holder(fd)
+      os.close(fd)
+      if e.errno in (errno.EAGAIN, errno.EACCES):
+        raise WorkdirBusyError(f"{work} is in use by another run ({holder}); wait for it to end "
+                               "or use another workdir") from None
+      raise
+    try:
+      same = os.stat(path).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+      same = False
+    if same:
+      started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+      os.ftruncate(fd, 0)
+      os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                "started": started}).encode(), 0)
+      return fd
+    # The holder unlinked the file between our open and our flock: lock the new one.
+    os.close(fd)
+  raise WorkdirBusyError(f"{path}: could not take the lock (it keeps being replaced)")
+
+
+def _unlock(work: pathlib.Path, fd: int, made_workdir: bool) -> None:
+  # Unlink before unlocking: a run that opened the old file sees it replaced and retries.
+  with contextlib.suppress(FileNotFoundError):
+    os.unlink(work / LOCK_FILE)
+  os.close(fd)
+  if made_workdir:
+    with contextlib.suppress(OSError):  # not empty: the run wrote something, keep it
+      work.rmdir()
+
+
+def _agree(error: str) -> str:
+  """Process 0's refusal (or '') on every process, so that all stop together."""
+  if jax.process_count() == 1:
+    return error
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  message = np.frombuffer(error.encode()[:_MESSAGE_BYTES].ljust(_MESSAGE_BYTES, b"\0"), np.uint8)
+  shared = multihost_utils.broadcast_one_to_all(message)
+  return bytes(np.asarray(shared, np.uint8)).rstrip(b"\0").decode(errors="replace")
+
+
+@dataclasses.dataclass
+class Claim:
+  """A workdir held by this run; `changes` are the accepted config changes of a resume."""
+  path: pathlib.Path
+  config: ml_collections.ConfigDict | None
+  changes: dict[str, tuple]
+
+  def record_config(self, desc: str) -> None:
+    """Writes config.json for a fresh run, or records a resume's accepted changes (process 0)."""
+    if jax.process_index() != 0 or self.config is None:
+      return
+    if not holds_checkpoint(self.path):
+      tmp = self.path / f".{CONFIG_FILE}.tmp"
+      tmp.write_text(json.dumps(self.config.to_dict(), indent=2, default=str) + "\n")
+      os.replace(tmp, self.path / CONFIG_FILE)
+    elif self.changes:
+      record = {"time": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+                "changes": {k: {"from": old, "to": new} for k, (old, new) in self.changes.items()}}
+      with open(self.path / CHANGES_FILE, "a") as f:
+        f.write(json.dumps(record) + "\n")
+      listed = ", ".join(f"{k} {old!r} → {new!r}" for k, (old, new) in self.changes.items())
+      print(f"{desc}: resuming {self.path} with {listed} (recorded in {CHANGES_FILE})")
+
+
+@contextlib.contextmanager
+def claim(workdir: str | os.PathLike,
+          config: ml_collections.ConfigDict | None = None) -> Iterator[Claim]:
+  """Holds `workdir` for the block: one run at a time, a resume only with resumable changes.
+
+  Process 0 takes the lock and checks `config` (None: no resume check, e.g.
+  evaluation) against the stored one; every process raises its refusal.
+  A workdir this call created is removed again if the block leaves it empty.
+  """
+  work = pathlib.Path(workdir).absolute()
+  fd, made, changes, refusal = None, False, {}, None
+  if jax.process_index() == 0:
+    made = not work.exists()
+    try:
+      fd = _lock(work)
+      if config is not None:
+        changes = config_changes(work, config)
+    except setup.ConfigError as e:
+      refusal = e
+      if fd is not None:
+        _unlock(work, fd, made)
+        fd = None
+  message = _agree(str(refusal) if refusal else "")
+  if refusal is not None:
+    raise refusal
+  if message:
+    raise setup.ConfigError(message)
+  try:
+    yield Claim(work, config, changes)
+  finally:
+    if fd is not None:
+      _unlock(work, fd, made)

@@ -1,0 +1,249 @@
+"""A workdir is held by one run at a time, and a resumed run keeps the config it started with.
+
+The lock is held by real second processes (a tiny holder that only takes it,
+or train.py); the stages are stopped before any compute, so nothing compiles.
+"""
+import contextlib
+import importlib.util
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from data_prep import convert, synthetic
+from glc_jax.stages import demo, finetune, pretrain, run_dir, setup
+
+_HOLDER = """
+import sys
+from glc_jax.stages import run_dir
+with run_dir.claim(sys.argv[1]):
+  print("held", flush=True)
+  sys.stdin.read()
+"""
+
+
+@contextlib.contextmanager
+def _held(work: pathlib.Path):
+  """Another process holding `work` until the block ends; yields that process."""
+  proc = subprocess.Popen([sys.executable, "-c", _HOLDER, str(work)], stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    assert proc.stdout.readline() == "held\n", proc.stderr.read()
+    yield proc
+  finally:
+    proc.stdin.close()
+    proc.wait(timeout=60)
+
+
+def _load_config(name: str, variant: str):
+  spec = importlib.util.spec_from_file_location(f"{name}_cfg", f"configs/{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(variant)
+
+
+def _pretrain_config(data):
+  config = _load_config("pretrain", "glcnet,tiny")
+  config.data.path = str(data)
+  config.data.batch_size = 8
+  config.num_steps = 4
+  return config
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+  root = tmp_path_factory.mktemp("workdir")
+  synthetic.write_corpus(root / "corpus", num_scenes=2, height=128, width=128, seed=1)
+  return convert.convert(str(root / "corpus" / "images"), root / "ds", str(root / "corpus" / "labels"),
+                         class_map=str(root / "corpus" / "class_dict.csv"), tile=64, workers=0,
+                         progress=False)
+
+
+@pytest.fixture
+def no_compute(monkeypatch):
+  def refuse(*args, **kwargs):
+    raise AssertionError("the workdir must be checked before the model is initialised")
+
+  monkeypatch.setattr(pretrain.methods, "init_train_state", refuse)
+  monkeypatch.setattr(finetune.methods, "init_train_state", refuse)
+
+
+# --- the lock ---------------------------------------------------------------------------------
+
+def test_busy_workdir_is_refused_naming_the_other_run(tmp_path):
+  work = tmp_path / "work"
+  with _held(work) as other:
+    with pytest.raises(run_dir.WorkdirBusyError) as error:
+      with run_dir.claim(work):
+        pass
+  message = str(error.value)
+  assert "\n" not in message
+  assert message.startswith(f"{work} is in use by another run (pid {other.pid} on "
+                            f"{socket.gethostname()}, started ")
+
+
+def test_pretrain_on_a_busy_workdir_is_refused_before_compute(dataset, tmp_path, no_compute):
+  work = tmp_path / "work"
+  with _held(work):
+    with pytest.raises(run_dir.WorkdirBusyError, match="is in use by another run"):
+      pretrain.run(_pretrain_config(dataset), str(work))
+    assert [p.name for p in work.iterdir()] == [run_dir.LOCK_FILE]
+
+
+def test_train_py_on_a_busy_workdir_is_one_line(dataset, tmp_path):
+  work = tmp_path / "work"
+  with _held(work) as other:
+    result = subprocess.run(
+        [sys.executable, "train.py", "--config=configs/pretrain.py:glcnet,tiny", f"--workdir={work}",
+         f"--config.data.path={dataset}", "--config.data.batch_size=8", "--config.num_steps=4"],
+        capture_output=True, text=True, timeout=120)
+  assert result.returncode != 0
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith(f"error: {work} is in use by another run (pid {other.pid} on "), result.stderr[-2000:]
+
+
+def test_a_killed_holder_does_not_block(tmp_path):
+  work = tmp_path / "work"
+  proc = subprocess.Popen([sys.executable, "-c", _HOLDER, str(work)], stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE, text=True)
+  assert proc.stdout.readline() == "held\n"
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert json.loads((work / run_dir.LOCK_FILE).read_text())["pid"] == proc.pid  # left behind
+  with run_dir.claim(work):
+    assert json.loads((work / run_dir.LOCK_FILE).read_text())["pid"] == os.getpid()
+
+
+def test_a_lock_file_naming_a_live_pid_does_not_block(tmp_path):
+  # A reused pid (here: a live process) must not make an unheld lock look held.
+  work = tmp_path / "work"
+  work.mkdir()
+  (work / run_dir.LOCK_FILE).write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname(),
+                                                    "started": "earlier"}))
+  with run_dir.claim(work):
+    pass
+
+
+def test_a_claim_leaves_no_lock_and_no_empty_workdir(tmp_path):
+  with run_dir.claim(tmp_path / "fresh"):
+    assert (tmp_path / "fresh" / run_dir.LOCK_FILE).is_file()
+  assert not (tmp_path / "fresh").exists()
+  (tmp_path / "used").mkdir()
+  (tmp_path / "used" / "keep.txt").write_text("mine")
+  with run_dir.claim(tmp_path / "used"):
+    pass
+  assert [p.name for p in (tmp_path / "used").iterdir()] == ["keep.txt"]
+
+
+def test_a_held_workdir_cannot_be_claimed_again_but_its_subfolders_can(tmp_path):
+  with run_dir.claim(tmp_path / "demo"):
+    with run_dir.claim(tmp_path / "demo" / "pretrain_glcnet"):
+      pass
+    with pytest.raises(run_dir.WorkdirBusyError, match=f"pid {os.getpid()} "):
+      with run_dir.claim(tmp_path / "demo"):
+        pass
+
+
+def test_demo_on_a_busy_workdir_is_refused_before_writing(tmp_path, monkeypatch):
+  def refuse(*args, **kwargs):
+    raise AssertionError("the demo wrote its corpus into a busy workdir")
+
+  monkeypatch.setattr(demo.synthetic, "write_corpus", refuse)
+  work = tmp_path / "demo"
+  with _held(work):
+    with pytest.raises(run_dir.WorkdirBusyError):
+      demo.run(_load_config("demo", None), str(work))
+    assert [p.name for p in work.iterdir()] == [run_dir.LOCK_FILE]
+
+
+# --- resuming with another config ---------------------------------------------------------------
+
+def _trained_workdir(work: pathlib.Path, config) -> bytes:
+  """A workdir as a run of `config` leaves it after its first checkpoint; returns config.json."""
+  (work / "checkpoints" / "4").mkdir(parents=True)
+  text = json.dumps(config.to_dict(), indent=2) + "\n"
+  (work / "config.json").write_text(text)
+  return text.encode()
+
+
+def test_changed_model_and_optimizer_are_refused_before_anything_is_written(dataset, tmp_path,
+                                                                            no_compute):
+  work = tmp_path / "work"
+  stored = _trained_workdir(work, _pretrain_config(dataset))
+  config = _pretrain_config(dataset)
+  config.model.width = 0.5
+  config.optimizer.lr = 0.002
+  config.num_steps = 6  # resumable: not named
+  with pytest.raises(run_dir.ConfigChangedError) as error:
+    pretrain.run(config, str(work))
+  message = str(error.value)
+  assert "\n" not in message
+  assert message.startswith(f"{work} holds a run started with another config: "
+                            "model.width 0.25 → 0.5, optimizer.lr 0.001 → 0.002; ")
+  assert "num_steps" not in message.split(";")[0]
+  assert (work / "config.json").read_bytes() == stored
+  assert sorted(p.name for p in work.iterdir()) == ["checkpoints", "config.json"]
+
+
+@pytest.mark.parametrize("key, value", [("data.num_workers", 0), ("seed", 1), ("input.patch_size", 8),
+                                        ("loss.temperature", 0.2), ("method", "simclr")])
+def test_keys_that_change_the_run_are_refused(dataset, tmp_path, key, value):
+  work = tmp_path / "work"
+  _trained_workdir(work, _pretrain_config(dataset))
+  config = _pretrain_config(dataset)
+  section, _, name = key.rpartition(".")
+  (config[section] if section else config)[name] = value
+  with pytest.raises(run_dir.ConfigChangedError, match=f": {key} "):
+    with run_dir.claim(work, config):
+      pass
+
+
+def test_a_resumable_change_is_recorded_and_config_json_kept(dataset, tmp_path, monkeypatch):
+  """The run goes on with the new num_steps; config.json keeps the original, the change is logged."""
+  fit_lengths = []
+
+  class Closable:
+    def close(self):
+      pass
+
+  def fake_fit(state, train_step, iterator, rng, *, total_steps, **kwargs):
+    fit_lengths.append(total_steps)
+    return state, Closable()
+
+  monkeypatch.setattr(pretrain.methods, "init_train_state", lambda *a, **k: None)
+  monkeypatch.setattr(pretrain.methods, "make_train_step", lambda *a, **k: None)
+  monkeypatch.setattr(pretrain.pipelines, "make_iterator", lambda *a, **k: None)
+  monkeypatch.setattr(pretrain.loop, "fit", fake_fit)
+  work = tmp_path / "work"
+  stored = _trained_workdir(work, _pretrain_config(dataset))
+  config = _pretrain_config(dataset)
+  config.num_steps, config.log_every = 6, 1
+  for _ in range(2):  # the second run changes nothing further
+    pretrain.run(config, str(work))
+  assert fit_lengths == [6, 6]
+  assert (work / "config.json").read_bytes() == stored
+  lines = (work / run_dir.CHANGES_FILE).read_text().splitlines()
+  assert len(lines) == 1
+  assert json.loads(lines[0])["changes"] == {"log_every": {"from": 10, "to": 1},
+                                             "num_steps": {"from": 4, "to": 6}}
+  config.num_steps = 4  # going back is a change again
+  pretrain.run(config, str(work))
+  assert json.loads((work / run_dir.CHANGES_FILE).read_text().splitlines()[-1])["changes"] == {
+      "num_steps": {"from": 6, "to": 4}}
+
+
+def test_a_workdir_without_a_checkpoint_starts_afresh(dataset, tmp_path):
+  # A run that stopped before its first checkpoint bound nothing: its config.json is replaced.
+  work = tmp_path / "work"
+  work.mkdir()
+  (work / "config.json").write_text(json.dumps(_pretrain_config(dataset).to_dict()))
+  config = _pretrain_config(dataset)
+  config.model.width = 0.5
+  with run_dir.claim(work, config) as claim:
+    claim.record_config("pretrain")
+  assert json.loads((work / "config.json").read_text())["model"]["width"] == 0.5
