@@ -1,8 +1,19 @@
-"""What a run reports: a progress bar, JSON lines and TensorBoard events in the workdir."""
+"""What a run reports: a progress bar, JSON lines and TensorBoard events in the workdir.
+
+Each step appears once in the log, also across a kill and resume: a resumed
+run starts again after its checkpoint's step, and the interrupted run may have
+logged steps beyond it. On opening, metrics.jsonl loses its records after the
+step the run resumes from (a line the kill cut short goes too), and TensorBoard
+gets a fresh event file that begins with a purge from the next step on (tensorboardX's
+`purge_step`): TensorBoard then hides the older files' events from that step on,
+which stay on disk. A run that starts from step 0 over an old log (killed before
+its first checkpoint) drops all of it the same way.
+"""
 from __future__ import annotations
 
 import json
 import math
+import os
 import pathlib
 import time
 
@@ -31,8 +42,13 @@ class RunLog:
       return
     work = pathlib.Path(workdir)
     work.mkdir(parents=True, exist_ok=True)
+    _drop_records_after(work / "metrics.jsonl", start_step)
     self._jsonl = open(work / "metrics.jsonl", "a")
-    self._tb = SummaryWriter(str(work / "tb"))
+    earlier = any((work / "tb").glob("events.out.tfevents.*"))
+    # The suffix keeps a resume within the same second from reusing (and
+    # truncating) the previous writer's file name, which has a 1 s timestamp.
+    self._tb = SummaryWriter(str(work / "tb"), purge_step=start_step + 1 if earlier else None,
+                             filename_suffix=f".from_step_{start_step}")
     self._bar = tqdm(total=total_steps, initial=start_step, desc=desc, unit="step",
                      dynamic_ncols=True)
 
@@ -62,3 +78,19 @@ class RunLog:
       self._bar.close()
       self._tb.close()
       self._jsonl.close()
+
+
+def _drop_records_after(path: pathlib.Path, last_step: int) -> None:
+  """Rewrites the JSON-lines log at `path` without its records of steps after `last_step`.
+
+  A last line without its newline is a write the kill cut short: it goes too.
+  """
+  if not path.exists():
+    return
+  lines = path.read_text().splitlines(keepends=True)
+  kept = [line for line in lines
+          if line.endswith("\n") and json.loads(line).get("step", 0) <= last_step]
+  if len(kept) < len(lines):
+    partial = path.with_name(path.name + ".tmp")
+    partial.write_text("".join(kept))
+    os.replace(partial, path)  # a kill now leaves the old log or the new one, whole
