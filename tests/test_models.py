@@ -1,6 +1,8 @@
 """Layers and networks against numpy oracles, SyncBN against a single device."""
 import functools
+from unittest import mock
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +11,8 @@ from jax.sharding import PartitionSpec as P
 
 from glc_jax import models
 from glc_jax.models import layers
+
+from conftest import assert_tree_close
 
 RNG = np.random.default_rng(0)
 
@@ -64,23 +68,29 @@ def np_conv_transpose(x, w, stride, pad, out_pad):
 
 
 # ---------------------------------------------------------------- layers
-def test_dilated_strided_conv_matches_numpy():
+CONV_IMPLS = ("plain", "cpu")
+
+
+@pytest.mark.parametrize("conv_impl", CONV_IMPLS)
+def test_dilated_strided_conv_matches_numpy(conv_impl):
   x = RNG.normal(size=(2, 13, 11, 3)).astype(np.float32)
-  conv = layers.Conv2d(5, 3, stride=2, padding=2, dilation=2, use_bias=False)
+  conv = layers.Conv2d(5, 3, stride=2, padding=2, dilation=2, use_bias=False, conv_impl=conv_impl)
   variables, y = _init_apply(conv, jnp.asarray(x))
   want = np_conv(x, np.asarray(variables["params"]["kernel"]), 2, 2, 2)
   np.testing.assert_allclose(np.asarray(y), want, rtol=1e-5, atol=1e-5)
 
 
 
-# Dilated "same" convs (rates below, at and beyond the map size) run as per-tap matmuls, and
-# 1×1 convs (strided too) take the matmul path: both must equal the full definition.
+# With conv_impl 'cpu', dilated "same" convs (rates below, at and beyond the map size) run as
+# per-tap matmuls and 1×1 convs (strided too) as matmuls; 'plain' convolves. Each must equal the
+# full definition.
+@pytest.mark.parametrize("conv_impl", CONV_IMPLS)
 @pytest.mark.parametrize("size,k,stride,pad,dil", [
     ((8, 8), 3, 1, 6, 6), ((8, 8), 3, 1, 12, 12), ((8, 20), 3, 1, 18, 18),
     ((14, 14), 3, 1, 12, 12), ((5, 6), 3, 1, 2, 2), ((9, 7), 1, 1, 0, 1), ((9, 7), 1, 2, 0, 1)])
-def test_conv_fast_paths_match_numpy_values_and_kernel_gradients(size, k, stride, pad, dil):
+def test_conv_paths_match_numpy_values_and_kernel_gradients(size, k, stride, pad, dil, conv_impl):
   x = RNG.normal(size=(2, *size, 3)).astype(np.float32)
-  conv = layers.Conv2d(4, k, stride=stride, padding=pad, dilation=dil)
+  conv = layers.Conv2d(4, k, stride=stride, padding=pad, dilation=dil, conv_impl=conv_impl)
   variables, y = _init_apply(conv, jnp.asarray(x))
   w = np.asarray(variables["params"]["kernel"], np.float64)
   np.testing.assert_allclose(np.asarray(y), np_conv(x, w, stride, pad, dil), rtol=1e-5, atol=1e-5)
@@ -95,11 +105,12 @@ def test_conv_fast_paths_match_numpy_values_and_kernel_gradients(size, k, stride
       want[a, b] = np.einsum("bhwc,bhwf->cf", taps, cotangent)
   np.testing.assert_allclose(np.asarray(grad["params"]["kernel"]), want, rtol=1e-4, atol=1e-4)
 
+@pytest.mark.parametrize("conv_impl", CONV_IMPLS)
 @pytest.mark.parametrize("shape,k,stride,pad", [((2, 9, 8, 3), 3, 2, 1), ((1, 7, 7, 2), 2, 2, 0)])
-def test_max_pool_values_and_first_max_gradient_follow_torch(shape, k, stride, pad):
+def test_max_pool_values_and_first_max_gradient_follow_torch(shape, k, stride, pad, conv_impl):
   # Values from a small set so windows hold ties at positive values too.
   x = RNG.integers(0, 4, size=shape).astype(np.float32)
-  y = np.asarray(layers.max_pool(jnp.asarray(x), k, stride, pad))
+  y = np.asarray(layers.max_pool(jnp.asarray(x), k, stride, pad, conv_impl))
   xp = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), constant_values=-np.inf)
   ho, wo = (xp.shape[1] - k) // stride + 1, (xp.shape[2] - k) // stride + 1
   g = RNG.normal(size=(shape[0], ho, wo, shape[3]))
@@ -114,7 +125,8 @@ def test_max_pool_values_and_first_max_gradient_follow_torch(shape, k, stride, p
           want_y[n, i, j, c] = window[a, b]
           want_dx[n, i * stride + a, j * stride + b, c] += g[n, i, j, c]
   np.testing.assert_array_equal(y, want_y)
-  dx = jax.grad(lambda v: jnp.sum(layers.max_pool(v, k, stride, pad) * g))(jnp.asarray(x))
+  dx = jax.grad(lambda v: jnp.sum(layers.max_pool(v, k, stride, pad, conv_impl) * g))(
+      jnp.asarray(x))
   np.testing.assert_allclose(np.asarray(dx), want_dx[:, pad:pad + shape[1], pad:pad + shape[2]],
                              rtol=1e-6, atol=1e-6)
 
@@ -265,6 +277,60 @@ def test_glcnet_bfloat16_close_to_float32():
     assert b.dtype == jnp.float32
     rel = float(jnp.linalg.norm(a - b) / jnp.linalg.norm(a))
     assert rel < 2e-2, rel
+
+
+def _smooth_relu(fn):
+  """fn with ReLU as softplus: a ReLU input within rounding of 0 would route a gradient
+  differently under two summation orders (see tests/test_steps.py)."""
+  def run(*args):
+    with mock.patch.object(nn, "relu", jax.nn.softplus):
+      return fn(*args)
+  return run
+
+
+def test_conv_impls_give_the_same_values_and_gradients():
+  v1 = jnp.asarray(RNG.normal(size=(2, 64, 64, 4)).astype(np.float32))
+  boxes = jnp.asarray([[[0, 0, 32, 32], [16, 8, 48, 56]]] * 2, jnp.int32)
+  nets = {impl: _tiny(models.GLCNet, embed_dim=16, conv_impl=impl) for impl in CONV_IMPLS}
+  variables = nets["plain"].init(jax.random.key(0), v1, v1, boxes, boxes, train=False)
+
+  def loss(params, net):
+    (o1, o2), stats = net.apply({"params": params, "batch_stats": variables["batch_stats"]},
+                                v1, v1[::-1] * 0.5, boxes, boxes, train=True,
+                                mutable=["batch_stats"], rngs={"dropout": jax.random.key(1)})
+    return jnp.sum(o1["global"] * o2["global"]) + jnp.sum(jnp.sin(o1["local"])), (o1, stats)
+
+  got = {impl: jax.jit(_smooth_relu(jax.value_and_grad(loss, has_aux=True)), static_argnums=1)(
+      variables["params"], net) for impl, net in nets.items()}
+  (plain_loss, plain_aux), plain_grad = got["plain"]
+  (cpu_loss, cpu_aux), cpu_grad = got["cpu"]
+  np.testing.assert_allclose(cpu_loss, plain_loss, rtol=1e-5)
+  assert_tree_close(cpu_aux, plain_aux, "outputs and batch_stats")
+  assert_tree_close(cpu_grad, plain_grad, "gradient")
+
+
+@pytest.mark.parametrize("options", [dict(conv_impl="cpu"), dict(remat="nothing_saveable"),
+                                     dict(conv_impl="cpu", remat="dots_saveable")])
+def test_kernels_and_remat_keep_the_parameter_tree(options):
+  # Checkpoints move between backends (and remat settings) only if the trees are identical.
+  v = jnp.zeros((1, 64, 64, 4))
+  b = jnp.zeros((1, 2, 4), jnp.int32)
+
+  def tree(**kw):
+    net = models.GLCNet(depth=50, width=0.125, embed_dim=16, **kw)
+    shapes = jax.eval_shape(lambda: net.init(jax.random.key(0), v, v, b, b, train=False))
+    return jax.tree_util.tree_map_with_path(lambda p, s: (jax.tree_util.keystr(p), s.shape,
+                                                          s.dtype), shapes)
+  assert tree(**options) == tree()
+
+
+def test_unknown_conv_impl_and_remat_are_errors():
+  x = jnp.zeros((1, 8, 8, 2))
+  with pytest.raises(ValueError, match="conv_impl 'auto'"):
+    layers.Conv2d(3, 1, conv_impl="auto").init(jax.random.key(0), x)
+  with pytest.raises(ValueError, match="remat"):
+    models.ResNet(depth=18, width=0.125, remat="save_everything").init(
+        jax.random.key(0), x, train=False)
 
 
 def test_deeplab_and_baselines_shapes():

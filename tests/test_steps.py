@@ -48,7 +48,8 @@ def _no_dropout(next_fun, args, kwargs, context):
   return next_fun(*args, **kwargs)
 
 
-def _avg_pool(x, k, stride, padding):
+def _avg_pool(x, k, stride, padding, conv_impl):
+  del conv_impl
   return nn.avg_pool(x, (k, k), strides=(stride, stride), padding=((padding, padding),) * 2)
 
 
@@ -221,3 +222,65 @@ def test_bad_inputs_are_clear_errors(devices):
   method = methods.create_method(_config("glcnet"))
   with pytest.raises(ValueError, match="patch_valid"):
     method.check_batch({"view1": None, "view2": None})
+
+
+def _one_device_step(config, devices, seed=0):
+  """(state before, state after, metrics) of one step on one device, smooth network."""
+  method = methods.create_method(config)
+  batch = _batch(seed)
+  with smooth_network():
+    state = methods.init_train_state(method, _tx(), parallel.make_data_mesh(devices[:1]),
+                                     jax.random.key(seed), batch)
+  host_state = jax.device_get(state)
+  return (host_state,) + _run_step(method, host_state, batch, devices[:1])
+
+
+@pytest.mark.parametrize("options", [dict(remat="nothing_saveable"),
+                                     dict(remat="dots_saveable", conv_impl="plain")])
+def test_remat_and_plain_kernels_give_the_same_step(options, devices):
+  # Oracle: the default step (CPU kernels, every activation kept) on the same batch.
+  _, want_state, want_metrics = _one_device_step(_config("glcnet"), devices)
+  config = _config("glcnet")
+  config.model.update(options)
+  _, state, metrics = _one_device_step(config, devices)
+  for key in want_metrics:
+    np.testing.assert_allclose(metrics[key], want_metrics[key], rtol=1e-5, atol=METRIC_ATOL,
+                               err_msg=key)
+  assert_tree_close(state.opt_state[0], want_state.opt_state[0], "gradient")
+  assert_tree_close(state.params, want_state.params, "params", rtol=1e-6)
+  assert_tree_close(state.batch_stats, want_state.batch_stats, "batch_stats")
+
+
+@pytest.mark.parametrize("backend,dtype,conv_impl", [("cpu", jnp.float32, "cpu"),
+                                                     ("gpu", jnp.bfloat16, "plain"),
+                                                     ("tpu", jnp.bfloat16, "plain")])
+def test_auto_dtype_and_kernels_follow_the_backend(backend, dtype, conv_impl, monkeypatch):
+  monkeypatch.setattr(jax, "default_backend", lambda: backend)
+  method = methods.create_method(_config("glcnet"))
+  assert (method.model.dtype, method.model.conv_impl) == (dtype, conv_impl)
+  config = _config("glcnet")
+  config.model.update(dtype="float32", conv_impl="cpu")
+  method = methods.create_method(config)
+  assert (method.model.dtype, method.model.conv_impl) == (jnp.float32, "cpu")
+
+
+@pytest.mark.parametrize("key,value", [("dtype", "float16"), ("conv_impl", "gpu"),
+                                       ("remat", "save_all")])
+def test_bad_model_compute_options_are_clear_errors(key, value):
+  config = _config("glcnet")
+  config.model[key] = value
+  with pytest.raises(ValueError, match=f"config.model.{key} = '{value}'"):
+    methods.create_method(config)
+
+
+def test_bfloat16_step_keeps_state_and_losses_float32(devices):
+  config = _config("glcnet")
+  config.model.dtype = "bfloat16"
+  before, state, metrics = _one_device_step(config, devices)
+  for what, tree in (("params", state.params), ("batch_stats", state.batch_stats),
+                     ("opt_state", state.opt_state), ("metrics", metrics)):
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+      assert leaf.dtype == np.float32, f"{what}{jax.tree_util.keystr(path)}: {leaf.dtype}"
+  assert np.isfinite(metrics["loss"]) and metrics["grad_norm"] > 0
+  moved = jax.tree.map(lambda a, b: np.any(a != b), state.params, before.params)
+  assert all(jax.tree.leaves(moved))

@@ -7,8 +7,11 @@ Config keys read here (ml_collections.ConfigDict):
            'segmentation' (fine-tuning DeepLabv3+)
   model    depth (50; 18/34/101), output_stride (16; 8), width (1.0, channel
            multiplier), embed_dim (64; contrastive methods only), dtype
-           ('float32' | 'bfloat16', compute dtype), num_permutations (jigsaw,
-           1000), num_classes (segmentation, required).
+           ('auto' | 'float32' | 'bfloat16', compute dtype), conv_impl
+           ('auto' | 'plain' | 'cpu', convolution kernels), remat ('' | a
+           jax.checkpoint_policies name), see glc_jax/models/compute.py;
+           num_permutations (jigsaw, 1000), num_classes (segmentation,
+           required).
   loss     optional overrides of the method's loss settings:
            glcnet: temperature 0.5, weight 0.5 (lambda), gather_negatives True;
            simclr: temperature 0.5, gather_negatives True;
@@ -34,7 +37,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax.numpy as jnp
 import ml_collections
 
 from glc_jax import models
@@ -46,6 +48,7 @@ from glc_jax.methods.jigsaw import JigsawMethod
 from glc_jax.methods.mocov2 import MoCoV2Method
 from glc_jax.methods.segmentation import SegmentationMethod
 from glc_jax.methods.simclr import SimCLRMethod
+from glc_jax.models import compute
 from glc_jax.parallel import DATA_AXIS
 
 _GLCNET_ABLATIONS = {
@@ -56,25 +59,26 @@ _GLCNET_ABLATIONS = {
 }
 METHOD_NAMES = tuple(_GLCNET_ABLATIONS) + ("simclr", "mocov2", "inpainting",
                                            "jigsaw", "segmentation")
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-_MODEL_KEYS = ("depth", "output_stride", "width", "embed_dim", "dtype",
-               "num_permutations", "num_classes")
+_MODEL_KEYS = ("depth", "output_stride", "width", "embed_dim", "dtype", "conv_impl",
+               "remat", "num_permutations", "num_classes")
 
 
-def _model_kwargs(config: ml_collections.ConfigDict, embed: bool) -> dict:
+def model_kwargs(config: ml_collections.ConfigDict, embed: bool = False) -> dict:
+  """Keyword arguments of a model from `config.model`, 'auto' resolved for this backend.
+
+  embed: keep `embed_dim` (the contrastive methods' models take it).
+  """
   model = dict(config.get("model", {}))
   unknown = set(model) - set(_MODEL_KEYS)
   if unknown:
     raise ValueError(f"config.model: unknown keys {sorted(unknown)}")
-  dtype = model.pop("dtype", "float32")
-  if dtype not in _DTYPES:
-    raise ValueError(f"config.model.dtype = {dtype!r}; expected one of "
-                     f"{sorted(_DTYPES)}")
   model.pop("num_permutations", None)
   model.pop("num_classes", None)
   if not embed:
     model.pop("embed_dim", None)
-  return dict(model, dtype=_DTYPES[dtype], axis_name=DATA_AXIS)
+  return dict(model, dtype=compute.resolve_dtype(model.get("dtype", "auto")),
+              conv_impl=compute.resolve_conv_impl(model.get("conv_impl", "auto")),
+              remat=compute.check_remat(model.get("remat", "")), axis_name=DATA_AXIS)
 
 
 def _loss_options(config: ml_collections.ConfigDict, cls: type) -> dict:
@@ -94,17 +98,17 @@ def create_method(config: ml_collections.ConfigDict) -> Method:
   if name not in METHOD_NAMES:
     raise ValueError(f"config.method = {name!r}; expected one of {METHOD_NAMES}")
   if name in _GLCNET_ABLATIONS:
-    model = models.GLCNet(**_model_kwargs(config, True), **_GLCNET_ABLATIONS[name])
+    model = models.GLCNet(**model_kwargs(config, True), **_GLCNET_ABLATIONS[name])
     return GLCNetMethod(model=model, **_loss_options(config, GLCNetMethod))
   if name == "simclr":
-    return SimCLRMethod(model=models.SimCLR(**_model_kwargs(config, True)),
+    return SimCLRMethod(model=models.SimCLR(**model_kwargs(config, True)),
                         **_loss_options(config, SimCLRMethod))
   if name == "mocov2":
-    model = models.MoCoV2(**_model_kwargs(config, True))
+    model = models.MoCoV2(**model_kwargs(config, True))
     return MoCoV2Method(model=model, embed_dim=model.embed_dim,
                         **_loss_options(config, MoCoV2Method))
   if name == "inpainting":
-    return InpaintingMethod(model=models.Inpainting(**_model_kwargs(config, False)),
+    return InpaintingMethod(model=models.Inpainting(**model_kwargs(config, False)),
                             **_loss_options(config, InpaintingMethod))
   if name == "segmentation":
     num_classes = config.get("model", {}).get("num_classes")
@@ -112,16 +116,16 @@ def create_method(config: ml_collections.ConfigDict) -> Method:
       raise ValueError(f"config.model.num_classes = {num_classes!r}; the "
                        "segmentation method needs a positive class count")
     return SegmentationMethod(
-        model=models.DeepLabV3Plus(num_classes, **_model_kwargs(config, False)),
+        model=models.DeepLabV3Plus(num_classes, **model_kwargs(config, False)),
         **_loss_options(config, SegmentationMethod))
   permutations = config.get("model", {}).get("num_permutations", 1000)
   return JigsawMethod(
       model=models.Jigsaw(num_permutations=permutations,
-                          **_model_kwargs(config, False)),
+                          **model_kwargs(config, False)),
       **_loss_options(config, JigsawMethod))
 
 
 __all__ = ["Aux", "GLCNetMethod", "InpaintingMethod", "JigsawMethod",
            "METHOD_NAMES", "Method", "MoCoV2Method", "SegmentationMethod",
-           "SimCLRMethod",
-           "TrainState", "create_method", "init_train_state", "make_train_step"]
+           "SimCLRMethod", "TrainState", "create_method", "init_train_state",
+           "make_train_step", "model_kwargs"]

@@ -1,5 +1,8 @@
 """Networks of the self-supervised baselines, on the same DeepLabv3+ trunk.
 
+Every network takes depth, output_stride, width, axis_name, dtype, conv_impl
+and remat as GLCNet does (glc_jax/models/compute.py for the last three).
+
 Facts from the reference (models/v3p_SimCLR_encoder.py,
 v3p_mocov2_encoder_true.py, v3p_inpaiting_encoder.py, v3p_jigsaw_encoder.py):
 - SimCLR: backbone → encoder → global average → MLP 256→256→ReLU→64.
@@ -48,12 +51,14 @@ class SimCLR(nn.Module):
   embed_dim: int = 64
   axis_name: str | None = None
   dtype: Any = jnp.float32
+  conv_impl: str = "plain"
+  remat: str = ""
 
   def setup(self):
     self.backbone = ResNet(self.depth, self.output_stride, self.width,
-                           self.axis_name, self.dtype)
+                           self.axis_name, self.dtype, self.conv_impl, self.remat)
     self.encoder = Encoder(self.output_stride, self.width, axis_name=self.axis_name,
-                           dtype=self.dtype)
+                           dtype=self.dtype, conv_impl=self.conv_impl)
     self.head = ProjectionHead(scaled(256, self.width), self.embed_dim, self.dtype)
 
   def embed(self, images: jax.Array, train: bool, bn_groups: int = 1) -> jax.Array:
@@ -95,13 +100,15 @@ class Inpainting(nn.Module):
   width: float = 1.0
   axis_name: str | None = None
   dtype: Any = jnp.float32
+  conv_impl: str = "plain"
+  remat: str = ""
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool) -> jax.Array:
     feats = ResNet(self.depth, self.output_stride, self.width, self.axis_name,
-                   self.dtype, name="backbone")(images, train)
+                   self.dtype, self.conv_impl, self.remat, name="backbone")(images, train)
     x = Encoder(self.output_stride, self.width, axis_name=self.axis_name,
-                dtype=self.dtype, name="encoder")(feats["layer4"], train)
+                dtype=self.dtype, conv_impl=self.conv_impl, name="encoder")(feats["layer4"], train)
     norm = functools.partial(BatchNorm, train=train, torch_momentum=0.1,
                              axis_name=self.axis_name, dtype=self.dtype)
     c256, c64 = scaled(256, self.width), scaled(64, self.width)
@@ -117,8 +124,8 @@ class Inpainting(nn.Module):
     d = up("decoder2", jnp.concatenate([d, e2], -1), c256, 3, 1, 1)
     d = up("decoder1", d, c64, 3, 1, 1)
     d = resize_nearest_torch(d, images.shape[1:3])
-    y = Conv2d(images.shape[-1], 7, padding=3, use_bias=True,
-               kernel_init=torch_default_kernel, dtype=self.dtype, name="conv_final")(d)
+    y = Conv2d(images.shape[-1], 7, padding=3, use_bias=True, kernel_init=torch_default_kernel,
+               dtype=self.dtype, conv_impl=self.conv_impl, name="conv_final")(d)
     return jnp.tanh(y).astype(jnp.float32)
 
 
@@ -137,6 +144,8 @@ class Jigsaw(nn.Module):
   width: float = 1.0
   axis_name: str | None = None
   dtype: Any = jnp.float32
+  conv_impl: str = "plain"
+  remat: str = ""
 
   @nn.compact
   def __call__(self, tiles: jax.Array, train: bool) -> jax.Array:
@@ -144,9 +153,9 @@ class Jigsaw(nn.Module):
     # Tile-position-major batch, so group i holds every sample's i-th tile.
     x = jnp.swapaxes(tiles, 0, 1).reshape((t * b,) + tiles.shape[2:])
     feats = ResNet(self.depth, self.output_stride, self.width, self.axis_name,
-                   self.dtype, name="backbone")(x, train, bn_groups=t)
-    x = Encoder(self.output_stride, self.width, axis_name=self.axis_name,
-                dtype=self.dtype, name="encoder")(feats["layer4"], train, bn_groups=t)
+                   self.dtype, self.conv_impl, self.remat, name="backbone")(x, train, bn_groups=t)
+    x = Encoder(self.output_stride, self.width, axis_name=self.axis_name, dtype=self.dtype,
+                conv_impl=self.conv_impl, name="encoder")(feats["layer4"], train, bn_groups=t)
     x = adaptive_avg_pool(x, 3)
     # torch flattens (N, C, 3, 3): channel-major.
     x = jnp.transpose(x, (0, 3, 1, 2)).reshape(t * b, -1)

@@ -39,12 +39,13 @@ class ASPP(nn.Module):
   output_stride: int = 16
   axis_name: str | None = None
   dtype: Any = jnp.float32
+  conv_impl: str = "plain"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool, bn_groups: int = 1) -> jax.Array:
     norm = functools.partial(BatchNorm, train=train, groups=bn_groups,
                              axis_name=self.axis_name, dtype=self.dtype)
-    conv = functools.partial(Conv2d, self.channels, dtype=self.dtype)
+    conv = functools.partial(Conv2d, self.channels, dtype=self.dtype, conv_impl=self.conv_impl)
     outs = [nn.relu(norm(name="bn1")(conv(1, name="conv1")(x)))]
     for i, rate in enumerate(ATROUS_RATES[self.output_stride], start=2):
       y = conv(3, padding=rate, dilation=rate, name=f"conv{i}")(x)
@@ -66,13 +67,14 @@ class Encoder(nn.Module):
   dropout_rate: float = 0.5
   axis_name: str | None = None
   dtype: Any = jnp.float32
+  conv_impl: str = "plain"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool, bn_groups: int = 1) -> jax.Array:
     c = scaled(256, self.width)
-    x = ASPP(c, self.output_stride, self.axis_name, self.dtype, name="aspp")(
+    x = ASPP(c, self.output_stride, self.axis_name, self.dtype, self.conv_impl, name="aspp")(
         x, train, bn_groups)
-    x = Conv2d(c, 1, dtype=self.dtype, name="conv1")(x)
+    x = Conv2d(c, 1, dtype=self.dtype, conv_impl=self.conv_impl, name="conv1")(x)
     x = BatchNorm(train, groups=bn_groups, axis_name=self.axis_name,
                   dtype=self.dtype, name="bn1")(x)
     x = nn.relu(x)
@@ -91,13 +93,14 @@ class Decoder(nn.Module):
   dropout_rates: Sequence[float] = (0.0, 0.0)
   axis_name: str | None = None
   dtype: Any = jnp.float32
+  conv_impl: str = "plain"
 
   @nn.compact
   def __call__(self, x: jax.Array, low_level: jax.Array, train: bool,
                bn_groups: int = 1) -> jax.Array:
     norm = functools.partial(BatchNorm, train=train, groups=bn_groups,
                              axis_name=self.axis_name, dtype=self.dtype)
-    conv = functools.partial(Conv2d, dtype=self.dtype)
+    conv = functools.partial(Conv2d, dtype=self.dtype, conv_impl=self.conv_impl)
     low = nn.relu(norm(name="bn1")(conv(scaled(48, self.width), 1, name="conv1")(low_level)))
     x = resize_bilinear_align_corners(x, low.shape[1:3])
     y = jnp.concatenate([x, low], axis=-1)
@@ -113,7 +116,9 @@ class DeepLabV3Plus(nn.Module):
   """Fine-tuning / evaluation segmentation network (the reference's v3p_*_ft).
 
   Attributes: num_classes; depth (18/34/50/101); output_stride (16/8); width;
-  axis_name (synchronised BN); dtype (compute dtype).
+  axis_name (synchronised BN); dtype (compute dtype); conv_impl ('plain' /
+  'cpu' kernels); remat (backbone rematerialisation policy or ''); see
+  glc_jax/models/compute.py.
 
   __call__(image, train) with image (B, H, W, bands) float32 → logits
   (B, H, W, num_classes) float32, upsampled align-corners to the input size.
@@ -127,13 +132,15 @@ class DeepLabV3Plus(nn.Module):
   width: float = 1.0
   axis_name: str | None = None
   dtype: Any = jnp.float32
+  conv_impl: str = "plain"
+  remat: str = ""
 
   @nn.compact
   def __call__(self, image: jax.Array, train: bool) -> jax.Array:
     feats = ResNet(self.depth, self.output_stride, self.width, self.axis_name,
-                   self.dtype, name="backbone")(image, train)
+                   self.dtype, self.conv_impl, self.remat, name="backbone")(image, train)
     x = Encoder(self.output_stride, self.width, axis_name=self.axis_name,
-                dtype=self.dtype, name="encoder")(feats["layer4"], train)
+                dtype=self.dtype, conv_impl=self.conv_impl, name="encoder")(feats["layer4"], train)
     logits = Decoder(self.num_classes, self.width, (0.5, 0.1), self.axis_name,
-                     self.dtype, name="decoder")(x, feats["layer1"], train)
+                     self.dtype, self.conv_impl, name="decoder")(x, feats["layer1"], train)
     return resize_bilinear_align_corners(logits, image.shape[1:3]).astype(jnp.float32)

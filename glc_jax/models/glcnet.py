@@ -31,7 +31,9 @@ class GLCNet(nn.Module):
   multiplier), embed_dim (64), no_style / no_global / no_local (ablations),
   encoder_dropout (0.5 as the reference; 0 only for numerical comparisons),
   axis_name (synchronised BN over this mesh axis), dtype (compute dtype;
-  parameters, BN statistics and the returned embeddings are float32).
+  parameters, BN statistics and the returned embeddings are float32),
+  conv_impl ('plain' / 'cpu' kernels) and remat (backbone rematerialisation
+  policy or ''), see glc_jax/models/compute.py.
 
   Parameter tree: {'backbone', 'encoder', 'decoder' (unless no_local),
   'global_head' (unless no_global), 'local_head' (unless no_local)}.
@@ -47,17 +49,19 @@ class GLCNet(nn.Module):
   encoder_dropout: float = 0.5
   axis_name: str | None = None
   dtype: Any = jnp.float32
+  conv_impl: str = "plain"
+  remat: str = ""
 
   def setup(self):
     if self.no_global and self.no_local:
       raise ValueError("GLCNet: no_global and no_local together leave no loss")
     self.backbone = ResNet(self.depth, self.output_stride, self.width,
-                           self.axis_name, self.dtype)
+                           self.axis_name, self.dtype, self.conv_impl, self.remat)
     self.encoder = Encoder(self.output_stride, self.width, self.encoder_dropout,
-                           axis_name=self.axis_name, dtype=self.dtype)
+                           axis_name=self.axis_name, dtype=self.dtype, conv_impl=self.conv_impl)
     if not self.no_local:
       self.decoder = Decoder(self.embed_dim, self.width, axis_name=self.axis_name,
-                             dtype=self.dtype)
+                             dtype=self.dtype, conv_impl=self.conv_impl)
       self.local_head = ProjectionHead(self.embed_dim, self.embed_dim, self.dtype)
     if not self.no_global:
       self.global_head = ProjectionHead(scaled(256, self.width), self.embed_dim,

@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from glc_jax.models.compute import CONV_IMPLS
+
 Dtype = Any
 
 # torch.nn.init.kaiming_normal_ with its defaults (fan_in, gain sqrt(2)), which
@@ -34,12 +36,21 @@ def torch_default_bias(fan_in: int) -> nn.initializers.Initializer:
   return init
 
 
+def _check_conv_impl(conv_impl: str) -> None:
+  if conv_impl not in CONV_IMPLS:
+    raise ValueError(f"conv_impl {conv_impl!r}: expected one of {list(CONV_IMPLS)} "
+                     "('auto' is resolved by glc_jax.models.compute.resolve_conv_impl)")
+
+
 class Conv2d(nn.Module):
   """2-D convolution with torch's symmetric padding convention.
 
   Input (B, H, W, Cin) → output (B, H', W', features) with
   H' = floor((H + 2·padding − dilation·(k − 1) − 1) / stride) + 1.
   Kernel layout (k, k, Cin, features); the bias (if any) is torch-initialised.
+  conv_impl: 'plain' (lax.conv_general_dilated) or 'cpu' (1×1 convs and
+  stride-1 dilated convs as matmuls, which XLA's CPU backend runs faster);
+  same values and parameters either way.
   """
   features: int
   kernel_size: int
@@ -49,16 +60,20 @@ class Conv2d(nn.Module):
   use_bias: bool = False
   kernel_init: nn.initializers.Initializer = kaiming_normal
   dtype: Dtype = jnp.float32
+  conv_impl: str = "plain"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
+    _check_conv_impl(self.conv_impl)
     k = self.kernel_size
     fan_in = k * k * x.shape[-1]
     kernel = self.param("kernel", self.kernel_init, (k, k, x.shape[-1], self.features),
                         jnp.float32)
     x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
     same = self.stride == 1 and k % 2 == 1 and self.padding == self.dilation * (k - 1) // 2
-    if k == 1 and self.padding == 0:
+    if self.conv_impl == "plain":
+      y = _conv(x, kernel, self.stride, self.padding, self.dilation)
+    elif k == 1 and self.padding == 0:
       # A 1×1 conv is a matmul over channels; XLA's CPU backend runs it (and
       # its gradients) much faster as a dot than as a convolution.
       x = x[:, ::self.stride, ::self.stride]
@@ -66,15 +81,17 @@ class Conv2d(nn.Module):
     elif same and self.dilation > 1:
       y = _dilated_same_conv(x, kernel, self.dilation)
     else:
-      y = jax.lax.conv_general_dilated(
-          x, kernel, window_strides=(self.stride, self.stride),
-          padding=[(self.padding, self.padding)] * 2,
-          rhs_dilation=(self.dilation, self.dilation),
-          dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      y = _conv(x, kernel, self.stride, self.padding, self.dilation)
     if self.use_bias:
       bias = self.param("bias", torch_default_bias(fan_in), (self.features,), jnp.float32)
       y = y + bias.astype(self.dtype)
     return y
+
+
+def _conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int, dilation: int) -> jax.Array:
+  return jax.lax.conv_general_dilated(
+      x, kernel, window_strides=(stride, stride), padding=[(padding, padding)] * 2,
+      rhs_dilation=(dilation, dilation), dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
 def _dilated_same_conv(x: jax.Array, kernel: jax.Array, dilation: int) -> jax.Array:
@@ -112,14 +129,26 @@ def _pool_windows(x_padded: jax.Array, k: int, stride: int, out_hw: tuple[int, i
           for a in range(k) for b in range(k)]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
-def max_pool(x: jax.Array, k: int, stride: int, padding: int) -> jax.Array:
+def max_pool(x: jax.Array, k: int, stride: int, padding: int,
+             conv_impl: str = "plain") -> jax.Array:
   """torch.nn.MaxPool2d(k, stride, padding) on (B, H, W, C): -inf padding, floor sizes.
 
   The gradient goes to the first maximum of each window in row-major order,
-  as torch's does. Written as k·k strided views because XLA's CPU backend runs
-  reduce_window's gradient (select-and-scatter) about 6× slower than this.
+  as torch's does. conv_impl 'plain' is lax.reduce_window, whose gradient
+  (select-and-scatter with a >= comparison) picks that same maximum; 'cpu'
+  takes k·k strided views, because XLA's CPU backend runs select-and-scatter
+  about 6× slower than that.
   """
+  _check_conv_impl(conv_impl)
+  if conv_impl == "cpu":
+    return _max_pool_strided(x, k, stride, padding)
+  return jax.lax.reduce_window(x, np.array(-np.inf, x.dtype), jax.lax.max,
+                               (1, k, k, 1), (1, stride, stride, 1),
+                               ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _max_pool_strided(x: jax.Array, k: int, stride: int, padding: int) -> jax.Array:
   return _max_pool_fwd(x, k, stride, padding)[0]
 
 
@@ -150,7 +179,7 @@ def _max_pool_bwd(k, stride, padding, residuals, g):
   return (grad[:, padding:hp - padding, padding:wp - padding],)
 
 
-max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
+_max_pool_strided.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 class ConvTranspose2d(nn.Module):

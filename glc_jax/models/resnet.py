@@ -22,6 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from glc_jax.models.compute import check_remat, remat_policy
 from glc_jax.models.layers import BatchNorm, Conv2d, max_pool
 
 STAGE_BLOCKS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
@@ -40,11 +41,12 @@ class BasicBlock(nn.Module):
   dilation: int = 1
   norm: Any = BatchNorm
   dtype: Any = jnp.float32
+  conv_impl: str = "plain"
   expansion = 1
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    conv = functools.partial(Conv2d, dtype=self.dtype)
+    conv = functools.partial(Conv2d, dtype=self.dtype, conv_impl=self.conv_impl)
     d = self.dilation
     y = conv(self.planes, 3, self.stride, d, d, name="conv1")(x)
     y = nn.relu(self.norm(name="bn1")(y))
@@ -63,11 +65,12 @@ class Bottleneck(nn.Module):
   dilation: int = 1
   norm: Any = BatchNorm
   dtype: Any = jnp.float32
+  conv_impl: str = "plain"
   expansion = 4
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    conv = functools.partial(Conv2d, dtype=self.dtype)
+    conv = functools.partial(Conv2d, dtype=self.dtype, conv_impl=self.conv_impl)
     d = self.dilation
     out = self.planes * self.expansion
     y = conv(self.planes, 1, name="conv1")(x)
@@ -91,6 +94,10 @@ class ResNet(nn.Module):
     width: channel multiplier (1.0 = standard; tests use narrow nets).
     axis_name: mesh axis for synchronised BatchNorm (None = local batch).
     dtype: compute dtype; parameters and BN statistics stay float32.
+    conv_impl: 'plain' or 'cpu' convolution and max-pool kernels (see
+      glc_jax/models/compute.py); the parameter tree is the same.
+    remat: '' (none) or a jax.checkpoint_policies name: every residual block
+      is rematerialised under that policy (same values and parameter tree).
 
   __call__(x, train, bn_groups=1) with x (B, H, W, bands) float → dict of
   NHWC features (bn_groups: see BatchNorm.groups):
@@ -104,6 +111,8 @@ class ResNet(nn.Module):
   width: float = 1.0
   axis_name: str | None = None
   dtype: Any = jnp.float32
+  conv_impl: str = "plain"
+  remat: str = ""
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool,
@@ -113,19 +122,22 @@ class ResNet(nn.Module):
     if self.output_stride not in STRIDES_DILATIONS:
       raise ValueError(f"output_stride must be 8 or 16, got {self.output_stride}")
     block_cls = BasicBlock if self.depth < 50 else Bottleneck
+    if check_remat(self.remat):
+      block_cls = nn.remat(block_cls, policy=remat_policy(self.remat))
     strides, dilations = STRIDES_DILATIONS[self.output_stride]
     norm = functools.partial(BatchNorm, train=train, groups=bn_groups,
                              axis_name=self.axis_name, dtype=self.dtype)
     x = x.astype(self.dtype)
-    x = Conv2d(scaled(64, self.width), 7, 2, 3, dtype=self.dtype, name="conv1")(x)
+    x = Conv2d(scaled(64, self.width), 7, 2, 3, dtype=self.dtype, conv_impl=self.conv_impl,
+               name="conv1")(x)
     x = nn.relu(norm(name="bn1")(x))
-    x = max_pool(x, 3, 2, 1)
+    x = max_pool(x, 3, 2, 1, self.conv_impl)
     features = {}
     for stage, (n_blocks, stride, dilation) in enumerate(
         zip(STAGE_BLOCKS[self.depth], strides, dilations), start=1):
       planes = scaled(64 * 2 ** (stage - 1), self.width)
       for i in range(n_blocks):
-        x = block_cls(planes, stride if i == 0 else 1, dilation, norm=norm,
-                      dtype=self.dtype, name=f"layer{stage}_{i}")(x)
+        x = block_cls(planes, stride if i == 0 else 1, dilation, norm=norm, dtype=self.dtype,
+                      conv_impl=self.conv_impl, name=f"layer{stage}_{i}")(x)
       features[f"layer{stage}"] = x
     return features
