@@ -16,7 +16,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data = dict(path="", split="test", norm="reference")
   c.checkpoint = ""
   c.model_from_checkpoint = True
-  c.model = dict(depth=50, output_stride=16, width=1.0, dtype="float32")
+  # Compute (glc_jax/models/compute.py): "auto" = bfloat16 and plain convolutions on GPU/TPU,
+  # float32 and the CPU kernels on CPU; remat: a jax.checkpoint policy name to save memory.
+  c.model = dict(depth=50, output_stride=16, width=1.0, dtype="auto", conv_impl="auto", remat="")
   c.eval = dict(crop=256, stride=128, batch_size=8)
   c.write_predictions = True
   return c

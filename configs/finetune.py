@@ -25,7 +25,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                 batch_size=8 if tiny else 16, num_workers=2 if tiny else 8, norm="reference")
   c.init = dict(kind=kind, path="", transfer="backbone+encoder")
   c.input = dict(crop_size=128) if tiny else dict(crop_size=256)
-  c.model = dict(depth=50, output_stride=16, width=0.25 if tiny else 1.0, dtype="float32")
+  # Compute (glc_jax/models/compute.py): "auto" = bfloat16 and plain convolutions on GPU/TPU,
+  # float32 and the CPU kernels on CPU; remat: a jax.checkpoint policy name to save memory.
+  c.model = dict(depth=50, output_stride=16, width=0.25 if tiny else 1.0, dtype="auto",
+                 conv_impl="auto", remat="")
   c.optimizer = dict(name="adam", lr=1e-4, lr_scaling="batch", reference_batch=16, b1=0.9, b2=0.99, eps=1e-8,
                      weight_decay=1e-5, schedule="exponential", decay_rate=0.98, per_epoch=True,
                      warmup_epochs=0.0, grad_clip_norm=0.0)

@@ -55,7 +55,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data = dict(path="", split="train", batch_size=32 if tiny else 256, num_workers=2 if tiny else 8,
                 norm="reference")
   c.input = _input(method, tiny)
-  c.model = dict(depth=50, output_stride=16, width=0.25 if tiny else 1.0, dtype="float32")
+  # Compute (glc_jax/models/compute.py): "auto" = bfloat16 and plain convolutions on GPU/TPU,
+  # float32 and the CPU kernels on CPU; remat: a jax.checkpoint policy name to save memory.
+  c.model = dict(depth=50, output_stride=16, width=0.25 if tiny else 1.0, dtype="auto",
+                 conv_impl="auto", remat="")
   if method not in ("inpainting", "jigsaw"):
     c.model.embed_dim = 64
   if method == "jigsaw":
