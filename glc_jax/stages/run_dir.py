@@ -141,7 +141,8 @@ def _lock(work: pathlib.Path) -> int:
       if e.errno in (errno.EAGAIN, errno.EACCES):
         raise WorkdirBusyError(f"{work} is in use by another run ({holder}); wait for it to end "
                                "or use another workdir") from None
-      raise
+      raise setup.ConfigError(f"{path}: cannot lock it ({e.strerror}); put the workdir on a "
+                              "file system with file locks") from None
     try:
       same = os.stat(path).st_ino == os.fstat(fd).st_ino
     except FileNotFoundError:
