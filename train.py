@@ -41,12 +41,12 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   config = cli.config_value(_CONFIG)
-  from glc_jax import compile_cache  # pylint: disable=import-outside-toplevel
+  from glc_jax import checkpoint, compile_cache  # pylint: disable=import-outside-toplevel
   from glc_jax.stages import loop, setup  # pylint: disable=import-outside-toplevel
   compile_cache.enable(_CACHE.value or pathlib.Path(_WORKDIR.value) / "jax_cache")
   try:
     run_stage(config, _WORKDIR.value)
-  except (setup.ConfigError, loop.NonFiniteLossError) as e:
+  except (setup.ConfigError, loop.NonFiniteLossError, checkpoint.CheckpointError) as e:
     sys.exit(f"error: {e}")
 
 

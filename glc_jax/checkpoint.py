@@ -5,21 +5,47 @@ Layout under a run's workdir:
                                    iterator state, one JSON per process)
   best/<step>/state                the state with the best validation metric
                                    (fine-tuning's model selection), kept alone
+  damaged_checkpoints/<step>       checkpoints set aside because they did not
+                                   restore (see below); never deleted by a run
 
 Orbax writes each step to a temporary directory and renames it when complete,
 so a process killed mid-save leaves no checkpoint a restore would pick up.
+
+Resume takes the newest checkpoint that restores. One that fails (a truncated
+or damaged file) while an older one restores is moved to
+damaged_checkpoints/<step> (<step>.1, ... if that name is taken) and one line
+on stderr names it, the error and the step resumed from. Moving it out of
+checkpoints/ matters: Orbax's LatestN policy would count it as the newest step
+and delete intact ones, and the resumed run could not save that step again.
+If no checkpoint restores, nothing is moved and CheckpointError names the
+workdir (a config that no longer matches the checkpoints fails this way too).
+
+A resumed run replays the steps after its checkpoint, and the interrupted run
+may already have offered some of their epoch ends to best/. The replay is
+exact, so such a step is kept as it is rather than saved again, and Orbax's
+selection (the highest metric, the later step on ties) ends where an
+uninterrupted run's does.
 """
 from __future__ import annotations
 
 import pathlib
+import shutil
+import sys
 from typing import Any
 
 import grain
+import jax
 import orbax.checkpoint as ocp
 from absl import logging
 from orbax.checkpoint import checkpoint_managers
 
 PyTree = Any
+
+DAMAGED_DIR = "damaged_checkpoints"
+
+
+class CheckpointError(RuntimeError):
+  """No checkpoint of the run restores; the message names the workdir."""
 
 
 class RunCheckpoints:
@@ -37,6 +63,7 @@ class RunCheckpoints:
   def __init__(self, workdir: str | pathlib.Path, every_steps: int, keep: int = 2,
                best_metric: str | None = None):
     root = pathlib.Path(workdir).absolute()
+    self._root = root
     self._manager = ocp.CheckpointManager(
         root / "checkpoints",
         options=ocp.CheckpointManagerOptions(
@@ -53,23 +80,57 @@ class RunCheckpoints:
               max_to_keep=1, best_fn=lambda m: m[best_metric], best_mode="max",
               keep_checkpoints_without_metrics=False, cleanup_tmp_directories=True),
           item_names=("state",))
+      # A run killed between saving a step and deleting the one it displaced
+      # leaves both; keep the one Orbax would have kept.
+      best = self._best.best_step()
+      for step in self._best.all_steps():
+        if best is not None and step != best:
+          self._best.delete(step)
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
   def restore(self, state_template: PyTree, data_iterator) -> tuple[PyTree, int] | None:
-    """Restores the latest checkpoint into the template's shapes and shardings.
+    """Restores the newest checkpoint that restores, into the template's shapes and shardings.
 
-    The data iterator is restored in place. Returns (state, step), or None when
-    there is no checkpoint yet.
+    The data iterator is restored in place. Newer checkpoints that fail are
+    set aside (see the module docstring). Returns (state, step), or None when
+    there is no checkpoint yet; raises CheckpointError when none restores.
     """
-    step = self._manager.latest_step()
-    if step is None:
-      return None
-    restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(state_template),
-        data=grain.checkpoint.CheckpointRestore(data_iterator)))
-    return restored["state"], step
+    failed = []
+    for step in sorted(self._manager.all_steps(), reverse=True):
+      try:
+        restored = self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(state_template),
+            data=grain.checkpoint.CheckpointRestore(data_iterator)))
+      except Exception as e:  # pylint: disable=broad-except  (TensorStore, JSON and Orbax errors)
+        failed.append((step, _one_line(e)))
+        continue
+      if failed:
+        self._set_aside(failed, step)
+      return restored["state"], step
+    if failed:
+      step, reason = failed[0]
+      raise CheckpointError(f"{self._root}: no checkpoint restores (the newest, step {step}: "
+                            f"{reason})")
+    return None
+
+  def _set_aside(self, failed: list[tuple[int, str]], resumed: int) -> None:
+    if jax.process_index() == 0:
+      for step, reason in failed:
+        target = self._root / DAMAGED_DIR / str(step)
+        n = 0
+        while target.exists():
+          n += 1
+          target = self._root / DAMAGED_DIR / f"{step}.{n}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(self._root / "checkpoints" / str(step), target)
+        print(f"checkpoint step {step} in {self._root} does not restore ({reason}); moved to "
+              f"{target}; resuming from step {resumed}", file=sys.stderr, flush=True)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+      multihost_utils.sync_global_devices("glc_jax.checkpoint: damaged checkpoints set aside")
+    self._manager.reload()
 
   def save(self, step: int, state: PyTree, data_iterator, force: bool = False) -> bool:
     """Saves when `step` is on the interval (or `force`); returns whether it saved."""
@@ -78,12 +139,17 @@ class RunCheckpoints:
         data=grain.checkpoint.CheckpointSave(data_iterator)), force=force)
 
   def save_if_best(self, step: int, state: PyTree, metrics: dict[str, float]) -> bool:
-    """Offers a validated state to the best-model slot; returns whether it is now the best."""
+    """Offers a validated state to the best-model slot; returns whether it is now the best.
+
+    A step already in the slot was saved by the run this one resumes, with the
+    same state (see the module docstring): it is kept, not saved again.
+    """
     if self._best is None:
       raise ValueError("RunCheckpoints was created without best_metric")
-    self._best.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)),
-                    metrics={k: float(v) for k, v in metrics.items()}, force=True)
-    self._best.wait_until_finished()
+    if step not in self._best.all_steps():
+      self._best.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)),
+                      metrics={k: float(v) for k, v in metrics.items()}, force=True)
+      self._best.wait_until_finished()
     return self._best.best_step() == step
 
   def restore_best(self, state_template: PyTree) -> tuple[PyTree, int]:
@@ -100,6 +166,12 @@ class RunCheckpoints:
     self._manager.close()
     if self._best is not None:
       self._best.close()
+
+
+def _one_line(error: Exception, limit: int = 300) -> str:
+  text = " ".join(str(error).split())
+  text = f"{type(error).__name__}: {text}" if text else type(error).__name__
+  return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def read_state(path: str | pathlib.Path) -> PyTree:

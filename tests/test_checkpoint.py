@@ -53,3 +53,119 @@ def test_best_keeps_highest_metric_and_read_state_finds_it(tmp_path):
 def test_read_state_names_missing_checkpoint(tmp_path):
   with pytest.raises(FileNotFoundError, match="no checkpoint found"):
     checkpoint.read_state(tmp_path)
+
+
+def _steps(root):
+  return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) if root.is_dir() else []
+
+
+def _files(root):
+  return {p.relative_to(root): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def _saved_run(path, steps=4):
+  ckpt = checkpoint.RunCheckpoints(path, every_steps=2, keep=2)
+  it = _iterator()
+  for step in range(1, steps + 1):
+    next(it)
+    ckpt.save(step, _state(float(step)), it)
+  ckpt.close()
+
+
+def _truncate(path):
+  with open(path, "r+b") as f:
+    f.truncate(path.stat().st_size // 2)
+
+
+def test_damaged_latest_checkpoint_falls_back_and_is_set_aside(tmp_path, capsys):
+  _saved_run(tmp_path)
+  _truncate(tmp_path / "checkpoints" / "4" / "state" / "manifest.ocdbt")
+  damaged = _files(tmp_path / "checkpoints" / "4")
+
+  reopened = checkpoint.RunCheckpoints(tmp_path, every_steps=2, keep=2)
+  fresh = _iterator()
+  state, step = reopened.restore(_state(0.0), fresh)
+  assert step == 2
+  np.testing.assert_array_equal(state["params"]["w"], np.full((3, 2), 2.0))
+  reference = _iterator()
+  for _ in range(2):
+    next(reference)
+  assert next(fresh) == next(reference)
+
+  message = capsys.readouterr().err.strip()
+  assert len(message.splitlines()) == 1, message
+  assert f"checkpoint step 4 in {tmp_path} does not restore (" in message
+  assert message.endswith(f"moved to {tmp_path / 'damaged_checkpoints' / '4'}; resuming from step 2")
+  # Set aside whole, not deleted; checkpoints/ no longer counts it.
+  assert _files(tmp_path / "damaged_checkpoints" / "4") == damaged
+  assert _steps(tmp_path / "checkpoints") == [2]
+
+  # The resumed run saves step 4 again, and keeps its latest two.
+  for step in (3, 4):
+    next(fresh)
+    reopened.save(step, _state(float(step)), fresh)
+  reopened.close()
+  assert _steps(tmp_path / "checkpoints") == [2, 4]
+  again = checkpoint.RunCheckpoints(tmp_path, every_steps=2, keep=2)
+  state, step = again.restore(_state(0.0), _iterator())
+  again.close()
+  assert step == 4 and float(state["params"]["w"][0, 0]) == 4.0
+
+
+def test_no_checkpoint_restores_is_one_line_naming_the_workdir(tmp_path):
+  _saved_run(tmp_path)
+  for step in (2, 4):
+    _truncate(tmp_path / "checkpoints" / str(step) / "data" / "process_0-of-1.json")
+  before = _files(tmp_path / "checkpoints")
+  reopened = checkpoint.RunCheckpoints(tmp_path, every_steps=2, keep=2)
+  with pytest.raises(checkpoint.CheckpointError,
+                     match=rf"^{tmp_path}: no checkpoint restores \(the newest, step 4: ") as error:
+    reopened.restore(_state(0.0), _iterator())
+  reopened.close()
+  assert "\n" not in str(error.value)
+  assert _files(tmp_path / "checkpoints") == before
+  assert not (tmp_path / "damaged_checkpoints").exists()
+
+
+# (step, val metric) offered at epoch ends: 6 ties 4 and is the later, so it is the best.
+_EPOCH_ENDS = [(2, 0.5), (4, 0.7), (6, 0.7), (8, 0.6)]
+
+
+@pytest.mark.parametrize("resumed_from", [1, 3, 5])
+def test_resumed_run_replaying_epoch_ends_keeps_the_uninterrupted_best(tmp_path, resumed_from):
+  uninterrupted = checkpoint.RunCheckpoints(tmp_path / "a", every_steps=100, best_metric="miou")
+  for step, value in _EPOCH_ENDS:
+    uninterrupted.save_if_best(step, _state(float(step)), {"miou": value})
+  uninterrupted.close()
+  assert _steps(tmp_path / "a" / "best") == [6]
+
+  # Killed after offering 2, 4 and 6; resumed from a checkpoint before them, the
+  # run offers the epoch ends after it again (the same states), then 8.
+  killed = checkpoint.RunCheckpoints(tmp_path / "b", every_steps=100, best_metric="miou")
+  for step, value in _EPOCH_ENDS[:3]:
+    killed.save_if_best(step, _state(float(step)), {"miou": value})
+  killed.close()
+  resumed = checkpoint.RunCheckpoints(tmp_path / "b", every_steps=100, best_metric="miou")
+  for step, value in _EPOCH_ENDS:
+    if step > resumed_from:
+      resumed.save_if_best(step, _state(float(step)), {"miou": value})
+  state, step = resumed.restore_best(_state(0.0))
+  resumed.close()
+  assert step == 6 and float(state["params"]["w"][0, 0]) == 6.0
+  assert _steps(tmp_path / "b" / "best") == [6]
+
+
+def test_best_slot_left_with_two_steps_keeps_the_best(tmp_path):
+  # A kill between saving step 4 and deleting the step it lost to (2) leaves both.
+  import orbax.checkpoint as ocp
+  manager = ocp.CheckpointManager(tmp_path / "best", item_names=("state",),
+                                  options=ocp.CheckpointManagerOptions(best_fn=lambda m: m["miou"]))
+  for step, value in [(2, 0.8), (4, 0.3)]:
+    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(_state(float(step)))),
+                 metrics={"miou": value}, force=True)
+  manager.close()
+  assert _steps(tmp_path / "best") == [2, 4]
+
+  checkpoint.RunCheckpoints(tmp_path, every_steps=100, best_metric="miou").close()
+  assert _steps(tmp_path / "best") == [2]
+  np.testing.assert_array_equal(checkpoint.read_state(tmp_path)["params"]["w"], np.full((3, 2), 2.0))

@@ -1,6 +1,7 @@
 """The training loop shared by pretraining and fine-tuning.
 
-Resumes from the workdir's latest checkpoint (state and data iterator), logs,
+Resumes from the workdir's newest checkpoint that restores (state and data
+iterator; glc_jax/checkpoint.py says what happens to one that does not), logs,
 checkpoints on an interval and at the end, validates at epoch ends, and stops
 on a non-finite loss without saving the bad state.
 """
@@ -12,7 +13,7 @@ from typing import Any
 
 import jax
 
-from glc_jax.checkpoint import RunCheckpoints
+from glc_jax.checkpoint import CheckpointError, RunCheckpoints
 from glc_jax.run_log import RunLog
 
 
@@ -40,7 +41,12 @@ def fit(state: Any, train_step: Callable, iterator, rng: jax.Array, *, workdir: 
   """
   checkpoints = RunCheckpoints(workdir, checkpoint_every, keep_checkpoints, best_metric)
   start = 0
-  restored = checkpoints.restore(state, iterator)
+  try:
+    restored = checkpoints.restore(state, iterator)
+  except CheckpointError:
+    checkpoints.close()
+    iterator.close()
+    raise
   if restored is not None:
     state, start = restored
   log = RunLog(workdir, total_steps, start, items_per_step, desc)
