@@ -16,7 +16,7 @@ import sys
 import pytest
 
 from data_prep import convert, synthetic
-from glc_jax.stages import demo, finetune, pretrain, run_dir, setup
+from glc_jax.stages import demo, finetune, pretrain, run_dir
 
 _HOLDER = """
 import sys
