@@ -19,7 +19,9 @@ of the whole step (forward + backward, glc_jax/flops.py) / global batch; MFU
 dense bf16 tensor peak (table below, or --peak_tflops), for float32 steps
 too; memory = the compiled step's per-device footprint from XLA's memory
 analysis (arguments + outputs + temporaries − aliased), and the allocator's
-peak in use since the process started where the backend reports it (GPU/TPU).
+peak in use since the process started where the backend reports it (GPU/TPU);
+compile s = wall time of lower + compile; conv = model.conv_impl as given
+('auto': 'cpu' kernels on CPU, 'plain' elsewhere; glc_jax/models/compute.py).
 """
 from __future__ import annotations
 
@@ -45,6 +47,7 @@ TWO_VIEW = ("glcnet", "glcnet_nostyle", "glcnet_noglobal", "glcnet_nolocal", "si
 _METHODS = flags.DEFINE_list("methods", list(PRETRAIN_METHODS) + ["finetune"], "Methods to time.")
 _SIZE = flags.DEFINE_enum("size", "tiny", ["tiny", "full"], "Model and input size of the configs.")
 _DTYPES = flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Compute dtypes.")
+_CONV_IMPLS = flags.DEFINE_list("conv_impls", ["auto"], "model.conv_impl values: auto, plain, cpu.")
 _DEVICES = flags.DEFINE_list("devices", [], "Device counts (default: 1, 2, 4, ... and all local).")
 _BATCH = flags.DEFINE_integer("batch_per_device", 8, "Examples (pairs/images) per device per step.")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
@@ -66,6 +69,8 @@ class Result:
   mfu: float | None
   xla_mib: float | None
   peak_mib: float | None
+  compile_s: float | None = None
+  conv_impl: str = "auto"
 
 
 def device_peak_tflops(device: jax.Device, override: float = 0.0) -> float | None:
@@ -99,9 +104,10 @@ def _stage_config(method: str, size: str):
 def host_batch(method: str, config, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
   """One batch from the method's input recipe applied to random 4-band uint8 tiles."""
   from glc_jax.data import pipelines  # pylint: disable=import-outside-toplevel
-  from glc_jax.stages.pretrain import data_recipe_name  # pylint: disable=import-outside-toplevel
   rng = np.random.default_rng(seed)
-  name = "finetune" if method == "finetune" else data_recipe_name(method)
+  # The ablations share GLCNet's input (stages.pretrain.data_recipe_name's rule; that module
+  # is not imported, so that the step benchmark needs neither TensorBoard nor the stages).
+  name = "glcnet" if method.startswith("glcnet") else method
   example_fn = pipelines.recipe_for(name, config.input,
                                     dataset={"norm": {"mode": "reference"}, "value_max": 255.0})
   tile = config.input.crop_size if method == "finetune" else 256
@@ -113,30 +119,45 @@ def host_batch(method: str, config, batch: int, seed: int = 0) -> dict[str, np.n
   return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
 
 
-def build_step(method: str, size: str, num_devices: int, dtype: str, batch_per_device: int,
-               shapes_only: bool = False):
-  """(train_step, state, device batch, rng, global batch) of a method on the first devices.
-
-  With `shapes_only`, state and batch are jax.ShapeDtypeStructs (enough to
-  trace, e.g. for step_flops), and nothing is compiled.
-  """
-  from glc_jax import methods, optim, parallel  # pylint: disable=import-outside-toplevel
+def step_config(method: str, size: str, dtype: str, conv_impl: str = "auto"):
+  """The stage config of a method (or 'finetune') with model.dtype and model.conv_impl set."""
   config = _stage_config(method, size)
   config.model.dtype = dtype
+  config.model.conv_impl = conv_impl
   if method == "finetune":
     config.method = "segmentation"
     config.model.num_classes = 6
+  return config
+
+
+def build_step(method: str, size: str, num_devices: int, dtype: str, batch_per_device: int,
+               shapes_only: bool = False, conv_impl: str = "auto",
+               host: dict[str, np.ndarray] | None = None, state=None):
+  """(train_step, state, device batch, rng, global batch) of a method on the first devices.
+
+  With `shapes_only`, state and batch are jax.ShapeDtypeStructs (enough to
+  trace, e.g. for step_flops), and nothing is compiled. dtype and conv_impl
+  set model.dtype and model.conv_impl. `host`: the global batch to use
+  (default: a fresh one from host_batch). `state`: the train state (or its
+  shapes) to return instead of a new one; a method's state does not depend
+  on the dtype, kernels or batch size, so one serves all its steps.
+  """
+  from glc_jax import methods, optim, parallel  # pylint: disable=import-outside-toplevel
+  config = step_config(method, size, dtype, conv_impl)
   mesh = parallel.make_data_mesh(jax.local_devices()[:num_devices])
   global_batch = batch_per_device * num_devices
-  batch = parallel.shard_host_batch(host_batch(method, config, global_batch), mesh)
+  if host is None:
+    host = host_batch(method, config, global_batch)
+  batch = parallel.shard_host_batch(host, mesh)
   method_obj = methods.create_method(config)
   tx, schedule = optim.build_optimizer(config.optimizer, steps_per_epoch=1000, num_epochs=1,
                                        num_devices=num_devices, global_batch=global_batch)
   rng = jax.random.key(0)
   if shapes_only:
     batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), batch)
+  if state is None and shapes_only:
     state = jax.eval_shape(lambda key: methods.init_train_state(method_obj, tx, mesh, key, batch), rng)
-  else:
+  elif state is None:
     state = methods.init_train_state(method_obj, tx, mesh, rng, batch)
   train_step = methods.make_train_step(method_obj, tx, schedule, mesh)
   return train_step, state, batch, rng, global_batch
@@ -148,14 +169,11 @@ def step_flops(train_step, state, batch, rng, num_devices: int) -> float:
   return flops.analytic_flops(train_step, state, batch, rng) * num_devices
 
 
-def time_step(method: str, size: str, num_devices: int, dtype: str, batch_per_device: int,
-              warmup: int, steps: int, peak_override: float = 0.0) -> Result:
-  """Compiles and times one method's train step on the first `num_devices` local devices."""
-  train_step, state, batch, rng, global_batch = build_step(method, size, num_devices, dtype,
-                                                           batch_per_device)
-  total_flops = step_flops(train_step, state, batch, rng, num_devices)
-  compiled = train_step.lower(state, batch, rng).compile()
-  xla_mib = _xla_footprint_mib(compiled)
+def time_compiled(compiled, state, batch, rng, warmup: int, steps: int):
+  """(median seconds per step over `steps` after `warmup` untimed steps, final state).
+
+  The state passed in is donated; use the one returned.
+  """
   times = []
   for i in range(warmup + steps):
     start = time.perf_counter()
@@ -163,15 +181,30 @@ def time_step(method: str, size: str, num_devices: int, dtype: str, batch_per_de
     jax.block_until_ready(metrics["loss"])
     if i >= warmup:
       times.append(time.perf_counter() - start)
-  step_s = statistics.median(times)
+  return statistics.median(times), state
+
+
+def time_step(method: str, size: str, num_devices: int, dtype: str, batch_per_device: int,
+              warmup: int, steps: int, peak_override: float = 0.0,
+              conv_impl: str = "auto") -> Result:
+  """Compiles and times one method's train step on the first `num_devices` local devices."""
+  train_step, state, batch, rng, global_batch = build_step(
+      method, size, num_devices, dtype, batch_per_device, conv_impl=conv_impl)
+  total_flops = step_flops(train_step, state, batch, rng, num_devices)
+  start = time.perf_counter()
+  compiled = train_step.lower(state, batch, rng).compile()
+  compile_s = time.perf_counter() - start
+  step_s, _ = time_compiled(compiled, state, batch, rng, warmup, steps)
   devices = jax.local_devices()[:num_devices]
   peak = device_peak_tflops(devices[0], peak_override)
   mfu = total_flops / step_s / (peak * 1e12 * num_devices) if peak else None
   return Result(method, num_devices, dtype, global_batch, step_s, global_batch / step_s,
-                total_flops / global_batch / 1e9, mfu, xla_mib, _peak_in_use_mib(devices))
+                total_flops / global_batch / 1e9, mfu, xla_footprint_mib(compiled),
+                peak_in_use_mib(devices), compile_s, conv_impl)
 
 
-def _xla_footprint_mib(compiled) -> float | None:
+def xla_footprint_mib(compiled) -> float | None:
+  """Per-device arguments + outputs + temporaries − aliased bytes of a compiled step, MiB."""
   try:
     m = compiled.memory_analysis()
   except (NotImplementedError, RuntimeError):
@@ -183,7 +216,8 @@ def _xla_footprint_mib(compiled) -> float | None:
   return total / 2 ** 20
 
 
-def _peak_in_use_mib(devices) -> float | None:
+def peak_in_use_mib(devices) -> float | None:
+  """The allocator's peak bytes in use since the process started (max over devices), MiB."""
   peaks = []
   for device in devices:
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
@@ -201,14 +235,16 @@ def markdown_table(results: list[Result]) -> str:
   def opt(value, fmt):
     return "n/a" if value is None else format(value, fmt)
 
-  lines = ["| method | devices | dtype | global batch | median step s | items/s | GFLOP/item "
-           "| MFU | XLA MiB/device | peak MiB |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+  lines = ["| method | devices | dtype | conv | global batch | median step s | items/s "
+           "| GFLOP/item | MFU | XLA MiB/device | peak MiB | compile s |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in results:
-    lines.append(f"| {r.method} | {r.devices} | {r.dtype} | {r.global_batch} | {r.step_s:.3f} "
+    lines.append(f"| {r.method} | {r.devices} | {r.dtype} | {r.conv_impl} | {r.global_batch} "
+                 f"| {r.step_s:.3f} "
                  f"| {r.items_per_s:.2f} {_unit(r.method)} | {r.gflop_per_item:.2f} "
                  f"| {opt(None if r.mfu is None else 100 * r.mfu, '.1f')}{'' if r.mfu is None else '%'} "
-                 f"| {opt(r.xla_mib, '.0f')} | {opt(r.peak_mib, '.0f')} |")
+                 f"| {opt(r.xla_mib, '.0f')} | {opt(r.peak_mib, '.0f')} "
+                 f"| {opt(r.compile_s, '.1f')} |")
   return "\n".join(lines)
 
 
@@ -223,6 +259,9 @@ def main(argv):
   bad = [d for d in _DTYPES.value if d not in ("float32", "bfloat16")]
   if bad:
     sys.exit(f"error: --dtypes: unknown {bad}; expected float32 and/or bfloat16")
+  bad = [c for c in _CONV_IMPLS.value if c not in ("auto", "plain", "cpu")]
+  if bad:
+    sys.exit(f"error: --conv_impls: unknown {bad}; expected some of auto, plain, cpu")
   try:
     counts = device_counts(jax.local_device_count(), _DEVICES.value)
   except ValueError as e:
@@ -235,18 +274,18 @@ def main(argv):
             + (f"{peak:g} TFLOP/s per device" if peak else "n/a (no known peak; --peak_tflops)"))
   print(header, flush=True)
   results = []
-  for method in _METHODS.value:
-    for dtype in _DTYPES.value:
-      for n in counts:
-        r = time_step(method, _SIZE.value, n, dtype, _BATCH.value, _WARMUP.value, _STEPS.value,
-                      _PEAK.value)
-        results.append(r)
-        print(f"{method} {dtype} ×{n}: {r.step_s:.3f} s/step, {r.items_per_s:.2f} "
-              f"{_unit(method)}/s", flush=True)
-        if _OUT.value:  # after every row, so a long run killed midway keeps its rows
-          path = pathlib.Path(_OUT.value)
-          path.parent.mkdir(parents=True, exist_ok=True)
-          path.write_text(header + "\n\n" + markdown_table(results) + "\n")
+  cases = [(m, d, c, n) for m in _METHODS.value for d in _DTYPES.value
+           for c in _CONV_IMPLS.value for n in counts]
+  for method, dtype, conv_impl, n in cases:
+    r = time_step(method, _SIZE.value, n, dtype, _BATCH.value, _WARMUP.value, _STEPS.value,
+                  _PEAK.value, conv_impl)
+    results.append(r)
+    print(f"{method} {dtype} conv {conv_impl} ×{n}: {r.step_s:.3f} s/step, "
+          f"{r.items_per_s:.2f} {_unit(method)}/s, compiled in {r.compile_s:.1f} s", flush=True)
+    if _OUT.value:  # after every row, so a long run killed midway keeps its rows
+      path = pathlib.Path(_OUT.value)
+      path.parent.mkdir(parents=True, exist_ok=True)
+      path.write_text(header + "\n\n" + markdown_table(results) + "\n")
   print(markdown_table(results))
 
 

@@ -1,0 +1,395 @@
+"""The prepared accelerator check (issue 12): train-step throughput, kernel paths, compile
+times and the host input pipeline, in one time-boxed run. Started by
+benchmarks/accelerator_check.sh, which installs the carried wheels first.
+
+  python benchmarks/accelerator_check.py              # full size, 64 and 128 per device
+  python benchmarks/accelerator_check.py --smoke      # tiny model and sizes (a CPU run-through)
+
+Phases, each with its own deadline inside --budget_s (the whole run ends by then):
+  1. host pipeline: GLCNet pairs (224² views of 256² 4-band tiles, 4 patches of
+     48) through the Grain pipeline with --workers processes (default: every
+     core), pairs/s; skipped with the reason when grain cannot be imported.
+  2. compile: each case (method × dtype × per-device batch, plus GLCNet with
+     the 'cpu' kernels) is lowered here and compiled by --compile_threads
+     threads, most important first; the real initial state of each method is
+     built alongside. Cases not compiled by the deadline are listed as such.
+  3. time: each compiled case runs --warmup untimed and --steps timed steps on
+     one device; pairs/s, step time, MFU against the device's dense bf16 peak,
+     XLA's per-device footprint and the allocator's peak so far.
+Then the tables: throughput, conv paths (plain vs cpu), compile times, host
+pipeline next to the step. Every line is printed as soon as it is known, and
+the tables also go to --out (default $OUT/accelerator_check.md when OUT is set).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import pathlib
+import platform
+import queue
+import sys
+import threading
+import time
+import traceback
+
+import numpy as np
+
+START = time.perf_counter()
+FULL_BATCHES = (128, 64)
+SMOKE_BATCHES = (4, 2)
+METHODS = ("glcnet", "simclr", "mocov2", "finetune")
+DTYPES = ("bfloat16", "float32")
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  method: str
+  dtype: str
+  batch: int
+  conv_impl: str = "plain"
+
+  def __str__(self):
+    return f"{self.method} {self.dtype} ×{self.batch} conv={self.conv_impl}"
+
+
+def cases_by_priority(batches: tuple[int, ...]) -> list[Case]:
+  """GLCNet bfloat16 first (the issue's goal), its 'cpu'-kernel twin, the other methods in
+  bfloat16 at the largest batch, then the rest; a time box cuts from the end."""
+  big = batches[0]
+  first = [Case("glcnet", "bfloat16", big), Case("glcnet", "bfloat16", big, "cpu")]
+  first += [Case(m, "bfloat16", big) for m in METHODS[1:]]
+  rest = [Case(m, d, b) for d in DTYPES for b in batches for m in METHODS]
+  return first + [c for c in rest if c not in first]
+
+
+def elapsed() -> float:
+  return time.perf_counter() - START
+
+
+def say(*parts) -> None:
+  print(f"[{elapsed():6.1f} s]", *parts, flush=True)
+
+
+class Jobs:
+  """Daemon worker threads over a FIFO of named jobs; results by name (XLA compiles release
+  the GIL, so compiles run side by side; daemon threads never hold up the exit)."""
+
+  def __init__(self, threads: int):
+    self._queue: queue.Queue = queue.Queue()
+    self.results: dict = {}
+    self._done = threading.Condition()
+    for _ in range(threads):
+      threading.Thread(target=self._work, daemon=True).start()
+
+  def submit(self, name, fn) -> None:
+    self._queue.put((name, fn))
+
+  def _work(self):
+    while True:
+      name, fn = self._queue.get()
+      start = time.perf_counter()
+      try:
+        value, error = fn(), None
+      except Exception as e:  # pylint: disable=broad-except
+        value, error = None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+      with self._done:
+        self.results[name] = (value, error, time.perf_counter() - start)
+        self._done.notify_all()
+
+  def wait(self, name, deadline: float):
+    """(value, error, seconds) of a job, or None if it is not done by `deadline` (elapsed s)."""
+    with self._done:
+      while name not in self.results:
+        left = deadline - elapsed()
+        if left <= 0:
+          return None
+        self._done.wait(min(left, 1.0))
+      return self.results[name]
+
+  def drop_pending(self) -> int:
+    dropped = 0
+    while True:
+      try:
+        self._queue.get_nowait()
+        dropped += 1
+      except queue.Empty:
+        return dropped
+
+
+def host_pipeline_rate(args) -> tuple[float | None, str]:
+  """(pairs/s of the Grain pipeline with args.workers processes, note)."""
+  try:
+    from glc_jax.data import pipelines  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    return None, f"not measured: {e} (carry the wheels: benchmarks/fetch_accelerator_wheels.sh)"
+  view, patch = (96, 16) if args.smoke else (224, 48)
+  rng = np.random.default_rng(0)
+  tiles = [{"image": rng.integers(0, 256, (256, 256, 4), dtype=np.uint8)} for _ in range(64)]
+  example_fn = pipelines.recipe_for("glcnet", dict(view_size=view, patch_size=patch, patch_num=4),
+                                    dataset={"norm": {"mode": "reference"}, "value_max": 255.0})
+  batch = 32
+  ds = pipelines.train_dataset(tiles, example_fn, batch_size=batch, seed=0, process_index=0,
+                               process_count=1)
+  it = pipelines.make_iterator(ds, num_workers=args.workers)
+  deadline = elapsed() + args.pipeline_s
+  try:
+    # The first batches pay for the workers' start; time from the second round on.
+    for _ in range(max(2, args.workers)):
+      next(it)
+    if elapsed() > deadline:
+      return None, f"not measured: the {args.workers} workers took the whole time box to start"
+    start, pairs = time.perf_counter(), 0
+    while elapsed() < deadline:
+      next(it)
+      pairs += batch
+    rate = pairs / (time.perf_counter() - start)
+  finally:
+    it.close()
+  return rate, f"{args.workers} workers, {view}² views, 4 patches of {patch}, batch {batch}"
+
+
+def main() -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--smoke", action="store_true", help="tiny model and sizes")
+  parser.add_argument("--budget_s", type=float, default=450.0,
+                      help="the whole run, from start to the last table")
+  parser.add_argument("--pipeline_s", type=float, default=0.0,
+                      help="host pipeline time box (default 8%% of the budget)")
+  parser.add_argument("--compile_until", type=float, default=0.62,
+                      help="fraction of the budget by which compiling stops")
+  parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+  parser.add_argument("--compile_threads", type=int, default=3)
+  parser.add_argument("--warmup", type=int, default=2)
+  parser.add_argument("--steps", type=int, default=5)
+  parser.add_argument("--out", default="")
+  args = parser.parse_args()
+  args.pipeline_s = args.pipeline_s or 0.08 * args.budget_s
+  out = args.out or (os.path.join(os.environ["OUT"], "accelerator_check.md")
+                     if os.environ.get("OUT") else "")
+  report = Report(out)
+  try:
+    run(args, report)
+  except KeyboardInterrupt:
+    say("interrupted: tables below hold what was measured")
+  except Exception:  # pylint: disable=broad-except
+    traceback.print_exc()
+    say("failed: tables below hold what was measured")
+  report.write(final=True)
+  sys.stdout.flush()
+  # Compiles still running in daemon threads are abandoned, not awaited.
+  os._exit(0)  # pylint: disable=protected-access
+
+
+class Report:
+  """Everything measured so far, as markdown tables; rewritten to `path` after each change."""
+
+  def __init__(self, path: str):
+    self.path = path
+    self.header: list[str] = []
+    self.rows: list = []
+    self.compiles: dict[Case, tuple[float, float | None, str | None]] = {}
+    self.skipped: dict[Case, str] = {}
+    self.pipeline: tuple[float | None, str] | None = None
+
+  def tables(self) -> str:
+    from glc_jax.benchmark import throughput  # pylint: disable=import-outside-toplevel
+    parts = ["\n".join(self.header)]
+    results = [r for _, r in self.rows]
+    if results:
+      parts.append("### Throughput (one device)\n\n" + throughput.markdown_table(results))
+    parts.append(self._conv_table())
+    parts.append(self._compile_table())
+    parts.append(self._pipeline_line())
+    return "\n\n".join(p for p in parts if p) + "\n"
+
+  def _conv_table(self) -> str:
+    by_case = {case: r for case, r in self.rows}
+    pairs = [(c, dataclasses.replace(c, conv_impl="plain")) for c in by_case if c.conv_impl == "cpu"]
+    lines = []
+    for cpu, plain in pairs:
+      for case in (plain, cpu):
+        r, comp = by_case.get(case), self.compiles.get(case)
+        if r is None:
+          lines.append(f"| {case.conv_impl} | not timed | | | {_fmt(comp and comp[1], '.1f')} |")
+          continue
+        lines.append(f"| {case.conv_impl} | {r.step_s:.4f} | {r.items_per_s:.1f} "
+                     f"| {_fmt(r.xla_mib, '.0f')} | {_fmt(comp and comp[1], '.1f')} |")
+    if not lines:
+      return ""
+    case = pairs[0][1]
+    return (f"### Conv paths: {case.method} {case.dtype} ×{case.batch}\n\n"
+            "| conv_impl | step s | pairs/s | XLA MiB | compile s |\n|---|---|---|---|---|\n"
+            + "\n".join(lines))
+
+  def _compile_table(self) -> str:
+    lines = [f"| {c} | {lower:.1f} | {_fmt(comp, '.1f')} | {err or ''} |"
+             for c, (lower, comp, err) in self.compiles.items()]
+    lines += [f"| {c} | | | {why} |" for c, why in self.skipped.items()]
+    if not lines:
+      return ""
+    return ("### Compile times (lower in the main thread; compiles side by side)\n\n"
+            "| case | lower s | compile s | note |\n|---|---|---|---|\n" + "\n".join(lines))
+
+  def _pipeline_line(self) -> str:
+    if self.pipeline is None:
+      return ""
+    rate, note = self.pipeline
+    step = [r for c, r in self.rows if c.method == "glcnet" and c.conv_impl == "plain"]
+    best = max(step, key=lambda r: r.items_per_s) if step else None
+    line = "### Host pipeline vs step\n\n"
+    line += (f"host pipeline: {rate:.0f} pairs/s ({note})" if rate is not None
+             else f"host pipeline: {note}")
+    if best is not None:
+      line += (f"; GLCNet step: {best.items_per_s:.0f} pairs/s ({best.dtype}, "
+               f"{best.global_batch} per device)")
+      if rate is not None:
+        verdict = ("the host keeps up" if rate >= best.items_per_s else
+                   f"the host feeds {rate / best.items_per_s:.0%} of what the step takes")
+        line += f": {verdict}"
+    return line
+
+  def write(self, final: bool = False) -> None:
+    text = self.tables()
+    if self.path:
+      path = pathlib.Path(self.path)
+      path.parent.mkdir(parents=True, exist_ok=True)
+      path.write_text(text)
+    if final:
+      print("\n" + text, flush=True)
+
+
+def _fmt(value, spec) -> str:
+  return "n/a" if value is None else format(value, spec)
+
+
+def run(args, report: Report) -> None:
+  budget = args.budget_s
+  report.header.append(f"## Accelerator check, {time.strftime('%Y-%m-%d %H:%M %Z')}")
+  report.header.append(f"host: {platform.node()}, {os.cpu_count()} cores, Python "
+                       f"{platform.python_version()}")
+  say(report.header[-1])
+  # Before jax touches the device: the workers are forked from a process without it.
+  say(f"host pipeline: up to {args.pipeline_s:.0f} s with {args.workers} workers")
+  try:
+    report.pipeline = host_pipeline_rate(args)
+  except Exception as e:  # pylint: disable=broad-except
+    report.pipeline = (None, f"failed: {type(e).__name__}: {e}")
+  say("host pipeline:", report.pipeline[1] if report.pipeline[0] is None
+      else f"{report.pipeline[0]:.0f} pairs/s ({report.pipeline[1]})")
+
+  import jax  # pylint: disable=import-outside-toplevel
+  cache = pathlib.Path("runs/accelerator_check/jax_cache").resolve()
+  jax.config.update("jax_compilation_cache_dir", str(cache))
+  from glc_jax import parallel  # pylint: disable=import-outside-toplevel
+  from glc_jax.benchmark import throughput  # pylint: disable=import-outside-toplevel
+
+  device = jax.local_devices()[0]
+  peak = throughput.device_peak_tflops(device)
+  report.header.append(
+      f"device: {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}; "
+      f"{'smoke (tiny model)' if args.smoke else 'full ResNet-50 DeepLabv3+'}; MFU vs "
+      + (f"{peak:g} TFLOP/s dense bf16" if peak else "n/a (unknown peak)")
+      + f"; persistent compilation cache {cache} (a rerun on the same machine reads it)")
+  say(report.header[-1])
+  report.write()
+
+  size = "tiny" if args.smoke else "full"
+  batches = SMOKE_BATCHES if args.smoke else FULL_BATCHES
+  cases = cases_by_priority(batches)
+  jobs = Jobs(args.compile_threads)
+  compile_deadline = args.compile_until * budget
+  hosts: dict = {}
+  state_shapes: dict = {}
+  flops_per_item: dict[str, float] = {}
+  lowered_at: dict[Case, float] = {}
+  for case in cases:
+    if elapsed() > compile_deadline - 10:
+      report.skipped[case] = "not lowered: compile time box spent"
+      continue
+    key = (case.method, case.batch)
+    if key not in hosts:
+      config = throughput.step_config(case.method, size, case.dtype)
+      hosts[key] = throughput.host_batch(case.method, config, case.batch)
+    start = time.perf_counter()
+    step, state, batch, rng, _ = throughput.build_step(
+        case.method, size, 1, case.dtype, case.batch, shapes_only=True,
+        conv_impl=case.conv_impl, host=hosts[key], state=state_shapes.get(case.method))
+    lowered = step.lower(state, batch, rng)
+    lowered_at[case] = time.perf_counter() - start
+    jobs.submit(("compile", case), lowered.compile)
+    say(f"lowered {case} in {lowered_at[case]:.1f} s; compiling")
+    if case.method not in state_shapes:
+      state_shapes[case.method] = state
+      jobs.submit(("init", case.method), _initial_state(throughput, case, size, hosts[key]))
+      # Per item the FLOPs do not depend on dtype, kernels or (to within the N² loss) batch.
+      flops_per_item[case.method] = throughput.step_flops(step, state, batch, rng, 1) / case.batch
+
+  for case, lower_s in lowered_at.items():
+    done = jobs.wait(("compile", case), compile_deadline)
+    if done is None:
+      report.compiles[case] = (lower_s, None, "not compiled by the time box")
+      continue
+    _, error, seconds = done
+    report.compiles[case] = (lower_s, seconds, error)
+    say(f"compiled {case} in {seconds:.1f} s" + (f": {error}" if error else ""))
+    report.write()
+  dropped = jobs.drop_pending()
+  running = sum(1 for c in lowered_at if ("compile", c) not in jobs.results) - dropped
+  if running > 0:
+    say(f"{running} compiles still running while timing (they share the host's cores)")
+
+  states: dict = {}
+  time_deadline = 0.96 * budget
+  for case in cases:
+    if case not in report.compiles or report.compiles[case][1] is None:
+      continue
+    if report.compiles[case][2]:
+      continue
+    if elapsed() > time_deadline - 5:
+      report.skipped[case] = "compiled, not timed: time box spent"
+      continue
+    state = states.pop(case.method, None)
+    if state is None:
+      done = jobs.wait(("init", case.method), time_deadline)
+      if done is None or done[1]:
+        report.skipped[case] = "no initial state" + (f": {done[1]}" if done else " in time")
+        continue
+      state = done[0]
+      jobs.results.pop(("init", case.method))
+    compiled = jobs.results[("compile", case)][0]
+    mesh = parallel.make_data_mesh(jax.local_devices()[:1])
+    batch = parallel.shard_host_batch(hosts[(case.method, case.batch)], mesh)
+    try:
+      step_s, state = throughput.time_compiled(compiled, state, batch, jax.random.key(0),
+                                               args.warmup, args.steps)
+    except Exception as e:  # pylint: disable=broad-except
+      report.skipped[case] = f"step failed: {type(e).__name__}: {str(e).splitlines()[0]}"
+      say(f"{case}: {report.skipped[case]}")
+      continue
+    states[case.method] = state
+    total = flops_per_item[case.method] * case.batch
+    result = throughput.Result(
+        case.method, 1, case.dtype, case.batch, step_s, case.batch / step_s, total / case.batch / 1e9,
+        total / step_s / (peak * 1e12) if peak else None, throughput.xla_footprint_mib(compiled),
+        throughput.peak_in_use_mib(jax.local_devices()[:1]), report.compiles[case][1],
+        case.conv_impl)
+    report.rows.append((case, result))
+    mfu = "" if result.mfu is None else f", MFU {100 * result.mfu:.1f}%"
+    say(f"{case}: {step_s:.4f} s/step, {result.items_per_s:.1f} items/s{mfu}")
+    report.write()
+
+
+def _initial_state(throughput, case: Case, size: str, host):
+  """A job building a method's real initial train state on the device. Any of its cases'
+  will do: parameters and optimiser state are float32 and the same tree whatever the compute
+  dtype, kernels or batch."""
+  def build():
+    _, state, *_ = throughput.build_step(case.method, size, 1, case.dtype, case.batch,
+                                         conv_impl=case.conv_impl, host=host)
+    return state
+  return build
+
+
+if __name__ == "__main__":
+  sys.exit(main())
