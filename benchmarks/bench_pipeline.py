@@ -28,9 +28,11 @@ from __future__ import annotations
 import os
 
 # One core per side: BLAS/OpenMP pools size themselves when numpy (or, in the
-# reference's worker, which inherits this environment, torch/opencv) loads.
-for _pool in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-  os.environ[_pool] = "1"
+# reference's worker, torch and opencv) loads, so the caps go in first.
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+              "OPENBLAS_NUM_THREADS": "1"}
+if __name__ == "__main__":
+  os.environ.update(ONE_THREAD)
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import argparse
@@ -201,7 +203,7 @@ class ReferenceWorker:
            str(batch), str(batches), ",".join(map(str, PATCH_SIZES)),
            str(PATCH_NUM)],
           stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr,
-          text=True)
+          env={**os.environ, **ONE_THREAD}, text=True)
     except OSError as e:
       raise BenchError(f"--torch-python {torch_python}: cannot run "
                        f"({e.strerror})") from None
@@ -301,19 +303,20 @@ def run(args) -> None:
   tiles, what = _tiles(args)
   with open("/proc/cpuinfo") as f:
     cpu = cpu_description(f.read())
-  print(f"# bench_pipeline {time.strftime('%Y-%m-%d')}  {cpu}  "
-        f"{os.cpu_count()} cpus (load average {os.getloadavg()[0]:.1f})")
-  print(f"# {what}; {args.batches} batches of {args.batch} pairs per round "
-        f"after warm-up, median of {args.rounds} rounds; ours: numpy "
-        f"{np.__version__}")
   with tempfile.TemporaryDirectory(prefix="bench_pipeline_") as workdir:
     ref = None
     if args.reference:
       ref = ReferenceWorker(args.torch_python, args.reference, tiles,
                             args.batch, args.batches, workdir)
-      print("# reference: " + ", ".join(f"{k} {v}"
-                                        for k, v in ref.versions.items()))
     try:
+      print(f"# bench_pipeline {time.strftime('%Y-%m-%d')}  {cpu}  "
+            f"{os.cpu_count()} cpus (load average {os.getloadavg()[0]:.1f})")
+      print(f"# {what}; {args.batches} batches of {args.batch} pairs per "
+            f"round after warm-up, median of {args.rounds} rounds; ours: "
+            f"numpy {np.__version__}")
+      if ref is not None:
+        print("# reference: " + ", ".join(f"{k} {v}"
+                                          for k, v in ref.versions.items()))
       _table(args, tiles, ref)
     finally:
       if ref is not None:
