@@ -169,13 +169,15 @@ def paired_summary(ours: list[float], reference: list[float]) -> dict:
 
 def load_tile(path: str) -> np.ndarray:
   """A 256x256 4-band uint8 raster as (H, W, C), or BenchError naming `path`."""
-  from data_prep.scenes import open_raster  # rasterio only when a tile is given
+  # rasterio only when a tile is given
+  from rasterio.errors import RasterioError
+  from data_prep.scenes import open_raster
   try:
     with open_raster(path) as src:
       tile = np.moveaxis(src.read(), 0, -1)
-  except Exception as e:  # pylint: disable=broad-except
+  except (RasterioError, OSError) as e:
     raise BenchError(f"{path}: cannot read as a raster "
-                     f"({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+                     f"({(str(e) or type(e).__name__).splitlines()[0]})"
                      ) from None
   if tile.shape != TILE_SHAPE or tile.dtype != np.uint8:
     raise BenchError(f"{path}: expected a 256x256 4-band uint8 tile, got shape "
@@ -207,7 +209,11 @@ class ReferenceWorker:
     except OSError as e:
       raise BenchError(f"--torch-python {torch_python}: cannot run "
                        f"({e.strerror})") from None
-    self.versions = self._reply()
+    try:
+      self.versions = self._reply()
+    except BenchError:
+      self.close()
+      raise
 
   def _reply(self) -> dict:
     line = self._proc.stdout.readline()
@@ -220,8 +226,11 @@ class ReferenceWorker:
     return json.loads(line)
 
   def rate(self, patch: int, batches: int) -> dict:
-    self._proc.stdin.write(f"{patch} {batches}\n")
-    self._proc.stdin.flush()
+    try:
+      self._proc.stdin.write(f"{patch} {batches}\n")
+      self._proc.stdin.flush()
+    except BrokenPipeError:
+      pass  # the worker died: _reply reports its last words
     return self._reply()
 
   def close(self) -> None:
@@ -342,9 +351,10 @@ def _table(args, tiles, ref) -> None:
         ref_rounds.append(ref.rate(patch, args.batches))
     print("| " + " | ".join(_row(patch, ours_rounds, ref_rounds)) + " |")
     for key in ("pairs_per_s", "pairs_per_cpu_s"):
-      print(f"<!-- {key} by round, ours: "
-            + " ".join(_fmt(r[key]) for r in ours_rounds) + "; reference: "
-            + " ".join(_fmt(r[key], 1) for r in ref_rounds) + " -->")
+      rounds = "ours: " + " ".join(_fmt(r[key]) for r in ours_rounds)
+      if ref_rounds:
+        rounds += "; reference: " + " ".join(_fmt(r[key], 1) for r in ref_rounds)
+      print(f"<!-- {key} by round, {rounds} -->")
     if args.workers:
       it = pipelines.make_iterator(ours.ds, num_workers=args.workers)
       next(it)
