@@ -2,6 +2,7 @@
 
   python benchmarks/bench_step.py step --size 128 --pairs 4        # our step
   python benchmarks/bench_step.py step --size 128 --xla-flags=--xla_cpu_use_onednn=true
+  python benchmarks/bench_step.py step --size 128 --conv-impl plain  # lax.conv for every conv
   python benchmarks/bench_step.py memory --devices 8 --global-batch 4096
   python benchmarks/bench_step.py reference --reference PATH/T-SS-GLCNet \\
       --torch-python PATH/bin/python --size 128 --pairs 4         # PyTorch reference
@@ -48,7 +49,9 @@ def _parse():
   p.add_argument("--patches", type=int, default=4, help="patches per pair")
   p.add_argument("--bands", type=int, default=4)
   p.add_argument("--depth", type=int, default=50)
-  p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  p.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16"])
+  p.add_argument("--conv-impl", default="auto", choices=["auto", "plain", "cpu"],
+                 help="model.conv_impl (auto: cpu kernels on CPU, plain elsewhere)")
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--steps", type=int, default=5)
   p.add_argument("--threads", type=int, default=0,
@@ -92,7 +95,8 @@ def bench_step(args):
 
   mesh = parallel.make_data_mesh(jax.devices()[:1])
   config = ml_collections.ConfigDict(dict(
-      method="glcnet", model=dict(depth=args.depth, dtype=args.dtype)))
+      method="glcnet", model=dict(depth=args.depth, dtype=args.dtype,
+                                  conv_impl=args.conv_impl)))
   method = methods.create_method(config)
   tx, schedule = optim.build_optimizer(None, steps_per_epoch=1000, num_epochs=1)
   host_batch = _synthetic_batch(args, np)
@@ -120,6 +124,7 @@ def bench_step(args):
   out = dict(mode="step", backend=jax.default_backend(),
              device=str(jax.devices()[0].device_kind), size=args.size,
              pairs=args.pairs, patch=_patch(args), dtype=args.dtype,
+             conv_impl=args.conv_impl,
              xla_flags=args.xla_flags, compile_s=round(compile_s, 1),
              step_s=round(median, 3), step_s_min=round(min(times), 3),
              pairs_per_s=round(args.pairs / median, 3),
@@ -250,7 +255,8 @@ def _run_sub(argv, xla_flags="", devices=0):
 def bench_all(args):
   common = ["--pairs", str(args.pairs), "--warmup", str(args.warmup),
             "--steps", str(args.steps), "--depth", str(args.depth),
-            "--dtype", args.dtype, "--peak-tflops", str(args.peak_tflops)]
+            "--dtype", args.dtype, "--conv-impl", args.conv_impl,
+            "--peak-tflops", str(args.peak_tflops)]
   rows = []
   for size in (128, 224):
     rows.append(_run_sub(["step", "--size", str(size)] + common,

@@ -16,8 +16,10 @@ Two stages, because the reference needs torch and this package needs jax:
      train mode with the encoder dropout set to 0, the four embeddings and
      every BN running statistic after the step (momentum 0.9, unbiased
      running variance, view 1 then view 2).
-  2. compare (run with this package's venv):
-       python benchmarks/parity_reference.py compare OUT.npz
+  2. compare (run with this package's venv), once per convolution path
+     (model.conv_impl; both must pass):
+       python benchmarks/parity_reference.py compare OUT.npz --conv-impl plain
+       python benchmarks/parity_reference.py compare OUT.npz --conv-impl cpu
      imports the state_dicts with glc_jax.tools.import_torch, runs our GLCNet
      and DeepLabV3Plus in float32 with matmul precision 'highest' and prints, per output, the
      max abs error / max |reference| and the relative Frobenius error. Exit
@@ -143,7 +145,7 @@ def export(ref_dir: str, out: str) -> None:
   print(f"wrote {out}: {len(arrays)} arrays")
 
 
-def compare(path: str, tol: float) -> int:
+def compare(path: str, tol: float, conv_impl: str) -> int:
   import jax  # pylint: disable=import-outside-toplevel
   jax.config.update("jax_default_matmul_precision", "highest")
   from glc_jax import models  # pylint: disable=import-outside-toplevel
@@ -153,7 +155,7 @@ def compare(path: str, tol: float) -> int:
   sd = {k[3:]: data[k] for k in data.files if k.startswith("sd/")}
   variables, report = convert_state_dict(sd, "glcnet")
   print("\n".join(report))
-  net = models.GLCNet(depth=50, output_stride=16, embed_dim=64)
+  net = models.GLCNet(depth=50, output_stride=16, embed_dim=64, conv_impl=conv_impl)
   worst = 0.0
   results = {}
   for v in (0, 1):
@@ -166,7 +168,8 @@ def compare(path: str, tol: float) -> int:
       results[f"{name}/view{v + 1}"] = (ours, data[f"{name}/view{v + 1}"])
     results["global " + "qk"[v]] = (out["global"], data["qk"[v]])
     results["local " + ("q1", "k1")[v]] = (out["local"], data[("q1", "k1")[v]])
-  train_net = models.GLCNet(depth=50, output_stride=16, embed_dim=64, encoder_dropout=0.0)
+  train_net = models.GLCNet(depth=50, output_stride=16, embed_dim=64, encoder_dropout=0.0,
+                            conv_impl=conv_impl)
   (o1, o2), updated = jax.jit(lambda var, v1, v2, b1, b2: train_net.apply(
       var, v1, v2, b1, b2, True, mutable=["batch_stats"]))(
           variables, data["views"][0], data["views"][1], data["boxes"][0], data["boxes"][1])
@@ -197,7 +200,7 @@ def compare(path: str, tol: float) -> int:
   ft_sd = {k[6:]: data[k] for k in data.files if k.startswith("ft_sd/")}
   ft_vars, ft_report = convert_state_dict(ft_sd, "deeplab")
   print("\n".join(ft_report))
-  ft_net = models.DeepLabV3Plus(num_classes=6, depth=50, output_stride=16)
+  ft_net = models.DeepLabV3Plus(num_classes=6, depth=50, output_stride=16, conv_impl=conv_impl)
   results["fine-tune logits"] = (
       jax.jit(lambda var, x: ft_net.apply(var, x, False))(ft_vars, data["views"][0]),
       data["ft_logits"])
@@ -222,11 +225,12 @@ def main() -> int:
   cmp_ = sub.add_parser("compare")
   cmp_.add_argument("npz")
   cmp_.add_argument("--tol", type=float, default=1e-5)
+  cmp_.add_argument("--conv-impl", default="plain", choices=["plain", "cpu"])
   args = parser.parse_args()
   if args.stage == "export":
     export(args.ref_dir, args.out)
     return 0
-  return compare(args.npz, args.tol)
+  return compare(args.npz, args.tol, args.conv_impl)
 
 
 if __name__ == "__main__":

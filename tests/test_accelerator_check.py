@@ -1,0 +1,66 @@
+"""benchmarks/accelerator_check.py's bookkeeping: which cases, in what order, the time-boxed
+job queue, and the host-vs-step verdict (the run itself needs an accelerator to mean much;
+`bash benchmarks/accelerator_check.sh --smoke` runs it through on a CPU)."""
+import importlib.util
+import itertools
+import pathlib
+import sys
+import threading
+
+from glc_jax.benchmark import throughput
+
+_PATH = pathlib.Path(__file__).parents[1] / "benchmarks" / "accelerator_check.py"
+_spec = importlib.util.spec_from_file_location("accelerator_check", _PATH)
+check = importlib.util.module_from_spec(_spec)
+sys.modules["accelerator_check"] = check  # its dataclasses look their module up by name
+_spec.loader.exec_module(check)
+
+
+def test_cases_cover_the_table_once_with_glcnet_bf16_and_its_cpu_twin_first():
+  cases = check.cases_by_priority((128, 64))
+  assert len(cases) == len(set(cases))
+  plain = {(c.method, c.dtype, c.batch) for c in cases if c.conv_impl == "plain"}
+  assert plain == set(itertools.product(("glcnet", "simclr", "mocov2", "finetune"),
+                                        ("bfloat16", "float32"), (128, 64)))
+  assert cases[:2] == [check.Case("glcnet", "bfloat16", 128, "plain"),
+                       check.Case("glcnet", "bfloat16", 128, "cpu")]
+  assert [c.conv_impl for c in cases].count("cpu") == 1
+  # Every method is timed at least once before any float32 or small-batch case.
+  assert {c.method for c in cases[:5]} == {"glcnet", "simclr", "mocov2", "finetune"}
+
+
+def test_jobs_run_side_by_side_and_waiting_is_time_boxed():
+  jobs = check.Jobs(2)
+  release = threading.Event()
+  jobs.submit("blocked", release.wait)
+  jobs.submit("quick", lambda: 7)
+  jobs.submit("broken", lambda: 1 / 0)
+  assert jobs.wait("quick", check.elapsed() + 10)[:2] == (7, None)
+  assert jobs.wait("blocked", check.elapsed() + 0.2) is None
+  assert jobs.wait("broken", check.elapsed() + 10)[1].startswith("ZeroDivisionError")
+  release.set()
+  assert jobs.wait("blocked", check.elapsed() + 10)[1] is None
+
+
+def _result(case, step_s):
+  return throughput.Result(case.method, 1, case.dtype, case.batch, step_s, case.batch / step_s,
+                           131.7, None, None, None, 60.0, case.conv_impl)
+
+
+def test_report_sets_the_host_pipeline_beside_the_fastest_glcnet_step(tmp_path):
+  report = check.Report(str(tmp_path / "check.md"))
+  plain = check.Case("glcnet", "bfloat16", 128)
+  cpu = check.Case("glcnet", "bfloat16", 128, "cpu")
+  report.rows = [(plain, _result(plain, 0.05)), (cpu, _result(cpu, 0.08))]  # 2560 and 1600 /s
+  report.compiles = {plain: (3.0, 60.0, None), cpu: (4.0, 90.0, None)}
+  report.pipeline = (1280.0, "16 workers")
+  report.write()
+  text = (tmp_path / "check.md").read_text()
+  assert "host pipeline: 1280 pairs/s (16 workers); GLCNet step: 2560 pairs/s" in text
+  assert "the host feeds 50% of what the step takes" in text
+  assert "| plain | 0.0500 | 2560.0 | n/a | 60.0 |" in text
+  assert "| cpu | 0.0800 | 1600.0 | n/a | 90.0 |" in text
+  report.pipeline = (3000.0, "16 workers")
+  assert "the host keeps up" in report.tables()
+  report.pipeline = (None, "not measured: No module named 'grain'")
+  assert "host pipeline: not measured: No module named 'grain'" in report.tables()
