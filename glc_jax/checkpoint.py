@@ -99,11 +99,12 @@ class RunCheckpoints:
     """
     failed = []
     for step in sorted(self._manager.all_steps(), reverse=True):
+      # Damage surfaces as TensorStore, JSON or Orbax errors of many types.
       try:
         restored = self._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(state_template),
             data=grain.checkpoint.CheckpointRestore(data_iterator)))
-      except Exception as e:  # pylint: disable=broad-except  (TensorStore, JSON and Orbax errors)
+      except Exception as e:  # pylint: disable=broad-except
         failed.append((step, _one_line(e)))
         continue
       if failed:
