@@ -388,7 +388,7 @@ def test_jigsaw_tiles_follow_the_permutation():
 _KILLED_PARENT = """
 import sys, threading, time
 if __name__ == "__mp_main__" and {moment!r} == "starting":
-  time.sleep(6)
+  time.sleep(3)
 sys.path.insert(0, {tests!r})
 if __name__ == "__main__":
   import grain
