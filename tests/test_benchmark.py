@@ -162,3 +162,23 @@ def test_killed_matrix_resumes_without_redoing_finished_cells(tmp_path):
   # glcnet at 5%: seeds 0 and 1 give 55% and 65% → 60.00 ± 7.07 (tied with random: bold).
   assert f"| glcnet | **60.00 ± {math.sqrt(50):.2f}** |" in (work / "results.md").read_text()
   assert all((work / f"{k}.png").stat().st_size > 0 for k in ("overall_accuracy", "kappa", "miou"))
+
+
+def test_dataset_errors_name_the_benchmark_keys(tmp_path):
+  from data_prep import convert, synthetic  # pylint: disable=import-outside-toplevel
+  from glc_jax.benchmark import runner  # pylint: disable=import-outside-toplevel
+  from glc_jax.stages import setup  # pylint: disable=import-outside-toplevel
+  synthetic.write_corpus(tmp_path / "corpus", num_scenes=3, height=64, width=64, seed=0, bands=4)
+  data = str(convert.convert(str(tmp_path / "corpus" / "images"), tmp_path / "ds",
+                             str(tmp_path / "corpus" / "labels"),
+                             class_map=str(tmp_path / "corpus" / "class_dict.csv"), tile=32,
+                             split_fractions={"train": 0.34, "val": 0.33, "test": 0.33},
+                             workers=0, progress=False))
+  config = _small_config()
+  config.fractions = (0.3,)  # not a stored subset
+  with pytest.raises(setup.ConfigError, match=r"^fractions: "):
+    runner.labelled_counts(config, data)
+  config = _small_config()
+  config.data.test_split = "tset"
+  with pytest.raises(setup.ConfigError, match=r"^data\.test_split: "):
+    runner.labelled_counts(config, data)

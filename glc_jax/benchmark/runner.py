@@ -41,10 +41,12 @@ def labelled_counts(config: ml_collections.ConfigDict, data_path: str) -> dict[f
   """Tiles in each label subset; fails fast on a fraction the dataset does not store."""
   counts = {}
   for fraction in config.fractions:
-    source, _ = setup.open_split(data_path, config.data.train_split, float(fraction))
+    source, _ = setup.open_split(data_path, config.data.train_split, float(fraction),
+                                 split_key="data.train_split", fraction_key="fractions")
     counts[float(fraction)] = len(source)
-  for split in (config.data.val_split, config.data.test_split):
-    setup.open_split(data_path, split)
+  for split, key in ((config.data.val_split, "data.val_split"),
+                     (config.data.test_split, "data.test_split")):
+    setup.open_split(data_path, split, split_key=key)
   return counts
 
 
