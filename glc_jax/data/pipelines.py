@@ -121,7 +121,8 @@ def recipe_for(method: str, config: Mapping[str, Any] | Any | None = None,
   config has a field of that name and is ignored where it has none
   (inpainting does no colour work, so it takes no value_max); keys given in
   `config` win. Jigsaw uses `permutations` (N, grid**2), by default the
-  models' deterministic maximal-Hamming set of 1000.
+  file named by its `permutations` key or else the models' deterministic
+  maximal-Hamming set of 1000.
   """
   if method not in RECIPE_CONFIGS:
     raise ValueError(f"unknown input method {method!r} (expected one of "
@@ -140,14 +141,29 @@ def recipe_for(method: str, config: Mapping[str, Any] | Any | None = None,
     return functools.partial(recipes.inpainting_example, cfg=cfg)
   if method == "jigsaw":
     if permutations is None:
-      from glc_jax.models.permutations import jigsaw_permutations  # pylint: disable=g-import-not-at-top
-      permutations = jigsaw_permutations(1000, cfg.grid ** 2)
+      permutations = jigsaw_permutation_set(cfg.permutations, None, cfg.grid ** 2)
     if np.shape(permutations)[1:] != (cfg.grid ** 2,):
       raise ValueError(f"jigsaw permutations have shape {np.shape(permutations)}, "
                        f"expected (N, {cfg.grid ** 2})")
     return functools.partial(recipes.jigsaw_example, cfg=cfg,
                              permutations=np.asarray(permutations))
   return functools.partial(recipes.finetune_example, cfg=cfg)
+
+
+def jigsaw_permutation_set(path: str, count: int | None, tiles: int = 9) -> np.ndarray:
+  """(count, tiles) int32 jigsaw classes: loaded from the `.npy` file at `path`, or
+  (path "") the generated maximal-Hamming set of `count` (1000 when None).
+
+  A loaded set must hold `count` rows (the model's class count) unless count is None.
+  """
+  from glc_jax.models import permutations as perms_lib  # pylint: disable=g-import-not-at-top
+  if not path:
+    return perms_lib.jigsaw_permutations(count or 1000, tiles)
+  perms = perms_lib.load_permutations(path, tiles)
+  if count is not None and len(perms) != count:
+    raise ValueError(f"input.permutations {path} holds {len(perms)} permutations but "
+                     f"config.model.num_permutations = {count}; set them equal")
+  return perms
 
 
 def dataset_data_config(info, norm_mode: str = "reference",

@@ -152,11 +152,16 @@ class InpaintingConfig:
 @dataclasses.dataclass(frozen=True)
 class JigsawConfig:
   """3x3 puzzle: fine-tune-style augmentation of a grid*tile_size crop, then
-  each tile randomly cropped to tile_crop and resized back to tile_size."""
+  each tile randomly cropped to tile_crop and resized back to tile_size.
+
+  permutations: path of an (N, grid*grid) `.npy` permutation set (e.g. the
+  reference's permutations_1000.npy); "" = the generated maximal-Hamming set.
+  """
   grid: int = 3
   tile_size: int = 75
   tile_crop: int = 64
   augment: FinetuneConfig = FinetuneConfig(crop_size=225)
+  permutations: str = ""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -28,3 +28,26 @@ def jigsaw_permutations(count: int = 1000, tiles: int = 9) -> np.ndarray:
     chosen.append(nxt)
     np.minimum(min_dist, np.sum(pool != pool[nxt], axis=1, dtype=np.int8), out=min_dist)
   return pool[chosen].astype(np.int32)
+
+
+def load_permutations(path: str, tiles: int = 9) -> np.ndarray:
+  """A permutation set stored as an (N, tiles) integer `.npy` file, as (N, tiles) int32.
+
+  Rows may count tiles from 0 or from 1 (shifted to 0, as the reference's loader
+  does with its permutations_1000.npy); every row must be a permutation of the
+  tiles. Raises ValueError naming the file and what is wrong.
+  """
+  try:
+    perms = np.load(path, allow_pickle=False)
+  except (OSError, ValueError) as e:
+    raise ValueError(f"jigsaw permutations {path}: cannot read a .npy array ({e})") from None
+  if perms.ndim != 2 or perms.shape[1] != tiles or not np.issubdtype(perms.dtype, np.integer):
+    raise ValueError(f"jigsaw permutations {path}: expected an (N, {tiles}) integer array, "
+                     f"got {perms.shape} {perms.dtype}")
+  if perms.size and perms.min() == 1:
+    perms = perms - 1
+  bad = np.flatnonzero(np.any(np.sort(perms, axis=1) != np.arange(tiles), axis=1))
+  if bad.size:
+    raise ValueError(f"jigsaw permutations {path}: row {bad[0]} ({perms[bad[0]].tolist()}) "
+                     f"is not a permutation of 0..{tiles - 1}")
+  return perms.astype(np.int32)
