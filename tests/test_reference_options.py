@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from glc_jax.data import pipelines
+from glc_jax.data import patches, pipelines
 
 
 def _identity_jigsaw(g, t, **keys):
@@ -49,3 +49,87 @@ def test_jigsaw_permutation_set_checks_file_and_count(tmp_path):
   with pytest.raises(ValueError, match=r"expected an \(N, 9\) integer array"):
     pipelines.jigsaw_permutation_set(str(bad), 3)
   assert pipelines.jigsaw_permutation_set("", 7).shape == (7, 9)
+
+
+def _id_view(ids, geo):
+  """The reference's route to correspondence: its pixel-id map pushed through the
+  view's crop, nearest resize (sample point floor((i + 0.5) * h / n)), flip, rotation."""
+  y0, x0, h, w = geo.box
+  i = np.arange(geo.size)
+  view = ids[(y0 + (2 * i + 1) * h // (2 * geo.size))[:, None],
+             (x0 + (2 * i + 1) * w // (2 * geo.size))[None, :]]
+  if geo.flip & 1:
+    view = view[:, ::-1]
+  if geo.flip & 2:
+    view = view[::-1]
+  return np.rot90(view, -geo.k)
+
+
+def _reference_rule(rng, label1, label2, p, num, width):
+  """A numpy re-statement of the reference's patch rule (T-SS-GLCNet get_index).
+
+  Candidates: ids present in both views at centres [p//2, n - p//2). Each patch
+  takes one uniformly (index into the sorted ids), placed at its first view-1
+  position, in raster order, whose patch fits; then the ids under that patch's
+  [c - p//2, c + p//2) window leave, unless at most one id would remain.
+  """
+  n, h = label1.shape[0], p // 2
+  live = sorted(set(label1[h:n - h, h:n - h].ravel()) & set(label2[h:n - h, h:n - h].ravel()))
+  centres, boxes, fallbacks = [], [], 0
+  for _ in range(num):
+    pick = live[rng.integers(0, len(live))]
+    r, c = next((r, c) for r, c in np.argwhere(label1 == pick)
+                if r - h >= 0 and r + h <= n and c - h >= 0 and c + h <= n)
+    centres.append(divmod(pick, width))
+    boxes.append((r - h, c - h, r - h + p, c - h + p))
+    rest = sorted(set(live) - set(label1[r - h:r + h, c - h:c + h].ravel()))
+    if len(rest) > 1:
+      live = rest
+    else:
+      fallbacks += 1
+  return np.array(centres), np.array(boxes), fallbacks
+
+
+def _overlaps(boxes):
+  return sum(max(0, min(a[2], b[2]) - max(a[0], b[0])) * max(0, min(a[3], b[3]) - max(a[1], b[1])) > 0
+             for i, a in enumerate(boxes) for b in boxes[i + 1:])
+
+
+def test_reference_patch_rule_matches_numpy_restatement():
+  src = 40
+  ids = np.arange(src * src).reshape(src, src)
+  layout = np.random.default_rng(7)
+  fallbacks = overlapping = 0
+  for case in range(60):
+    n = int(layout.choice([8, 16, 24]))
+    p = int(layout.choice([2, 3, 4, 6, 8]))
+    num = int(layout.integers(1, 7))
+    geos = []
+    for view in range(2):  # view 1 is only cropped, as in the recipe
+      h, w = (int(v) for v in layout.integers(4, src // 2 + 1, 2))
+      geos.append(patches.ViewGeometry(
+          (int(layout.integers(0, src - h + 1)), int(layout.integers(0, src - w + 1)), h, w),
+          n, *(layout.integers(0, 4, 2) * view).tolist()))
+    label1, label2 = _id_view(ids, geos[0]), _id_view(ids, geos[1])
+    h = p // 2
+    shared = set(label1[h:n - h, h:n - h].ravel()) & set(label2[h:n - h, h:n - h].ravel())
+    boxes1, boxes2, centres, valid = patches.sample_matched_patches(
+        np.random.default_rng(case), *geos, p, num, overlap="reference")
+    if not shared:
+      assert not valid.any()
+      continue
+    want_centres, want_boxes, fell_back = _reference_rule(
+        np.random.default_rng(case), label1, label2, p, num, src)
+    assert valid.all()
+    np.testing.assert_array_equal(centres, want_centres, err_msg=f"case {case}")
+    np.testing.assert_array_equal(boxes1, want_boxes, err_msg=f"case {case}")
+    for (r, c), (y0, x0, y1, x1) in zip(centres, boxes2):
+      assert r * src + c in label2[y0:y1, x0:x1]
+    fallbacks += fell_back
+    overlapping += _overlaps(want_boxes) > 0
+  assert fallbacks and overlapping  # both parts of the rule were exercised
+
+
+def test_reference_patch_overlap_key_is_checked():
+  with pytest.raises(ValueError, match="input.patch_overlap = 'centres'"):
+    pipelines.recipe_for("glcnet", {"patch_overlap": "centres"})

@@ -86,14 +86,17 @@ def _orient_square_corners(top, left, n: int, size: int, flip: int, k: int):
   return np.stack([top, left], -1)
 
 
-def _axis_candidates(start1, len1, start2, len2, n, patch_size):
+def _axis_candidates(start1, len1, start2, len2, n, patch_size, last=None):
   """Source indices usable as a patch centre in both views along one axis.
 
-  Returns (source index, view-1 index, view-2 index) arrays; the view index
-  is the first view pixel that falls on the source pixel.
+  View centres run from patch_size // 2 to `last` (default: the last whose
+  patch fits). Returns (source index, view-1 index, view-2 index) arrays; the
+  view index is the first view pixel that falls on the source pixel.
   """
   half = patch_size // 2
-  centres = np.arange(half, n - patch_size + half + 1)
+  centres = np.arange(half, (n - patch_size + half if last is None else last) + 1)
+  if not len(centres):
+    return centres, centres, centres
   s1 = nearest_source_index(start1, len1, n, centres)
   s2 = nearest_source_index(start2, len2, n, centres)
   lo = min(s1[0], s2[0])
@@ -110,9 +113,13 @@ def _axis_candidates(start1, len1, start2, len2, n, patch_size):
   return src, v1, v2
 
 
+OVERLAP_MODES = ("none", "reference")
+
+
 def sample_matched_patches(rng: np.random.Generator, view1: ViewGeometry,
                            view2: ViewGeometry, patch_size: int,
-                           patch_num: int, draws_per_patch: int = 8):
+                           patch_num: int, draws_per_patch: int = 8,
+                           overlap: str = "none"):
   """Samples `patch_num` patches matched between two views of one image.
 
   Each patch centre is one source pixel seen in both views (uniform over all
@@ -124,12 +131,16 @@ def sample_matched_patches(rng: np.random.Generator, view1: ViewGeometry,
   remaining set is enumerated instead, so patches are only reported invalid
   when none fits.
 
+  overlap="reference" follows the reference's rule instead (`_reference_draws`):
+  later view-1 patches may overlap earlier ones, and duplicates are possible.
+
   Args:
     rng: random generator.
     view1, view2: the geometry of the two views (same `size`).
     patch_size: side p of the square patches, <= view size.
     patch_num: P, patches per pair.
     draws_per_patch: size of the pre-drawn candidate vector per patch.
+    overlap: "none" (ours) or "reference".
 
   Returns:
     boxes1, boxes2: (P, 4) int32 half-open (y0, x0, y1, x1) in each view.
@@ -141,10 +152,14 @@ def sample_matched_patches(rng: np.random.Generator, view1: ViewGeometry,
     raise ValueError(f"views differ in size: {view1.size} vs {view2.size}")
   if not 0 < patch_size <= n:
     raise ValueError(f"patch_size {patch_size} must be in 1..{n}")
+  if overlap not in OVERLAP_MODES:
+    raise ValueError(f"patch overlap mode {overlap!r}; expected one of {OVERLAP_MODES}")
+  # The reference's centres stop one short of the last that fits for even sizes.
+  last = n - patch_size // 2 - 1 if overlap == "reference" else None
   rs, r1, r2 = _axis_candidates(view1.box[0], view1.box[2], view2.box[0],
-                                view2.box[2], n, patch_size)
+                                view2.box[2], n, patch_size, last)
   cs, c1, c2 = _axis_candidates(view1.box[1], view1.box[3], view2.box[1],
-                                view2.box[3], n, patch_size)
+                                view2.box[3], n, patch_size, last)
   chosen_a = np.zeros(patch_num, np.intp)
   chosen_b = np.zeros(patch_num, np.intp)
   boxes1 = np.tile(np.array([0, 0, patch_size, patch_size], np.int32),
@@ -154,6 +169,10 @@ def sample_matched_patches(rng: np.random.Generator, view1: ViewGeometry,
   valid = np.zeros(patch_num, bool)
   if not (len(rs) and len(cs)):
     return boxes1, boxes2, centres, valid
+  if overlap == "reference":
+    chosen_a, chosen_b = _reference_draws(rng, view1, rs, r1, cs, c1, patch_size, patch_num)
+    return _patch_boxes(chosen_a, chosen_b, rs, r1, r2, cs, c1, c2, n, patch_size, view2,
+                        boxes1, boxes2, centres, valid)
   k = draws_per_patch * patch_num
   a = rng.integers(0, len(rs), k)
   b = rng.integers(0, len(cs), k)
@@ -174,15 +193,52 @@ def sample_matched_patches(rng: np.random.Generator, view1: ViewGeometry,
     # Pre-drawn candidates exhausted: enumerate what is left.
     row_hit = np.abs(r1[:, None] - r1[chosen_a[:count]][None, :]) < patch_size
     col_hit = np.abs(c1[:, None] - c1[chosen_b[:count]][None, :]) < patch_size
-    overlap = np.einsum("ap,bp->ab", row_hit.astype(np.int32),
-                        col_hit.astype(np.int32)) > 0
-    free = np.flatnonzero(~overlap)
+    hit = np.einsum("ap,bp->ab", row_hit.astype(np.int32),
+                    col_hit.astype(np.int32)) > 0
+    free = np.flatnonzero(~hit)
     if not len(free):
       break
     pick = free[rng.integers(0, len(free))]
     chosen_a[count], chosen_b[count] = np.divmod(pick, len(cs))
     count += 1
-  sa, sb = chosen_a[:count], chosen_b[:count]
+  return _patch_boxes(chosen_a[:count], chosen_b[:count], rs, r1, r2, cs, c1, c2, n,
+                      patch_size, view2, boxes1, boxes2, centres, valid)
+
+
+def _reference_draws(rng, view1, rs, r1, cs, c1, patch_size, patch_num):
+  """The reference's sequential rule on the candidate grid rs x cs.
+
+  Each patch takes a candidate uniformly (index `rng.integers(count)` into the
+  live candidates in source raster order); then the candidates whose source
+  pixel lies under the chosen view-1 patch, rows and columns [c - p//2, c + p//2)
+  of view 1, leave the set, unless at most one would remain, in which case
+  the set is kept whole. Only centres leave: a later patch may overlap an
+  earlier one, and the fallback allows duplicates.
+  Returns (patch_num,) candidate indices into rs and cs.
+  """
+  half = patch_size // 2
+  live = np.ones((len(rs), len(cs)), bool)
+  chosen = np.zeros(patch_num, np.intp)
+  for i in range(patch_num):
+    chosen[i] = np.flatnonzero(live)[rng.integers(0, np.count_nonzero(live))]
+    a, b = np.divmod(chosen[i], len(cs))
+    # Source indices are monotone in view pixels, so the source pixels under a
+    # run of view pixels are the range between its ends' sources.
+    rows = nearest_source_index(view1.box[0], view1.box[2], view1.size,
+                                np.array([r1[a] - half, r1[a] + half - 1]))
+    cols = nearest_source_index(view1.box[1], view1.box[3], view1.size,
+                                np.array([c1[b] - half, c1[b] + half - 1]))
+    under = np.outer((rs >= rows[0]) & (rs <= rows[1]), (cs >= cols[0]) & (cs <= cols[1]))
+    rest = live & ~under
+    if np.count_nonzero(rest) > 1:
+      live = rest
+  return np.divmod(chosen, len(cs))
+
+
+def _patch_boxes(sa, sb, rs, r1, r2, cs, c1, c2, n, patch_size, view2,
+                 boxes1, boxes2, centres, valid):
+  """Fills the first len(sa) rows of the outputs for candidates (rs[sa], cs[sb])."""
+  count = len(sa)
   half = patch_size // 2
   boxes1[:count, 0] = r1[sa] - half
   boxes1[:count, 1] = c1[sb] - half

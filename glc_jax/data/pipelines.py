@@ -46,7 +46,7 @@ from typing import Any, Callable, Mapping, Sequence
 import grain
 import numpy as np
 
-from glc_jax.data import augment, recipes
+from glc_jax.data import augment, patches, recipes
 
 ExampleFn = Callable[[Mapping[str, Any], np.random.Generator], dict]
 
@@ -133,6 +133,9 @@ def recipe_for(method: str, config: Mapping[str, Any] | Any | None = None,
   values = _merged(_placed(cls, dataset or {}), dict(config or {}))
   cfg = recipes.config_from_dict(cls, values, method)
   if method == "glcnet":
+    if cfg.patch_overlap not in patches.OVERLAP_MODES:
+      raise ValueError(f"input.patch_overlap = {cfg.patch_overlap!r}; expected one of "
+                       f"{patches.OVERLAP_MODES}")
     return functools.partial(recipes.two_view_example, cfg=cfg)
   if method in ("simclr", "mocov2"):
     return functools.partial(recipes.two_view_example,

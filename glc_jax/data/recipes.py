@@ -93,7 +93,9 @@ class TwoViewConfig:
   tile_crop: a random tile_crop x tile_crop window is taken first when the
   tile is larger. view_size: side of both views. value_max: the value range
   that colour ops assume (255 for uint8 data). patch_num = 0 disables patch
-  sampling (SimCLR, MoCo v2).
+  sampling (SimCLR, MoCo v2). patch_overlap: "none" (ours: view-1 patches
+  never overlap) or "reference" (its centres-only rule, see
+  `patches.sample_matched_patches`).
   """
   tile_crop: int = 256
   view_size: int = 224
@@ -102,6 +104,7 @@ class TwoViewConfig:
   view2: ViewAugConfig = ViewAugConfig()
   patch_size: int = 48
   patch_num: int = 4
+  patch_overlap: str = "none"
   value_max: float = 255.0
   norm: NormConfig = NormConfig()
 
@@ -287,7 +290,7 @@ def two_view_example(record: Mapping[str, Any], rng: np.random.Generator,
   out = {"view1": view1, "view2": view2}
   if cfg.patch_num > 0:
     boxes1, boxes2, _, valid = sample_matched_patches(
-        rng, geo1, geo2, cfg.patch_size, cfg.patch_num)
+        rng, geo1, geo2, cfg.patch_size, cfg.patch_num, overlap=cfg.patch_overlap)
     out.update(patch_boxes1=boxes1, patch_boxes2=boxes2, patch_valid=valid)
   return out
 
