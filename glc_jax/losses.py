@@ -193,10 +193,14 @@ def enqueue_keys(queue: jax.Array, queue_ptr: jax.Array, keys: jax.Array, *,
   """Replaces the oldest queue entries by this step's keys from all devices.
 
   Every device gathers the same global keys in device order, so the queue
-  stays identical everywhere.
+  stays identical everywhere. Per-device queues (the reference's: one per GPU,
+  fed by that GPU's keys alone) are a (N, K, D) queue, row d device d's; every
+  device holds all N so that the state stays replicated, and queue d receives
+  device d's keys only.
 
   Args:
-    queue: (K, D) float32.
+    queue: (K, D) float32, or (N, K, D) per-device queues (N = devices on
+      axis_name, 1 without one).
     queue_ptr: () int32, index of the oldest entry.
     keys: (n, D) this device's keys (normalised here).
     axis_name: mesh axis to gather over, or None.
@@ -205,6 +209,8 @@ def enqueue_keys(queue: jax.Array, queue_ptr: jax.Array, keys: jax.Array, *,
     (new queue, new pointer).
   """
   keys = jax.lax.stop_gradient(l2_normalize(keys))
+  if queue.ndim == 3:
+    return _enqueue_per_device(queue, queue_ptr, keys, axis_name)
   if axis_name is not None:
     # Invariant result: the type system then knows every device holds the
     # same queue, which lets the state leave shard_map replicated.
@@ -216,6 +222,30 @@ def enqueue_keys(queue: jax.Array, queue_ptr: jax.Array, keys: jax.Array, *,
   queue = jax.lax.dynamic_update_slice(
       queue, keys.astype(queue.dtype), (queue_ptr, jnp.int32(0)))
   return queue, (queue_ptr + batch) % size
+
+
+def _enqueue_per_device(queues, queue_ptr, keys, axis_name):
+  if axis_name is not None:
+    keys = jax.lax.all_gather(keys, axis_name, to="invarying")
+  else:
+    keys = keys[None]
+  if keys.shape[0] != queues.shape[0]:
+    raise ValueError(f"MoCo per-device queues: the state holds {queues.shape[0]} queues "
+                     f"but the step runs on {keys.shape[0]} devices")
+  size, batch = queues.shape[1], keys.shape[1]
+  if size % batch:
+    raise ValueError(f"MoCo queue size {size} is not a multiple of the per-device "
+                     f"batch size {batch}")
+  queues = jax.lax.dynamic_update_slice(
+      queues, keys.astype(queues.dtype), (jnp.int32(0), queue_ptr, jnp.int32(0)))
+  return queues, (queue_ptr + batch) % size
+
+
+def own_queue(queues: jax.Array, axis_name: str | None = None) -> jax.Array:
+  """This device's (K, D) queue of (N, K, D) per-device queues."""
+  if axis_name is None:
+    return queues[0]
+  return queues[jax.lax.axis_index(axis_name)]
 
 
 def inpainting_loss(prediction: jax.Array, target: jax.Array,

@@ -1,8 +1,12 @@
 """The `reference` protocol's switches, each against an independent oracle."""
+import jax
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
 
+from glc_jax import losses
 from glc_jax.data import patches, pipelines
+from glc_jax.parallel import DATA_AXIS, make_data_mesh
 
 
 def _identity_jigsaw(g, t, **keys):
@@ -133,3 +137,44 @@ def test_reference_patch_rule_matches_numpy_restatement():
 def test_reference_patch_overlap_key_is_checked():
   with pytest.raises(ValueError, match="input.patch_overlap = 'centres'"):
     pipelines.recipe_for("glcnet", {"patch_overlap": "centres"})
+
+
+def test_moco_per_device_queues_equal_independent_single_device_runs(devices):
+  """N devices with per-device queues = N separate one-device MoCo runs: each
+  device's loss term and gradient use its own queue, which takes its keys only."""
+  n_dev, n, size, dim, steps = 4, 2, 4, 3, 3
+  mesh = make_data_mesh(devices[:n_dev])
+  rng = np.random.default_rng(11)
+  queues = rng.normal(size=(n_dev, size, dim)).astype(np.float32)
+  queues /= np.linalg.norm(queues, axis=-1, keepdims=True)
+
+  def step(q, k, queues, ptr):
+    def loss_fn(q):
+      return losses.moco_infonce_loss(q, k, losses.own_queue(queues, DATA_AXIS),
+                                      temperature=0.2, axis_name=DATA_AXIS)
+    loss, grad = jax.value_and_grad(loss_fn)(q)
+    return (loss, grad) + losses.enqueue_keys(queues, ptr, k, axis_name=DATA_AXIS)
+  sharded = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P(DATA_AXIS), P(DATA_AXIS), P(), P()),
+                                  out_specs=(P(), P(DATA_AXIS), P(), P())))
+
+  def single(q, k, queue, ptr):
+    loss, grad = jax.value_and_grad(
+        lambda q: losses.moco_infonce_loss(q, k, queue, temperature=0.2))(q)
+    return (loss, grad) + losses.enqueue_keys(queue, ptr, k)
+
+  alone = [(queues[d], np.int32(0)) for d in range(n_dev)]
+  ptr = np.int32(0)
+  for _ in range(steps):
+    q = rng.normal(size=(n_dev * n, dim)).astype(np.float32)
+    k = rng.normal(size=(n_dev * n, dim)).astype(np.float32)
+    split = NamedSharding(mesh, P(DATA_AXIS))
+    loss, grad, queues, ptr = sharded(jax.device_put(q, split), jax.device_put(k, split),
+                                      *jax.device_put((queues, ptr), NamedSharding(mesh, P())))
+    runs = [single(q[d * n:(d + 1) * n], k[d * n:(d + 1) * n], *alone[d]) for d in range(n_dev)]
+    alone = [(r[2], r[3]) for r in runs]
+    np.testing.assert_allclose(loss, np.mean([r[0] for r in runs]), rtol=1e-6)
+    np.testing.assert_allclose(grad, np.concatenate([r[1] for r in runs]) / n_dev, rtol=1e-5,
+                               atol=1e-7)
+    for d in range(n_dev):
+      np.testing.assert_allclose(queues[d], alone[d][0], rtol=1e-6)
+      assert int(ptr) == int(alone[d][1])

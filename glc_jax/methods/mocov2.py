@@ -23,19 +23,26 @@ class MoCoV2Method(Method):
 
   extras: {'key_params', 'key_batch_stats', 'queue' (K, D) unit rows,
   'queue_ptr' () int32}. Batch: view1, view2 (B, H, W, C) float32.
+
+  queue_per_device: the reference's per-GPU queues instead: queue (N, K, D),
+  one per device of the mesh (N = jax.device_count(), the stages' mesh), each
+  used and fed by its own device alone; queue_size is then each one's length.
   """
   batch_keys: tuple[str, ...] = ("view1", "view2")
   temperature: float = 0.07
   momentum: float = 0.999
   queue_size: int = 2048
+  queue_per_device: bool = False
   embed_dim: int = 64
 
   def init_inputs(self, batch: Batch):
     return (batch["view1"],), {}
 
   def init_extras(self, rng, params, batch_stats):
-    queue = losses.l2_normalize(
-        jax.random.normal(rng, (self.queue_size, self.embed_dim), jnp.float32))
+    shape = (self.queue_size, self.embed_dim)
+    if self.queue_per_device:
+      shape = (jax.device_count(),) + shape
+    queue = losses.l2_normalize(jax.random.normal(rng, shape, jnp.float32))
     return {"key_params": params, "key_batch_stats": batch_stats,
             "queue": queue, "queue_ptr": jnp.zeros((), jnp.int32)}
 
@@ -50,7 +57,10 @@ class MoCoV2Method(Method):
     k, key_batch_stats = self.apply_train(
         key_params, extras["key_batch_stats"], batch["view2"], rng=key_rng)
     k = jax.lax.stop_gradient(k)
-    loss = losses.moco_infonce_loss(q, k, extras["queue"],
+    queue = extras["queue"]
+    if self.queue_per_device:
+      queue = losses.own_queue(queue, DATA_AXIS)
+    loss = losses.moco_infonce_loss(q, k, queue,
                                     temperature=self.temperature,
                                     axis_name=DATA_AXIS)
     queue, queue_ptr = losses.enqueue_keys(extras["queue"], extras["queue_ptr"],
