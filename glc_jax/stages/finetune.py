@@ -126,7 +126,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   model = build_model(config, info.num_classes)
   method = SegmentationMethod(model=model, ignore_index=info.ignore_index)
   data_config = pipelines.dataset_data_config(info, norm_mode=config.data.norm)
-  example_fn = pipelines.recipe_for("finetune", dict(data_config, **config.input))
+  example_fn = pipelines.recipe_for("finetune", config.input, dataset=data_config)
   dataset = pipelines.train_dataset(source, example_fn,
                                     batch_size=global_batch // jax.process_count(), seed=config.seed)
 

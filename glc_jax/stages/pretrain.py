@@ -33,15 +33,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   mesh = parallel.make_data_mesh()
   global_batch = setup.checked_batch(config.data.batch_size, mesh, len(source))
   method = methods.create_method(config)
-  recipe = dict(pipelines.dataset_data_config(info, norm_mode=config.data.norm), **config.input)
   permutations = None
   if config.method == "jigsaw":
     # The model's class count and the recipe's permutation set must agree.
-    tiles = recipe.get("grid", 3) ** 2
+    tiles = config.input.get("grid", 3) ** 2
     permutations = pipelines.jigsaw_permutation_set(
-        recipe.get("permutations", ""), config.model.get("num_permutations", 1000), tiles)
-  example_fn = pipelines.recipe_for(data_recipe_name(config.method), recipe,
-                                    permutations=permutations)
+        config.input.get("permutations", ""), config.model.get("num_permutations", 1000), tiles)
+  example_fn = pipelines.recipe_for(
+      data_recipe_name(config.method), config.input, permutations=permutations,
+      dataset=pipelines.dataset_data_config(info, norm_mode=config.data.norm))
   dataset = pipelines.train_dataset(source, example_fn,
                                     batch_size=global_batch // jax.process_count(),
                                     seed=config.seed)
