@@ -9,6 +9,7 @@ import time
 
 import grain
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
@@ -322,7 +323,8 @@ def test_dataset_keys_reach_every_recipe(method):
             "inpainting": {"tile_crop": 24, "view_size": 16}}.get(
                 method, {"tile_crop": 24, "view_size": 16, "patch_size": 4,
                          "view2": {"colour": {"p": 0.0}, "blur_p": 0.0, "gray_p": 0.0}})
-  fn = pipelines.recipe_for(method, config, dataset=_STATS)
+  # As the stages pass it: a ConfigDict, whose nested dicts are no Mappings.
+  fn = pipelines.recipe_for(method, ml_collections.ConfigDict(config), dataset=_STATS)
   record = {"image": np.full((24, 24, 4), 12, np.uint16),
             "label": np.zeros((24, 24), np.uint8)}
   out = fn(record, np.random.default_rng(0))

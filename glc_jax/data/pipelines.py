@@ -130,6 +130,8 @@ def recipe_for(method: str, config: Mapping[str, Any] | Any | None = None,
   cls = RECIPE_CONFIGS[method]
   if dataclasses.is_dataclass(config):
     config = dataclasses.asdict(config)
+  elif hasattr(config, "to_dict"):  # an ml_collections.ConfigDict, which is no Mapping
+    config = config.to_dict()
   values = _merged(_placed(cls, dataset or {}), dict(config or {}))
   cfg = recipes.config_from_dict(cls, values, method)
   if method == "glcnet":
