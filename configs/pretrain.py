@@ -20,16 +20,18 @@ METHODS = ("glcnet", "glcnet_nostyle", "glcnet_noglobal", "glcnet_nolocal", "sim
 
 
 def _input(method: str, tiny: bool) -> ml_collections.ConfigDict:
-  """The data recipe's keys (glc_jax/data/recipes.py) that differ from its defaults."""
-  if method in ("inpainting",):
-    return ml_collections.ConfigDict(dict(view_size=96) if tiny else {})
+  """The data recipe's size keys (glc_jax/data/recipes.py), listed in both sizes so that
+  `--config.input.KEY=` can set them (other recipe keys can be added in a config file)."""
+  if method == "inpainting":
+    return ml_collections.ConfigDict(dict(view_size=96 if tiny else 224, blocks=16, block_size=16))
   if method == "jigsaw":
     return ml_collections.ConfigDict(
-        dict(tile_size=32, tile_crop=28, augment=dict(crop_size=96)) if tiny else {})
+        dict(tile_size=32, tile_crop=28, augment=dict(crop_size=96)) if tiny else
+        dict(tile_size=75, tile_crop=64, augment=dict(crop_size=225)))
   if method.startswith("glcnet"):
-    return ml_collections.ConfigDict(dict(view_size=96, patch_size=16) if tiny else
-                                     dict(view_size=224, patch_size=48, patch_num=4))
-  return ml_collections.ConfigDict(dict(view_size=96) if tiny else dict(view_size=224))
+    return ml_collections.ConfigDict(dict(view_size=96 if tiny else 224, patch_size=16 if tiny else 48,
+                                          patch_num=4))
+  return ml_collections.ConfigDict(dict(view_size=96 if tiny else 224))
 
 
 def _loss(method: str) -> ml_collections.ConfigDict:
