@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from glc_jax import losses
+from glc_jax import losses, models
 from glc_jax.data import patches, pipelines
 from glc_jax.parallel import DATA_AXIS, make_data_mesh
 
@@ -178,3 +178,23 @@ def test_moco_per_device_queues_equal_independent_single_device_runs(devices):
     for d in range(n_dev):
       np.testing.assert_allclose(queues[d], alone[d][0], rtol=1e-6)
       assert int(ptr) == int(alone[d][1])
+
+
+@pytest.mark.slow
+def test_stem_init_reference_is_torch_default_for_other_band_counts():
+  """torch's Conv2d default, kaiming_uniform(a=sqrt(5)), is U(±1/sqrt(fan_in)) with
+  fan_in = bands·7·7; the reference leaves it on the first conv it replaces when
+  bands != 3 and keeps kaiming-normal for 3 bands."""
+  model = models.ResNet(depth=18, width=0.125, stem_init="reference")
+  for bands in (3, 4):
+    x = np.zeros((1, 32, 32, bands), np.float32)
+    w = np.asarray(model.init(jax.random.key(0), x, train=False)["params"]["conv1"]["kernel"])
+    bound = 1 / np.sqrt(7 * 7 * bands)
+    if bands == 3:
+      assert abs(w.std() / np.sqrt(2 / (7 * 7 * bands)) - 1) < 0.1
+    else:
+      assert bound >= np.abs(w).max() > 0.95 * bound
+      assert abs(w.std() / (bound / np.sqrt(3)) - 1) < 0.1
+  with pytest.raises(ValueError, match="stem_init"):
+    jax.eval_shape(lambda key: models.ResNet(depth=18, stem_init="torch").init(key, x, train=False),
+                   jax.random.key(0))

@@ -10,6 +10,8 @@ Config keys read here (ml_collections.ConfigDict):
            ('auto' | 'float32' | 'bfloat16', compute dtype), conv_impl
            ('auto' | 'plain' | 'cpu', convolution kernels), remat ('' | a
            jax.checkpoint_policies name), see glc_jax/models/compute.py;
+           stem_init ('kaiming' | 'reference': torch's default init of the
+           first conv when the band count is not 3, as the reference);
            num_permutations (jigsaw, 1000), num_classes (segmentation,
            required).
   loss     optional overrides of the method's loss settings:
@@ -60,7 +62,7 @@ _GLCNET_ABLATIONS = {
 METHOD_NAMES = tuple(_GLCNET_ABLATIONS) + ("simclr", "mocov2", "inpainting",
                                            "jigsaw", "segmentation")
 _MODEL_KEYS = ("depth", "output_stride", "width", "embed_dim", "dtype", "conv_impl",
-               "remat", "num_permutations", "num_classes")
+               "remat", "stem_init", "num_permutations", "num_classes")
 
 
 def model_kwargs(config: ml_collections.ConfigDict, embed: bool = False) -> dict:

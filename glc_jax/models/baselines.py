@@ -53,10 +53,11 @@ class SimCLR(nn.Module):
   dtype: Any = jnp.float32
   conv_impl: str = "plain"
   remat: str = ""
+  stem_init: str = "kaiming"
 
   def setup(self):
     self.backbone = ResNet(self.depth, self.output_stride, self.width,
-                           self.axis_name, self.dtype, self.conv_impl, self.remat)
+                           self.axis_name, self.dtype, self.conv_impl, self.remat, self.stem_init)
     self.encoder = Encoder(self.output_stride, self.width, axis_name=self.axis_name,
                            dtype=self.dtype, conv_impl=self.conv_impl)
     self.head = ProjectionHead(scaled(256, self.width), self.embed_dim, self.dtype)
@@ -102,11 +103,13 @@ class Inpainting(nn.Module):
   dtype: Any = jnp.float32
   conv_impl: str = "plain"
   remat: str = ""
+  stem_init: str = "kaiming"
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool) -> jax.Array:
     feats = ResNet(self.depth, self.output_stride, self.width, self.axis_name,
-                   self.dtype, self.conv_impl, self.remat, name="backbone")(images, train)
+                   self.dtype, self.conv_impl, self.remat, self.stem_init,
+                   name="backbone")(images, train)
     x = Encoder(self.output_stride, self.width, axis_name=self.axis_name,
                 dtype=self.dtype, conv_impl=self.conv_impl, name="encoder")(feats["layer4"], train)
     norm = functools.partial(BatchNorm, train=train, torch_momentum=0.1,
@@ -146,6 +149,7 @@ class Jigsaw(nn.Module):
   dtype: Any = jnp.float32
   conv_impl: str = "plain"
   remat: str = ""
+  stem_init: str = "kaiming"
 
   @nn.compact
   def __call__(self, tiles: jax.Array, train: bool) -> jax.Array:
@@ -153,7 +157,8 @@ class Jigsaw(nn.Module):
     # Tile-position-major batch, so group i holds every sample's i-th tile.
     x = jnp.swapaxes(tiles, 0, 1).reshape((t * b,) + tiles.shape[2:])
     feats = ResNet(self.depth, self.output_stride, self.width, self.axis_name,
-                   self.dtype, self.conv_impl, self.remat, name="backbone")(x, train, bn_groups=t)
+                   self.dtype, self.conv_impl, self.remat, self.stem_init,
+                   name="backbone")(x, train, bn_groups=t)
     x = Encoder(self.output_stride, self.width, axis_name=self.axis_name, dtype=self.dtype,
                 conv_impl=self.conv_impl, name="encoder")(feats["layer4"], train, bn_groups=t)
     x = adaptive_avg_pool(x, 3)

@@ -134,11 +134,13 @@ class DeepLabV3Plus(nn.Module):
   dtype: Any = jnp.float32
   conv_impl: str = "plain"
   remat: str = ""
+  stem_init: str = "kaiming"
 
   @nn.compact
   def __call__(self, image: jax.Array, train: bool) -> jax.Array:
     feats = ResNet(self.depth, self.output_stride, self.width, self.axis_name,
-                   self.dtype, self.conv_impl, self.remat, name="backbone")(image, train)
+                   self.dtype, self.conv_impl, self.remat, self.stem_init,
+                   name="backbone")(image, train)
     x = Encoder(self.output_stride, self.width, axis_name=self.axis_name,
                 dtype=self.dtype, conv_impl=self.conv_impl, name="encoder")(feats["layer4"], train)
     logits = Decoder(self.num_classes, self.width, (0.5, 0.1), self.axis_name,

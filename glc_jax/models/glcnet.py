@@ -51,12 +51,13 @@ class GLCNet(nn.Module):
   dtype: Any = jnp.float32
   conv_impl: str = "plain"
   remat: str = ""
+  stem_init: str = "kaiming"
 
   def setup(self):
     if self.no_global and self.no_local:
       raise ValueError("GLCNet: no_global and no_local together leave no loss")
     self.backbone = ResNet(self.depth, self.output_stride, self.width,
-                           self.axis_name, self.dtype, self.conv_impl, self.remat)
+                           self.axis_name, self.dtype, self.conv_impl, self.remat, self.stem_init)
     self.encoder = Encoder(self.output_stride, self.width, self.encoder_dropout,
                            axis_name=self.axis_name, dtype=self.dtype, conv_impl=self.conv_impl)
     if not self.no_local:

@@ -23,10 +23,12 @@ import jax
 import jax.numpy as jnp
 
 from glc_jax.models.compute import check_remat, remat_policy
-from glc_jax.models.layers import BatchNorm, Conv2d, max_pool
+from glc_jax.models.layers import (BatchNorm, Conv2d, kaiming_normal, max_pool,
+                                   torch_default_kernel)
 
 STAGE_BLOCKS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 STRIDES_DILATIONS = {16: ((1, 2, 2, 1), (1, 1, 1, 2)), 8: ((1, 2, 1, 1), (1, 1, 2, 4))}
+STEM_INITS = ("kaiming", "reference")
 
 
 def scaled(channels: int, width: float) -> int:
@@ -98,6 +100,9 @@ class ResNet(nn.Module):
       glc_jax/models/compute.py); the parameter tree is the same.
     remat: '' (none) or a jax.checkpoint_policies name: every residual block
       is rematerialised under that policy (same values and parameter tree).
+    stem_init: 'kaiming' (conv1 kaiming-normal like every conv) or
+      'reference' (torch's default U(±1/sqrt(fan_in)) for conv1 when the
+      band count is not 3, as the reference's replaced first conv).
 
   __call__(x, train, bn_groups=1) with x (B, H, W, bands) float → dict of
   NHWC features (bn_groups: see BatchNorm.groups):
@@ -113,6 +118,7 @@ class ResNet(nn.Module):
   dtype: Any = jnp.float32
   conv_impl: str = "plain"
   remat: str = ""
+  stem_init: str = "kaiming"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool,
@@ -127,8 +133,14 @@ class ResNet(nn.Module):
     strides, dilations = STRIDES_DILATIONS[self.output_stride]
     norm = functools.partial(BatchNorm, train=train, groups=bn_groups,
                              axis_name=self.axis_name, dtype=self.dtype)
+    if self.stem_init not in STEM_INITS:
+      raise ValueError(f"stem_init must be one of {STEM_INITS}, got {self.stem_init!r}")
+    # The reference replaces conv1 when the band count is not 3 and leaves
+    # torch's default init on the new layer.
+    torch_stem = self.stem_init == "reference" and x.shape[-1] != 3
     x = x.astype(self.dtype)
     x = Conv2d(scaled(64, self.width), 7, 2, 3, dtype=self.dtype, conv_impl=self.conv_impl,
+               kernel_init=torch_default_kernel if torch_stem else kaiming_normal,
                name="conv1")(x)
     x = nn.relu(norm(name="bn1")(x))
     x = max_pool(x, 3, 2, 1, self.conv_impl)
