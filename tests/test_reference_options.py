@@ -198,3 +198,31 @@ def test_stem_init_reference_is_torch_default_for_other_band_counts():
   with pytest.raises(ValueError, match="stem_init"):
     jax.eval_shape(lambda key: models.ResNet(depth=18, stem_init="torch").init(key, x, train=False),
                    jax.random.key(0))
+
+
+def test_inpainting_epoch_masks_are_shared_by_every_batch_of_an_epoch():
+  """masks="epoch": the reference draws batch-size masks at each epoch's start
+  and erases slot i of every batch with mask i; corners in 0..n-b-2."""
+  n, b, blocks, batch, records = 16, 4, 3, 2, 7
+  config = {"view_size": n, "block_size": b, "blocks": blocks, "tile_crop": 16, "masks": "epoch"}
+  source = [{"image": np.full((16, 16, 3), i, np.uint8)} for i in range(records)]
+  ds = pipelines.train_dataset(source, pipelines.recipe_for("inpainting", config),
+                               batch_size=batch, seed=3, process_index=0, process_count=1,
+                               epoch_arrays=pipelines.epoch_arrays_for("inpainting", config))
+  by_epoch = {}
+  for i in range(10):  # epochs of 7 records: batch i starts in epoch 2i // 7
+    by_epoch.setdefault(2 * i // records, []).append(ds[i]["mask"])
+  for masks in by_epoch.values():
+    for m in masks[1:]:
+      np.testing.assert_array_equal(m, masks[0])
+    assert masks[0].shape == (batch, n, n) and not np.array_equal(masks[0][0], masks[0][1])
+    assert not masks[0][:, n - 2:].any() and not masks[0][:, :, n - 2:].any()
+    assert all(b * b <= m.sum() <= blocks * b * b for m in masks[0])
+  assert not np.array_equal(by_epoch[0][0], by_epoch[1][0])
+  np.testing.assert_array_equal(ds[0]["mask"], by_epoch[0][0])  # random access, same masks
+  ours = pipelines.train_dataset(source, pipelines.recipe_for("inpainting", dict(config, masks="example")),
+                                 batch_size=batch, seed=3, process_index=0, process_count=1)
+  assert not np.array_equal(ours[0]["mask"], ours[1]["mask"])
+  assert pipelines.epoch_arrays_for("inpainting", dict(config, masks="example")) is None
+  with pytest.raises(ValueError, match="input.masks = 'batch'"):
+    pipelines.recipe_for("inpainting", dict(config, masks="batch"))

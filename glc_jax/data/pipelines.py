@@ -49,6 +49,10 @@ import numpy as np
 from glc_jax.data import augment, patches, recipes
 
 ExampleFn = Callable[[Mapping[str, Any], np.random.Generator], dict]
+EpochFn = Callable[[np.random.Generator, int], dict]
+# Keeps the per-epoch generators apart from the shuffling ones seeded by (seed, epoch).
+_PER_EPOCH_STREAM = 1
+
 
 def _process(process_index: int | None, process_count: int | None):
   if process_index is None or process_count is None:
@@ -143,6 +147,11 @@ def recipe_for(method: str, config: Mapping[str, Any] | Any | None = None,
     return functools.partial(recipes.two_view_example,
                              cfg=dataclasses.replace(cfg, patch_num=0))
   if method == "inpainting":
+    if cfg.masks not in recipes.MASK_MODES:
+      raise ValueError(f"input.masks = {cfg.masks!r}; expected one of {recipes.MASK_MODES}")
+    if cfg.masks == "epoch" and cfg.view_size - cfg.block_size < 2:
+      raise ValueError(f"input.masks = 'epoch' draws corners below view_size - block_size - 1; "
+                       f"view_size {cfg.view_size} leaves none for block_size {cfg.block_size}")
     return functools.partial(recipes.inpainting_example, cfg=cfg)
   if method == "jigsaw":
     if permutations is None:
@@ -153,6 +162,16 @@ def recipe_for(method: str, config: Mapping[str, Any] | Any | None = None,
     return functools.partial(recipes.jigsaw_example, cfg=cfg,
                              permutations=np.asarray(permutations))
   return functools.partial(recipes.finetune_example, cfg=cfg)
+
+
+def epoch_arrays_for(method: str, config: Mapping[str, Any] | None = None
+                     ) -> EpochFn | None:
+  """What `train_dataset` draws once per epoch for this recipe config, or None:
+  inpainting's masks with `masks="epoch"` (the reference's)."""
+  if method != "inpainting":
+    return None
+  cfg = recipes.config_from_dict(recipes.InpaintingConfig, config, method)
+  return functools.partial(recipes.epoch_masks, cfg=cfg) if cfg.masks == "epoch" else None
 
 
 def jigsaw_permutation_set(path: str, count: int | None, tiles: int = 9) -> np.ndarray:
@@ -234,6 +253,30 @@ class _BatchOf:
     return batch
 
 
+class _PerEpoch:
+  """Sets a batch's keys to arrays drawn once per epoch: batch i belongs to the
+  epoch of its first element and gets that epoch's arrays, drawn from a
+  generator seeded by (seed, epoch, process) and cached."""
+
+  def __init__(self, epoch_fn: EpochFn, seed: int, process: int, epoch_length: int,
+               batch_size: int):
+    self._fn = epoch_fn
+    self._seed = seed
+    self._process = process
+    self._epoch_length = epoch_length
+    self._batch_size = batch_size
+    self._epoch = -1
+    self._arrays = None
+
+  def __call__(self, index: int, batch: dict) -> dict:
+    epoch = index * self._batch_size // self._epoch_length
+    if epoch != self._epoch:
+      rng = np.random.default_rng([self._seed, epoch, self._process, _PER_EPOCH_STREAM])
+      self._arrays = self._fn(rng, self._batch_size)
+      self._epoch = epoch
+    return dict(batch, **{k: v.copy() for k, v in self._arrays.items()})
+
+
 class _EpochShuffled:
   """A shard of the source repeated for `num_epochs`, reshuffled each epoch.
 
@@ -272,7 +315,8 @@ class _EpochShuffled:
 def train_dataset(source: Sequence[Mapping[str, Any]], example_fn: ExampleFn,
                   *, batch_size: int, seed: int, num_epochs: int | None = None,
                   shuffle: bool = True, process_index: int | None = None,
-                  process_count: int | None = None) -> grain.MapDataset:
+                  process_count: int | None = None,
+                  epoch_arrays: EpochFn | None = None) -> grain.MapDataset:
   """Training batches as a Grain MapDataset (batch i is a pure function of i).
 
   Args:
@@ -285,6 +329,8 @@ def train_dataset(source: Sequence[Mapping[str, Any]], example_fn: ExampleFn,
     num_epochs: None repeats forever; each epoch is reshuffled and
       re-augmented.
     process_index, process_count: this process's shard (default: jax's).
+    epoch_arrays: (rng, batch_size) -> arrays that every batch of an epoch
+      shares, drawn once per epoch and process (`epoch_arrays_for`).
 
   Returns:
     MapDataset of batches (dicts of stacked numpy arrays).
@@ -297,7 +343,10 @@ def train_dataset(source: Sequence[Mapping[str, Any]], example_fn: ExampleFn,
   ds = grain.MapDataset.source(
       _EpochShuffled(source, shard, seed, shuffle, num_epochs))
   ds = ds.batch(batch_size, drop_remainder=True, batch_fn=list)
-  return ds.random_map(_BatchOf(example_fn), seed=seed)
+  ds = ds.random_map(_BatchOf(example_fn), seed=seed)
+  if epoch_arrays is not None:
+    ds = ds.map_with_index(_PerEpoch(epoch_arrays, seed, index, len(shard), batch_size))
+  return ds
 
 
 class _PaddedShard:

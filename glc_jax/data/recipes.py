@@ -143,13 +143,23 @@ class FinetuneConfig:
 
 @dataclasses.dataclass(frozen=True)
 class InpaintingConfig:
-  """Tile crop + random resized crop, then `blocks` erased squares."""
+  """Tile crop + random resized crop, then `blocks` erased squares.
+
+  masks: "example" (ours: a fresh mask per example, corners uniform over
+  every position) or "epoch" (the reference's: one set of batch-size masks
+  per epoch, slot i of every batch of that epoch erased by mask i, corners
+  drawn as it does in 0 .. view_size - block_size - 2; `epoch_masks`).
+  """
   tile_crop: int = 256
   view_size: int = 224
   crop: ResizedCropConfig = ResizedCropConfig()
   blocks: int = 16
   block_size: int = 16
+  masks: str = "example"
   norm: NormConfig = NormConfig()
+
+
+MASK_MODES = ("example", "epoch")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -377,14 +387,29 @@ def inpainting_example(record: Mapping[str, Any], rng: np.random.Generator,
                                     c.swap_p, c.attempts)
   n, b = cfg.view_size, cfg.block_size
   view = aug.resized_crop(tile, box, (n, n), affine=norm)
-  corners = rng.integers(0, n - b + 1, size=(cfg.blocks, 2))
-  rows = np.zeros((cfg.blocks, n), bool)
-  cols = np.zeros((cfg.blocks, n), bool)
-  span = np.arange(b)
-  rows[np.arange(cfg.blocks)[:, None], corners[:, :1] + span] = True
-  cols[np.arange(cfg.blocks)[:, None], corners[:, 1:] + span] = True
-  mask = np.einsum("ki,kj->ij", rows.astype(np.int32), cols.astype(np.int32)) > 0
-  return {"image": view, "mask": mask}
+  if cfg.masks == "epoch":
+    return {"image": view}
+  return {"image": view, "mask": _erase_mask(rng, n, cfg.blocks, b, n - b + 1)}
+
+
+def _erase_mask(rng: np.random.Generator, n: int, blocks: int, size: int,
+                corner_end: int) -> np.ndarray:
+  """(n, n) bool, True on `blocks` size×size squares, corners in [0, corner_end)."""
+  corners = rng.integers(0, corner_end, size=(blocks, 2))
+  rows = np.zeros((blocks, n), bool)
+  cols = np.zeros((blocks, n), bool)
+  span = np.arange(size)
+  rows[np.arange(blocks)[:, None], corners[:, :1] + span] = True
+  cols[np.arange(blocks)[:, None], corners[:, 1:] + span] = True
+  return np.einsum("ki,kj->ij", rows.astype(np.int32), cols.astype(np.int32)) > 0
+
+
+def epoch_masks(rng: np.random.Generator, batch_size: int, cfg: InpaintingConfig
+                ) -> dict[str, np.ndarray]:
+  """The reference's masks of one epoch: {"mask": (batch_size, n, n) bool}."""
+  n, b = cfg.view_size, cfg.block_size
+  return {"mask": np.stack([_erase_mask(rng, n, cfg.blocks, b, n - b - 1)
+                            for _ in range(batch_size)])}
 
 
 def jigsaw_example(record: Mapping[str, Any], rng: np.random.Generator,

@@ -42,9 +42,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   example_fn = pipelines.recipe_for(
       data_recipe_name(config.method), config.input, permutations=permutations,
       dataset=pipelines.dataset_data_config(info, norm_mode=config.data.norm))
-  dataset = pipelines.train_dataset(source, example_fn,
-                                    batch_size=global_batch // jax.process_count(),
-                                    seed=config.seed)
+  dataset = pipelines.train_dataset(
+      source, example_fn, batch_size=global_batch // jax.process_count(), seed=config.seed,
+      epoch_arrays=pipelines.epoch_arrays_for(data_recipe_name(config.method), config.input))
 
   steps_per_epoch = len(source) // global_batch
   total_steps = config.num_steps or config.epochs * steps_per_epoch
