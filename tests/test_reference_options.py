@@ -226,3 +226,44 @@ def test_inpainting_epoch_masks_are_shared_by_every_batch_of_an_epoch():
   assert pipelines.epoch_arrays_for("inpainting", dict(config, masks="example")) is None
   with pytest.raises(ValueError, match="input.masks = 'batch'"):
     pipelines.recipe_for("inpainting", dict(config, masks="batch"))
+
+
+def _bilinear_fill0(label, ys, xs):
+  """Bilinear sampling of `label` at (ys[i], xs[j]), pixel centres at integers,
+  taps outside the image reading 0 (cv2.warpPerspective, BORDER_CONSTANT)."""
+  h, w = label.shape
+  out = np.zeros((len(ys), len(xs)))
+  for i, y in enumerate(ys):
+    for j, x in enumerate(xs):
+      y0, x0 = int(np.floor(y)), int(np.floor(x))
+      for yy, wy in ((y0, 1 - (y - y0)), (y0 + 1, y - y0)):
+        for xx, wx in ((x0, 1 - (x - x0)), (x0 + 1, x - x0)):
+          if 0 <= yy < h and 0 <= xx < w:
+            out[i, j] += wy * wx * label[yy, xx]
+  return out
+
+
+def test_reference_label_warp_is_bilinear_with_fill_0(monkeypatch):
+  from glc_jax.data import recipes  # pylint: disable=import-outside-toplevel
+  coords = []
+  warp = recipes._warp_coords  # pylint: disable=protected-access
+  monkeypatch.setattr(recipes, "_warp_coords", lambda *a: coords.append(warp(*a)) or coords[-1])
+  s = 12
+  rng = np.random.default_rng(4)
+  label = rng.choice([1, 2, 5], (s, s)).astype(np.uint8)
+  record = {"image": np.zeros((s, s, 3), np.uint8), "label": label}
+  config = {"crop_size": s, "flip_probs": (1.0, 0.0, 0.0, 0.0), "rot_p": 0.0, "hsv_p": 0.0,
+            "warp": {"p": 1.0, "shift": 0.2, "scale": 0.2}}
+  reference = pipelines.recipe_for("finetune", dict(config, label_warp="reference"))
+  ours = pipelines.recipe_for("finetune", config)
+  zeros = 0
+  for seed in range(6):
+    got = reference(record, np.random.default_rng(seed))["label"]
+    want = np.floor(_bilinear_fill0(label.astype(np.float64), *coords[-1]) + 0.5)
+    np.testing.assert_array_equal(got, want)
+    zeros += np.count_nonzero(got == 0)
+    mine = ours(record, np.random.default_rng(seed))["label"]
+    assert set(np.unique(mine)) <= {1, 2, 5, 255}
+  assert zeros and not set(np.unique(got)) <= {0, 1, 2, 5}  # fill 0 and blends both occur
+  with pytest.raises(ValueError, match="input.label_warp = 'linear'"):
+    pipelines.recipe_for("finetune", dict(config, label_warp="linear"))

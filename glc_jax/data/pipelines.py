@@ -161,6 +161,9 @@ def recipe_for(method: str, config: Mapping[str, Any] | Any | None = None,
                        f"expected (N, {cfg.grid ** 2})")
     return functools.partial(recipes.jigsaw_example, cfg=cfg,
                              permutations=np.asarray(permutations))
+  if cfg.label_warp not in recipes.LABEL_WARPS:
+    raise ValueError(f"input.label_warp = {cfg.label_warp!r}; expected one of "
+                     f"{recipes.LABEL_WARPS}")
   return functools.partial(recipes.finetune_example, cfg=cfg)
 
 

@@ -126,6 +126,12 @@ class FinetuneConfig:
   crop_size crop, warp, HSV shift (hsv_p) on bands 0..2 and per-band
   jitter + pixel noise on the other bands (all bands if fewer than 3);
   label pixels from outside the image become 255.
+
+  label_warp: how the warp moves labels: "nearest" (ours: nearest
+  neighbour, pixels from outside the image ignored) or "reference"
+  (bilinear like the image, outside = 0, rounded to the nearest integer as
+  OpenCV's uint8 warp does: borders train as class 0, and a pixel between
+  classes 1 and 5 becomes 3).
   """
   crop_size: int = 256
   flip_probs: tuple[float, float, float, float] = (0.4, 0.2, 0.2, 0.2)
@@ -137,8 +143,12 @@ class FinetuneConfig:
   val: float = 15.0
   band_jitter: float = 0.01
   noise_p: float = 0.001
+  label_warp: str = "nearest"
   value_max: float = 255.0
   norm: NormConfig = NormConfig()
+
+
+LABEL_WARPS = ("nearest", "reference")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -344,7 +354,10 @@ def finetune_example(record: Mapping[str, Any], rng: np.random.Generator,
     ys, xs = _warp_coords(rng, s, cfg.warp.shift, cfg.warp.scale,
                           cfg.warp.aspect)
     image = aug.resample_separable(image, ys, xs, outside_zero=True)
-    if label is not None:
+    if label is not None and cfg.label_warp == "reference":
+      warped = aug.resample_separable(label[..., None], ys, xs, outside_zero=True)[..., 0]
+      label = np.floor(warped + 0.5).astype(np.int32)
+    elif label is not None:
       ly = np.floor(ys + 0.5).astype(np.intp)
       lx = np.floor(xs + 0.5).astype(np.intp)
       inside = (ly >= 0) & (ly < s)
