@@ -5,6 +5,9 @@ Layout under a run's workdir:
                                    iterator state, one JSON per process)
   best/<step>/state                the state with the best validation metric
                                    (fine-tuning's model selection), kept alone
+  best_loss/<step>/state           pretraining's epoch with the lowest mean loss
+                                   (the reference's "self_bestloss"), kept alone,
+                                   when the run asks for it
   damaged_checkpoints/<step>       checkpoints set aside because they did not
                                    restore (see below); never deleted by a run
 
@@ -42,6 +45,7 @@ from orbax.checkpoint import checkpoint_managers
 PyTree = Any
 
 DAMAGED_DIR = "damaged_checkpoints"
+BEST_LOSS_DIR = "best_loss"
 
 
 class CheckpointError(RuntimeError):
@@ -58,10 +62,14 @@ class RunCheckpoints:
     keep: how many recent checkpoints to keep.
     best_metric: name of a validation metric to keep the best state by (higher
       is better), or None for no best-model tracking.
+    best_mode: "max" (higher is better) or "min".
+    best_dir: the best state's folder under workdir: "best", or BEST_LOSS_DIR
+      for pretraining's lowest-loss epoch.
   """
 
   def __init__(self, workdir: str | pathlib.Path, every_steps: int, keep: int = 2,
-               best_metric: str | None = None):
+               best_metric: str | None = None, best_mode: str = "max",
+               best_dir: str = "best"):
     root = pathlib.Path(workdir).absolute()
     self._root = root
     self._manager = ocp.CheckpointManager(
@@ -75,9 +83,9 @@ class RunCheckpoints:
     self._best = None
     if best_metric is not None:
       self._best = ocp.CheckpointManager(
-          root / "best",
+          root / best_dir,
           options=ocp.CheckpointManagerOptions(
-              max_to_keep=1, best_fn=lambda m: m[best_metric], best_mode="max",
+              max_to_keep=1, best_fn=lambda m: m[best_metric], best_mode=best_mode,
               keep_checkpoints_without_metrics=False, cleanup_tmp_directories=True),
           item_names=("state",))
       # A run killed between saving a step and deleting the one it displaced
@@ -184,16 +192,7 @@ def read_state(path: str | pathlib.Path) -> PyTree:
   path = pathlib.Path(path).absolute()
   for sub in ("best", "checkpoints"):
     if (path / sub).is_dir():
-      # A read-only manager warns three times that it is read-only; that is the point here.
-      verbosity = logging.get_verbosity()
-      logging.set_verbosity(logging.ERROR)
-      try:
-        manager = ocp.CheckpointManager(path / sub, item_names=("state",),
-                                        options=ocp.CheckpointManagerOptions(read_only=True))
-        step = manager.latest_step()
-        manager.close()
-      finally:
-        logging.set_verbosity(verbosity)
+      step = _latest_step(path / sub)
       if step is not None:
         return read_state(path / sub / str(step))
   if not (path / "state").is_dir():
@@ -201,17 +200,47 @@ def read_state(path: str | pathlib.Path) -> PyTree:
   return ocp.StandardCheckpointer().restore(path / "state")
 
 
-def load_variables(path: str | pathlib.Path) -> dict[str, PyTree]:
+def _latest_step(folder: pathlib.Path) -> int | None:
+  # A read-only manager warns three times that it is read-only; that is the point here.
+  verbosity = logging.get_verbosity()
+  logging.set_verbosity(logging.ERROR)
+  try:
+    manager = ocp.CheckpointManager(folder, item_names=("state",),
+                                    options=ocp.CheckpointManagerOptions(read_only=True))
+    step = manager.latest_step()
+    manager.close()
+  finally:
+    logging.set_verbosity(verbosity)
+  return step
+
+
+def _read_latest(folder: pathlib.Path) -> PyTree:
+  step = _latest_step(folder)
+  if step is None:
+    raise FileNotFoundError(f"{folder}: holds no checkpoint")
+  return read_state(folder / str(step))
+
+
+def load_variables(path: str | pathlib.Path, which: str = "latest") -> dict[str, PyTree]:
   """{'params', 'batch_stats'} of a model to start from, as host arrays.
 
   `path` is a pretraining or fine-tuning run's workdir (its best state if it
   has one, else the latest), one step directory, or a checkpoint written by
   `python -m glc_jax.tools.import_torch` (reference or torchvision weights).
+  which="best_loss" takes a pretraining workdir's lowest-loss epoch instead
+  (best_loss/, kept when the run was asked to).
   """
   path = pathlib.Path(path).absolute()
   if not path.exists():
     raise FileNotFoundError(f"{path}: does not exist")
-  if any((path / sub).is_dir() for sub in ("best", "checkpoints", "state")):
+  if which not in ("latest", BEST_LOSS_DIR):
+    raise ValueError(f"which = {which!r}; expected 'latest' or {BEST_LOSS_DIR!r}")
+  if which == BEST_LOSS_DIR:
+    if not (path / BEST_LOSS_DIR).is_dir():
+      raise FileNotFoundError(f"{path}: has no {BEST_LOSS_DIR}/ (pretrain with "
+                              "keep_best_loss=True to keep the lowest-loss epoch)")
+    tree = _read_latest(path / BEST_LOSS_DIR)
+  elif any((path / sub).is_dir() for sub in ("best", "checkpoints", "state")):
     tree = read_state(path)
   else:
     try:

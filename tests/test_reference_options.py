@@ -1,12 +1,18 @@
 """The `reference` protocol's switches, each against an independent oracle."""
+import json
+
+import grain
 import jax
+import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from glc_jax import losses, models
+from glc_jax import checkpoint, losses, models
 from glc_jax.data import patches, pipelines
 from glc_jax.parallel import DATA_AXIS, make_data_mesh
+from glc_jax.stages import loop
 
 
 def _identity_jigsaw(g, t, **keys):
@@ -267,3 +273,47 @@ def test_reference_label_warp_is_bilinear_with_fill_0(monkeypatch):
   assert zeros and not set(np.unique(got)) <= {0, 1, 2, 5}  # fill 0 and blends both occur
   with pytest.raises(ValueError, match="input.label_warp = 'linear'"):
     pipelines.recipe_for("finetune", dict(config, label_warp="linear"))
+
+
+def _counting_state(step):
+  return {"params": {"w": jnp.full((2,), float(step))}, "step": jnp.asarray(step, jnp.int32)}
+
+
+def test_pretraining_keeps_the_epoch_with_the_lowest_mean_loss(tmp_path):
+  """keep_best_loss: best_loss/ holds the epoch whose mean step loss is lowest
+  (hand-computed), which is neither the last epoch nor the one with the lowest
+  single step; fine-tuning's init.checkpoint="best_loss" reads it."""
+  step_losses = [5.0, 1.0, 1.0, 2.0, 0.5, 9.0, 2.0, 3.0]  # epoch means 3, 1.5, 4.75, 2.5
+
+  def train_step(state, batch, rng):
+    del batch, rng
+    step = int(state["step"]) + 1
+    return _counting_state(step), {"loss": jnp.float32(step_losses[step - 1])}
+
+  def run(total_steps):
+    iterator = grain.MapDataset.range(100).to_iter_dataset().__iter__()
+    _, ckpts = loop.fit(_counting_state(0), train_step, iterator, jax.random.key(0),
+                        workdir=str(tmp_path), total_steps=total_steps, steps_per_epoch=2,
+                        checkpoint_every=1, keep_checkpoints=2, log_every=100, items_per_step=1,
+                        desc="test", keep_best_loss=True)
+    ckpts.close()
+  run(5)
+  run(8)  # resumed mid-epoch 3: that epoch is not offered, the others are
+  assert checkpoint.load_variables(tmp_path, "best_loss")["params"]["w"][0] == 4.0
+  assert checkpoint.load_variables(tmp_path)["params"]["w"][0] == 8.0
+  logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert {r["step"]: r["epoch_loss"] for r in logged if "epoch_loss" in r} == {
+      2: 3.0, 4: 1.5, 8: 2.5}
+  with pytest.raises(FileNotFoundError, match="has no best_loss/"):
+    checkpoint.load_variables(tmp_path / "checkpoints" / "8", "best_loss")
+
+
+def test_finetune_init_checkpoint_key_is_checked(tmp_path):
+  from glc_jax.stages import finetune, setup  # pylint: disable=import-outside-toplevel
+  config = ml_collections.ConfigDict(dict(init=dict(kind="checkpoint", path=str(tmp_path),
+                                                    transfer="backbone", checkpoint="best")))
+  with pytest.raises(setup.ConfigError, match="init.checkpoint is 'best'"):
+    finetune.load_pretrained(config, 4)
+  config.init.checkpoint = "best_loss"
+  with pytest.raises(setup.ConfigError, match="has no best_loss/"):
+    finetune.load_pretrained(config, 4)

@@ -6,7 +6,9 @@ Config keys (configs/finetune.py):
   test split), data.batch_size (global), data.num_workers, data.norm
   init.kind: 'random' | 'checkpoint' (a pretraining run's workdir, or a
   checkpoint from glc_jax.tools.import_torch, e.g. ImageNet ResNet weights);
-  init.path; init.transfer: 'backbone' | 'backbone+encoder' | 'all'
+  init.path; init.transfer: 'backbone' | 'backbone+encoder' | 'all';
+  init.checkpoint: 'latest' (a pretraining run's last state) | 'best_loss'
+  (its epoch with the lowest mean loss, kept by keep_best_loss: the reference's)
   input: fine-tuning augmentation overrides (glc_jax/data/recipes.py FinetuneConfig)
   model: depth, output_stride, width, dtype; optimizer: see glc_jax/optim
   epochs, log_every, checkpoint_every, keep_checkpoints, select_metric
@@ -25,6 +27,7 @@ from glc_jax.parallel import DATA_AXIS
 from glc_jax.stages import loop, run_dir, setup
 
 INIT_KINDS = ("random", "checkpoint")
+INIT_CHECKPOINTS = ("latest", checkpoint.BEST_LOSS_DIR)
 
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int) -> models.DeepLabV3Plus:
@@ -49,8 +52,12 @@ def load_pretrained(config: ml_collections.ConfigDict, num_bands: int) -> dict |
   if config.init.transfer not in models.TRANSFER_MODES:
     raise setup.ConfigError(f"config key init.transfer is {config.init.transfer!r}; "
                             f"expected one of {models.TRANSFER_MODES}")
+  which = config.init.get("checkpoint", "latest")
+  if which not in INIT_CHECKPOINTS:
+    raise setup.ConfigError(f"config key init.checkpoint is {which!r}; expected one of "
+                            f"{INIT_CHECKPOINTS}")
   try:
-    pretrained = checkpoint.load_variables(config.init.path)
+    pretrained = checkpoint.load_variables(config.init.path, which)
   except FileNotFoundError as e:
     raise setup.ConfigError(f"init.path: {e}") from None
   stem = pretrained["params"].get("backbone", {}).get("conv1", {}).get("kernel")

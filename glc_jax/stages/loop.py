@@ -13,7 +13,7 @@ from typing import Any
 
 import jax
 
-from glc_jax.checkpoint import CheckpointError, RunCheckpoints
+from glc_jax.checkpoint import BEST_LOSS_DIR, CheckpointError, RunCheckpoints
 from glc_jax.run_log import RunLog
 
 
@@ -25,7 +25,8 @@ def fit(state: Any, train_step: Callable, iterator, rng: jax.Array, *, workdir: 
         total_steps: int, steps_per_epoch: int, checkpoint_every: int, keep_checkpoints: int,
         log_every: int, items_per_step: int, desc: str,
         validate: Callable[[Any], dict[str, float]] | None = None,
-        best_metric: str | None = None) -> tuple[Any, RunCheckpoints]:
+        best_metric: str | None = None,
+        keep_best_loss: bool = False) -> tuple[Any, RunCheckpoints]:
   """Runs `train_step` up to `total_steps`, resuming from `workdir` if it can.
 
   Args:
@@ -36,10 +37,20 @@ def fit(state: Any, train_step: Callable, iterator, rng: jax.Array, *, workdir: 
     rng: the run's key; the step folds in the step number and device index.
     validate: state -> {name: value}, run at each epoch end; with
       `best_metric`, the state with the best value of that metric is kept.
+    keep_best_loss: log each epoch's mean loss ('epoch_loss') and keep the state
+      of the epoch with the lowest in best_loss/ (the reference's choice of
+      pretraining checkpoint; not with `best_metric`). An epoch that a resume
+      cut into is logged and offered only if the run saw all of its steps.
   Returns:
     (final state, the run's checkpoints, still open; the caller closes them).
   """
-  checkpoints = RunCheckpoints(workdir, checkpoint_every, keep_checkpoints, best_metric)
+  if keep_best_loss and best_metric is not None:
+    raise ValueError("fit: keep_best_loss and best_metric cannot be used together")
+  if keep_best_loss:
+    checkpoints = RunCheckpoints(workdir, checkpoint_every, keep_checkpoints, "epoch_loss",
+                                 best_mode="min", best_dir=BEST_LOSS_DIR)
+  else:
+    checkpoints = RunCheckpoints(workdir, checkpoint_every, keep_checkpoints, best_metric)
   start = 0
   try:
     restored = checkpoints.restore(state, iterator)
@@ -52,12 +63,16 @@ def fit(state: Any, train_step: Callable, iterator, rng: jax.Array, *, workdir: 
   log = RunLog(workdir, total_steps, start, items_per_step, desc)
   if start:
     log.message(f"{desc}: resumed from step {start} in {workdir}")
+  # Summed on the device so that no step waits for the host.
+  loss_sum, loss_steps = 0.0, 0
   try:
     for step in range(start + 1, total_steps + 1):
       state, metrics = train_step(state, next(iterator), rng)
       final = step == total_steps
       saving = final or step % checkpoint_every == 0
       epoch_end = step % steps_per_epoch == 0
+      if keep_best_loss:
+        loss_sum, loss_steps = loss_sum + metrics["loss"], loss_steps + 1
       if saving or epoch_end or step % log_every == 0:
         host = {k: float(v) for k, v in jax.device_get(metrics).items()}
         if not math.isfinite(host["loss"]):
@@ -71,7 +86,15 @@ def fit(state: Any, train_step: Callable, iterator, rng: jax.Array, *, workdir: 
           host.update(scores)
           if best_metric is not None and checkpoints.save_if_best(step, state, scores):
             log.message(f"{desc}: step {step}: best {best_metric} so far, {scores[best_metric]:.4f}")
+        if keep_best_loss and epoch_end and loss_steps == steps_per_epoch:
+          scores = {"epoch_loss": float(jax.device_get(loss_sum)) / loss_steps}
+          host.update(scores)
+          if checkpoints.save_if_best(step, state, scores):
+            log.message(f"{desc}: step {step}: lowest epoch loss so far, "
+                        f"{scores['epoch_loss']:.4f}")
         log.step(step, host)
+      if epoch_end:
+        loss_sum, loss_steps = 0.0, 0
       checkpoints.save(step, state, iterator, force=final)
   except BaseException:
     checkpoints.close()  # lets a save in flight finish, so the last good one stays whole

@@ -6,7 +6,9 @@ Config keys (configs/pretrain.py):
   input: the method's data recipe overrides (glc_jax/data/recipes.py)
   model, loss: see glc_jax/methods; optimizer: see glc_jax/optim
   epochs, num_steps (0 = epochs × steps per epoch), log_every,
-  checkpoint_every, keep_checkpoints
+  checkpoint_every, keep_checkpoints, keep_best_loss (also keep the epoch with
+  the lowest mean loss in best_loss/, which fine-tuning's
+  init.checkpoint="best_loss" starts from: the reference's choice)
 """
 from __future__ import annotations
 
@@ -65,5 +67,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
         state, train_step, iterator, jax.random.fold_in(rng, 1), workdir=workdir,
         total_steps=total_steps, steps_per_epoch=steps_per_epoch,
         checkpoint_every=config.checkpoint_every, keep_checkpoints=config.keep_checkpoints,
-        log_every=config.log_every, items_per_step=global_batch, desc=desc)
+        log_every=config.log_every, items_per_step=global_batch, desc=desc,
+        keep_best_loss=config.get("keep_best_loss", False))
     checkpoints.close()
