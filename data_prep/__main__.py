@@ -83,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
   spl.add_argument("--subset-fractions", type=_float_list, default=list(DEFAULT_SUBSET_FRACTIONS),
                    metavar="F,...", help="nested labelled subsets to record (default 0.01,...,1)")
   spl.add_argument("--subset-seed", type=int, default=0)
+  spl.add_argument("--subset-list", type=_key_value, action="append", default=[],
+                   metavar="F=FILE", help="file naming the images whose tiles are the labelled "
+                   "subset of fraction F, instead of a seeded draw, e.g. "
+                   "0.01=trainR1_RGBIR.txt (repeatable)")
   run = p.add_argument_group("run")
   run.add_argument("--workers", type=int, default=2, help="reader processes (default 2)")
   run.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -105,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         split_lists=dict(args.split_list) or None, split_fractions=args.split_fractions,
         split_seed=args.split_seed, group_pattern=args.group_pattern,
         subset_fractions=args.subset_fractions, subset_seed=args.subset_seed,
+        subset_lists=dict(args.subset_list) or None,
         label_stem_replace=args.label_stem_replace, workers=args.workers,
         overwrite=args.overwrite, progress=not args.no_progress)
   except DataPrepError as e:

@@ -108,6 +108,7 @@ class _SplitResult:
   num_skipped: int = 0
   num_nonfinite: int = 0
   scene_ids: list = dataclasses.field(default_factory=list)
+  scene_records: list = dataclasses.field(default_factory=list)  # records of each scene_ids entry
   stats: BandStatsAccumulator | None = None
   class_counts: np.ndarray | None = None
 
@@ -132,6 +133,7 @@ def convert(
     group_pattern: str | None = None,
     subset_fractions: Sequence[float] = splits_lib.DEFAULT_SUBSET_FRACTIONS,
     subset_seed: int = 0,
+    subset_lists: Mapping[str, str | Path] | None = None,
     label_stem_replace: tuple[str, str] | None = None,
     workers: int = 2,
     max_shard_bytes: int = 256 << 20,
@@ -159,6 +161,10 @@ def convert(
     split_fractions: split name → fraction of scenes (groups), drawn with `split_seed`.
     group_pattern: regex whose first group names the scene group (split by group).
     subset_fractions, subset_seed: nested labelled subsets recorded per split.
+    subset_lists: fraction → file naming the images (one per line, as split
+      lists) whose records are that fraction's subset instead of a seeded
+      prefix, e.g. {"0.01": "trainR1_RGBIR.txt"} (the reference's 1% list);
+      such a subset is not nested in the others.
     label_stem_replace: (old, new) applied to an image stem to find its label's stem.
     workers: reader processes (scenes/chunks in parallel); <= 1 reads in-process.
     max_shard_bytes: ArrayRecord shard size limit.
@@ -182,6 +188,7 @@ def convert(
     if not Path(list_file).is_file():
       problem = "is a directory" if Path(list_file).is_dir() else "does not exist"
       raise DataPrepError(f"{list_file}: split list of {split!r} {problem}")
+  subset_lists = _checked_subset_lists(subset_lists)
   splits_lib.group_regex(group_pattern)  # before any file is read
   image_paths = scenes_lib.expand_paths(images, "image")
   label_paths = scenes_lib.expand_paths(labels, "label") if labels is not None else None
@@ -203,7 +210,9 @@ def convert(
       split_fractions=dict(split_fractions or {}), split_seed=split_seed, group_pattern=group_pattern,
       subset_fractions=subset_fractions, subset_seed=subset_seed,
       label_stem_replace=label_stem_replace, labelled=label_paths is not None)
-  list_files = [Path(p) for p in (split_lists or {}).values()]
+  if subset_lists:  # only then, so that earlier datasets keep their fingerprints
+    settings["subset_lists"] = {k: str(v) for k, v in subset_lists.items()}
+  list_files = [Path(p) for p in [*(split_lists or {}).values(), *subset_lists.values()]]
   fingerprint = _fingerprint(settings, image_paths + (label_paths or []) + list_files + class_map_file)
 
   try:
@@ -220,6 +229,8 @@ def convert(
                                          label_stem_replace=label_stem_replace)
       split_names, assignment = _assign_splits(scenes, split_lists, split_fractions, split_seed,
                                                group_pattern)
+      subset_members = {f: splits_lib.subset_list_members(path, assignment)
+                        for f, path in subset_lists.items()}
       jobs, job_split = [], []
       for name in split_names:
         for scene in (s for s in scenes if assignment.get(s.scene_id) == name):
@@ -244,7 +255,8 @@ def convert(
           raise DataPrepError(f"{', '.join(map(str, image_paths[:3]))}: no tiles kept "
                               f"(all exceed nodata fraction {max_nodata_fraction})")
         metadata = _metadata(results, [s.name for s in split_infos], fingerprint, settings,
-                             first, class_map, labelled, subset_fractions, subset_seed)
+                             first, class_map, labelled, subset_fractions, subset_seed,
+                             subset_members)
         writer.write_dataset_info(
             tmp, features, split_infos, metadata,
             description=f"{first.bands}-band {first.dtype} {tile}x{tile} tiles of "
@@ -257,6 +269,23 @@ def convert(
     # Reading errors are DataPrepErrors already: what is left is the output's
     # file system (read-only, full, no permission).
     raise DataPrepError(f"{out}: cannot write the dataset ({e.strerror or e})") from None
+  return out
+
+
+def _checked_subset_lists(subset_lists: Mapping[str, str | Path] | None) -> dict[str, Path]:
+  """{fraction as written by f"{f:g}": list file}; DataPrepError on a bad fraction or file."""
+  out = {}
+  for fraction, list_file in (subset_lists or {}).items():
+    try:
+      value = float(fraction)
+    except ValueError:
+      raise DataPrepError(f"subset list {fraction}={list_file}: {fraction!r} is not a "
+                          "fraction") from None
+    if not 0.0 < value <= 1.0:
+      raise DataPrepError(f"subset list {fraction}={list_file}: fraction must lie in (0, 1]")
+    if not Path(list_file).is_file():
+      raise DataPrepError(f"{list_file}: subset list of fraction {fraction} does not exist")
+    out[f"{value:g}"] = Path(list_file)
   return out
 
 
@@ -303,6 +332,8 @@ def _write_splits(tmp: Path, features, split_names: list[str], jobs: list[tiling
       result.num_nonfinite += chunk.num_nonfinite
       if not result.scene_ids or result.scene_ids[-1] != job.scene.scene_id:
         result.scene_ids.append(job.scene.scene_id)
+        result.scene_records.append(0)
+      result.scene_records[-1] += len(chunk.records)
       result.stats.merge(chunk.stats)
       result.class_counts = chunk.class_counts + (0 if result.class_counts is None else result.class_counts)
       bar.update(len(job.windows))
@@ -331,7 +362,8 @@ def _end_scene(scene: scenes_lib.Scene | None, finite: int, nonfinite: int) -> N
 
 def _metadata(results: dict[str, _SplitResult], split_names: list[str], fingerprint: str,
               settings: dict, first: scenes_lib.Scene, class_map: class_maps.ClassMap | None,
-              labelled: bool, subset_fractions: list[float], subset_seed: int) -> dict:
+              labelled: bool, subset_fractions: list[float], subset_seed: int,
+              subset_members: dict[str, set[str]]) -> dict:
   """The JSON kept in metadata.json (TFDS `info.metadata`); see docs/data_prep.md."""
   if class_map is not None:
     names, colours = list(class_map.names), [list(c) for c in class_map.colours]
@@ -359,6 +391,15 @@ def _metadata(results: dict[str, _SplitResult], split_names: list[str], fingerpr
     order = splits_lib.subset_order(r.num_records, subset_seed)
     entry["subset_sizes"] = {f"{f:g}": splits_lib.subset_size(r.num_records, f) for f in subset_fractions}
     entry["subset_order"] = order.tolist()
+    starts = np.cumsum([0] + r.scene_records)
+    listed = {}
+    for fraction, members in subset_members.items():
+      records = [i for scene, start, count in zip(r.scene_ids, starts, r.scene_records)
+                 if scene in members for i in range(start, start + count)]
+      if records:
+        listed[fraction] = records
+    if listed:
+      entry["subset_lists"] = listed
     splits[name] = entry
   return {
       "format_version": FORMAT_VERSION,

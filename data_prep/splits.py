@@ -53,6 +53,16 @@ def splits_from_lists(scenes: Sequence[Scene], lists: Mapping[str, str | Path]) 
   return assignment
 
 
+def subset_list_members(list_path: str | Path, assignment: Mapping[str, str]) -> set[str]:
+  """Scene ids named by a subset list; each must be in one of the dataset's splits."""
+  members = set()
+  for stem in _read_list(Path(list_path)):
+    if stem not in assignment:
+      raise DataPrepError(f"{list_path}: {stem!r} is not among the images of any split")
+    members.add(stem)
+  return members
+
+
 def group_regex(group_pattern: str | None) -> re.Pattern | None:
   """The compiled `--group-pattern` (None without one); DataPrepError if it is not a regex."""
   if not group_pattern:

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+import rasterio
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from glc_jax import checkpoint, losses, models
@@ -317,3 +318,41 @@ def test_finetune_init_checkpoint_key_is_checked(tmp_path):
   config.init.checkpoint = "best_loss"
   with pytest.raises(setup.ConfigError, match="has no best_loss/"):
     finetune.load_pretrained(config, 4)
+
+
+def test_subset_list_is_the_records_of_the_images_it_names(tmp_path):
+  """data_prep --subset-list 0.01=FILE: the 1% subset is every tile of the images
+  FILE names (the reference's trainR1 list), not a seeded draw; others unchanged."""
+  from data_prep import __main__ as cli  # pylint: disable=import-outside-toplevel
+  from data_prep.convert import convert  # pylint: disable=import-outside-toplevel
+  from data_prep.errors import DataPrepError  # pylint: disable=import-outside-toplevel
+  from glc_jax.data.source import open_dataset  # pylint: disable=import-outside-toplevel
+  scenes = tmp_path / "scenes"
+  scenes.mkdir()
+  rng = np.random.default_rng(0)
+  transform = rasterio.transform.Affine(0.5, 0.0, 300000.0, 0.0, -0.5, 5800000.0)
+  for i in range(6):  # 16x24 pixels: 6 tiles of 8 each
+    with rasterio.open(scenes / f"top_{i}.tif", "w", driver="GTiff", height=16, width=24,
+                       count=1, dtype="uint8", crs="EPSG:32632", transform=transform) as f:
+      f.write(rng.integers(0, 256, (1, 16, 24), dtype=np.uint8))
+  (tmp_path / "val.txt").write_text("top_0.tif\n")
+  (tmp_path / "train.txt").write_text("".join(f"top_{i}.tif\n" for i in range(1, 6)))
+  (tmp_path / "r1.txt").write_text("path/to/top_4.tif\ntop_2.tif\n")
+  out = cli.main(["--images", str(scenes), "--out", str(tmp_path / "ds"), "--tile", "8", "--workers", "0",
+                  "--no-progress", "--split-list", f"train={tmp_path / 'train.txt'}",
+                  "--split-list", f"val={tmp_path / 'val.txt'}",
+                  "--subset-list", f"0.01={tmp_path / 'r1.txt'}"])
+  assert out == 0
+  subset, info = open_dataset(tmp_path / "ds", "train", subset_fraction=0.01)
+  named = sorted(subset[i]["scene_id"] for i in range(len(subset)))
+  assert named == ["top_2"] * 6 + ["top_4"] * 6 and info.num_records == 12
+  assert len(open_dataset(tmp_path / "ds", "train", subset_fraction=0.05)[0]) == 2  # seeded draw
+  (tmp_path / "bad.txt").write_text("top_0.tif\ntop_9.tif\n")
+  with pytest.raises(DataPrepError, match="bad.txt: 'top_9' is not among the images"):
+    convert(str(scenes), tmp_path / "bad", tile=8, workers=0, progress=False,
+            split_lists={"train": tmp_path / "train.txt", "val": tmp_path / "val.txt"},
+            subset_lists={"0.01": tmp_path / "bad.txt"})
+  with pytest.raises(DataPrepError, match="fraction must lie in"):
+    convert(str(scenes), tmp_path / "bad", tile=8, workers=0, progress=False,
+            subset_lists={"2": tmp_path / "r1.txt"})
+  assert not (tmp_path / "bad").exists()

@@ -140,9 +140,14 @@ def subset_indices(metadata: dict, split: str, fraction: float) -> np.ndarray:
   """Sorted (n,) int64 record indices of the split's labelled subset of `fraction`.
 
   Subsets are prefixes of one seeded permutation stored at conversion, so the
-  subset for a smaller fraction is contained in every larger one.
+  subset for a smaller fraction is contained in every larger one; except a
+  fraction given a list at conversion (data_prep --subset-list), which is the
+  records of the images that list names.
   """
   entry = metadata["splits"][split]
+  listed = entry.get("subset_lists", {}).get(f"{float(fraction):g}")
+  if listed is not None:
+    return np.asarray(listed, np.int64)
   sizes = {float(f): n for f, n in entry["subset_sizes"].items()}
   if float(fraction) not in sizes:
     raise ValueError(f"subset fraction {fraction} not stored for split {split!r}; "
