@@ -231,6 +231,32 @@ def compute_scores(confusion: np.ndarray,
   )
 
 
+def tile_class_iou(labels: np.ndarray, preds: np.ndarray, num_classes: int,
+                   ignore_index: int | None = 255) -> np.ndarray:
+  """(K,) float64 IoU of each class on one tile, the reference's way: a class
+  absent from both truth and prediction scores 0, not NaN.
+
+  The reference averages these over the tiles it evaluates and then over the
+  classes (its reported mIoU, `reference_tile_miou`); pixels labelled
+  `ignore_index` are left out (the reference's 7-class route has none).
+  """
+  labels = np.asarray(labels).ravel()
+  preds = np.asarray(preds).ravel()
+  if ignore_index is not None:
+    keep = labels != ignore_index
+    labels, preds = labels[keep], preds[keep]
+  classes = np.arange(num_classes)[:, None]
+  truth, predicted = labels[None] == classes, preds[None] == classes
+  inter = np.sum(truth & predicted, axis=1)
+  union = np.sum(truth | predicted, axis=1)
+  return np.where(union > 0, inter / np.maximum(union, 1), 0.0)
+
+
+def reference_tile_miou(tile_ious: np.ndarray) -> float:
+  """The reference's mIoU: (T, K) per-tile IoUs averaged over tiles, then classes."""
+  return float(np.mean(np.mean(np.asarray(tile_ious, np.float64), axis=0)))
+
+
 def format_table(scores: SegmentationScores) -> str:
   """Plain-text table: one row per class, then the summary scores (in %)."""
 

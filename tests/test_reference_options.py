@@ -356,3 +356,16 @@ def test_subset_list_is_the_records_of_the_images_it_names(tmp_path):
     convert(str(scenes), tmp_path / "bad", tile=8, workers=0, progress=False,
             subset_lists={"2": tmp_path / "r1.txt"})
   assert not (tmp_path / "bad").exists()
+
+
+def test_reference_tile_miou_by_hand():
+  """Two 2x3 tiles, 3 classes, 255 ignored. Tile 1: class 0 IoU 1/3, class 1
+  2/4, class 2 (predicted only on the ignored pixel) absent → 0, as the reference
+  scores it. Tile 2: class 0 absent → 0, class 1 1/4, class 2 2/5. Averaged over
+  tiles then classes: (1/6 + 3/8 + 1/5) / 3."""
+  from glc_jax import metrics  # pylint: disable=import-outside-toplevel
+  t1 = metrics.tile_class_iou(np.array([[0, 0, 1], [1, 255, 1]]), np.array([[0, 1, 1], [1, 2, 0]]), 3)
+  t2 = metrics.tile_class_iou(np.array([[1, 1, 2], [2, 2, 2]]), np.array([[1, 2, 2], [2, 1, 1]]), 3)
+  np.testing.assert_allclose(t1, [1 / 3, 2 / 4, 0.0])
+  np.testing.assert_allclose(t2, [0.0, 1 / 4, 2 / 5])
+  assert metrics.reference_tile_miou([t1, t2]) == pytest.approx((1 / 6 + 3 / 8 + 1 / 5) / 3)

@@ -13,7 +13,10 @@ Config keys (configs/evaluate.py): data.path, data.split, data.norm;
 checkpoint (a fine-tuning workdir: its best state); model (depth,
 output_stride, width, dtype), taken from the checkpoint run's config.json
 when model_from_checkpoint is True; eval.crop, eval.stride, eval.batch_size;
-write_predictions.
+write_predictions; metrics_mode: 'ours' (one global confusion matrix) or
+'reference' (also the reference's mIoU: per-class IoU on each tile of the
+split, a class absent from a tile scoring 0, averaged over tiles then classes;
+metrics.json key "reference", printed under ours and named as such).
 """
 from __future__ import annotations
 
@@ -91,7 +94,7 @@ def _scenes(source) -> dict[str, list[int]]:
 
 
 def _assemble(source, indices: list[int], bands: int):
-  """(image, label or None, crs, scene transform) of one scene from its tiles."""
+  """(image, label or None, crs, scene transform, (n, 4) tile windows) of one scene."""
   records = [source[i] for i in indices]
   windows = np.array([r["window"] for r in records], np.int64)
   height = int((windows[:, 0] + windows[:, 2]).max())
@@ -103,7 +106,7 @@ def _assemble(source, indices: list[int], bands: int):
     if label is not None:
       label[row:row + h, col:col + w] = record["label"]
   transform = predictions.scene_transform(records[0]["transform"], windows[0])
-  return image, label, str(records[0]["crs"]), transform
+  return image, label, str(records[0]["crs"]), transform, windows
 
 
 def _write_json(path: pathlib.Path, obj) -> None:
@@ -112,8 +115,14 @@ def _write_json(path: pathlib.Path, obj) -> None:
   os.replace(tmp, path)
 
 
+METRICS_MODES = ("ours", "reference")
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   setup.check_counts(config, {"eval.crop": 1, "eval.stride": 1, "eval.batch_size": 1})
+  if config.get("metrics_mode", "ours") not in METRICS_MODES:
+    raise setup.ConfigError(f"config key metrics_mode is {config.metrics_mode!r}; expected one "
+                            f"of {METRICS_MODES}")
   source, info = setup.open_split(config.data.path, config.data.split)
   if not info.labelled:
     raise setup.ConfigError(f"data.path: split {config.data.split!r} has no labels to evaluate against")
@@ -144,16 +153,25 @@ def _evaluate(config, work: pathlib.Path, source, info, model, variables) -> dic
   out.mkdir(parents=True, exist_ok=True)
   mine = scenes[jax.process_index()::jax.process_count()]
   confusion = np.zeros((info.num_classes,) * 2, np.int64)
+  per_tile = config.get("metrics_mode", "ours") == "reference"
+  tile_iou_sum, num_tiles = np.zeros(info.num_classes), 0
   from tqdm import tqdm  # pylint: disable=import-outside-toplevel
   for scene_id, indices in tqdm(mine, desc=f"evaluate {config.data.split}", unit="scene",
                                 disable=jax.process_index() != 0):
-    image, label, crs, transform = _assemble(source, indices, info.num_bands)
+    image, label, crs, transform, windows = _assemble(source, indices, info.num_bands)
     normalised = recipes.eval_example({"image": image}, eval_cfg)["image"]
     logits = inference.sliding_window_logits(
         normalised, lambda x: forward(variables, x), crop=config.eval.crop,
         stride=config.eval.stride, batch_size=batch)
     classes = np.argmax(logits, axis=-1).astype(np.uint8)
     confusion += metrics.confusion_matrix(label, classes, info.num_classes, info.ignore_index)
+    if per_tile:
+      # The reference scores each image of its list, here each tile of the split.
+      for row, col, h, w in windows:
+        tile_iou_sum += metrics.tile_class_iou(label[row:row + h, col:col + w],
+                                               classes[row:row + h, col:col + w],
+                                               info.num_classes, info.ignore_index)
+        num_tiles += 1
     if config.write_predictions:
       try:
         paths = [predictions.inside(out, f"{file_stems[scene_id]}_{kind}.tif")
@@ -164,12 +182,32 @@ def _evaluate(config, work: pathlib.Path, source, info, model, variables) -> dic
                                    colours=info.class_colours)
   if jax.process_count() > 1:
     confusion = np.asarray(multihost_utils.process_allgather(confusion)).sum(axis=0)
+    tile_iou_sum = np.asarray(multihost_utils.process_allgather(tile_iou_sum)).sum(axis=0)
+    num_tiles = int(np.asarray(multihost_utils.process_allgather(np.int64(num_tiles))).sum())
   scores = metrics.compute_scores(confusion, info.class_names)
   result = scores.as_dict()
   result.update(split=config.data.split, checkpoint=str(config.checkpoint), num_scenes=len(scenes))
+  if per_tile:
+    tile_iou = tile_iou_sum / num_tiles
+    result["reference"] = {
+        "miou_tile_mean": metrics.reference_tile_miou(tile_iou[None]),
+        "iou_tile_mean": dict(zip(info.class_names, tile_iou.tolist())),
+        "num_tiles": num_tiles}
   if jax.process_index() == 0:
     _write_json(work / "metrics.json", result)
     predictions.write_confusion_matrix_png(work / "confusion_matrix.png", confusion, info.class_names,
                                            title=f"{config.data.split}: {config.checkpoint}")
     print(metrics.format_table(scores))
+    if per_tile:
+      print(_reference_lines(result["reference"]))
   return result
+
+
+def _reference_lines(reference: dict) -> str:
+  width = max(8, *(len(n) for n in reference["iou_tile_mean"]))
+  lines = [f"the reference's scores (IoU per tile, a class absent from a tile scoring 0, "
+           f"mean over {reference['num_tiles']} tiles):"]
+  lines += [f"{name:<{width}}  {100 * iou:6.2f}" for name, iou in reference["iou_tile_mean"].items()]
+  lines.append(f"{'mIoU (reference)':<{width}}  {100 * reference['miou_tile_mean']:6.2f}   "
+               "(ours, from the global matrix, is the mIoU above)")
+  return "\n".join(lines)
