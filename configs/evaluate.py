@@ -4,13 +4,17 @@
         --config.data.path=/data/potsdam_tiles --config.checkpoint=runs/ft_glcnet_1pct
 
 The model's size comes from the checkpoint run's config.json; windows of 256
-with stride 128 and averaged logits, as the reference evaluates.
+with stride 128 and averaged logits, as the reference evaluates. Variant
+"reference" (or metrics_mode="reference") also reports the reference's mIoU:
+per-class IoU per tile, a class absent from a tile scoring 0, averaged over
+tiles (docs/reproducing.md).
 """
 import ml_collections
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  del arg
+  if arg not in (None, "", "reference"):
+    raise ValueError(f"configs/evaluate.py: unknown variant {arg!r}; use none or 'reference'")
   c = ml_collections.ConfigDict()
   c.stage = "evaluate"
   c.data = dict(path="", split="test", norm="reference")
@@ -21,4 +25,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model = dict(depth=50, output_stride=16, width=1.0, dtype="auto", conv_impl="auto", remat="")
   c.eval = dict(crop=256, stride=128, batch_size=8)
   c.write_predictions = True
+  c.metrics_mode = "reference" if arg == "reference" else "ours"
   return c
