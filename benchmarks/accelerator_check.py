@@ -36,8 +36,6 @@ import traceback
 import numpy as np
 
 START = time.perf_counter()
-FULL_BATCHES = (128, 64)
-SMOKE_BATCHES = (4, 2)
 METHODS = ("glcnet", "simclr", "mocov2", "finetune")
 DTYPES = ("bfloat16", "float32")
 
@@ -53,13 +51,13 @@ class Case:
     return f"{self.method} {self.dtype} ×{self.batch} conv={self.conv_impl}"
 
 
-def cases_by_priority(batches: tuple[int, ...]) -> list[Case]:
-  """GLCNet bfloat16 first (the issue's goal), its 'cpu'-kernel twin, the other methods in
-  bfloat16 at the largest batch, then the rest; a time box cuts from the end."""
-  big = batches[0]
-  first = [Case("glcnet", "bfloat16", big), Case("glcnet", "bfloat16", big, "cpu")]
-  first += [Case(m, "bfloat16", big) for m in METHODS[1:]]
-  rest = [Case(m, d, b) for d in DTYPES for b in batches for m in METHODS]
+def cases_by_priority(batches: tuple[int, ...], dtypes: tuple[str, ...] = DTYPES) -> list[Case]:
+  """GLCNet in the first dtype at the first batch (bfloat16 ×128: the issue's goal), its
+  'cpu'-kernel twin, the other methods likewise, then the rest; a time box cuts from the end."""
+  dtype, big = dtypes[0], batches[0]
+  first = [Case("glcnet", dtype, big), Case("glcnet", dtype, big, "cpu")]
+  first += [Case(m, dtype, big) for m in METHODS[1:]]
+  rest = [Case(m, d, b) for d in dtypes for b in batches for m in METHODS]
   return first + [c for c in rest if c not in first]
 
 
@@ -75,10 +73,11 @@ class Jobs:
   """Daemon worker threads over a FIFO of named jobs; results by name (XLA compiles release
   the GIL, so compiles run side by side; daemon threads never hold up the exit)."""
 
-  def __init__(self, threads: int):
+  def __init__(self, threads: int, on_done=None):
     self._queue: queue.Queue = queue.Queue()
     self.results: dict = {}
     self._done = threading.Condition()
+    self._on_done = on_done
     for _ in range(threads):
       threading.Thread(target=self._work, daemon=True).start()
 
@@ -96,6 +95,8 @@ class Jobs:
       with self._done:
         self.results[name] = (value, error, time.perf_counter() - start)
         self._done.notify_all()
+      if self._on_done is not None:
+        self._on_done(name, *self.results[name])
 
   def wait(self, name, deadline: float):
     """(value, error, seconds) of a job, or None if it is not done by `deadline` (elapsed s)."""
@@ -152,6 +153,9 @@ def host_pipeline_rate(args) -> tuple[float | None, str]:
 def main() -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--smoke", action="store_true", help="tiny model and sizes")
+  parser.add_argument("--batches", default="",
+                      help="per-device batches, largest first (default 128,64; smoke 4,2)")
+  parser.add_argument("--dtypes", default=",".join(DTYPES), help="compute dtypes, first first")
   parser.add_argument("--budget_s", type=float, default=450.0,
                       help="the whole run, from start to the last table")
   parser.add_argument("--pipeline_s", type=float, default=0.0,
@@ -295,13 +299,16 @@ def run(args, report: Report) -> None:
   report.write()
 
   size = "tiny" if args.smoke else "full"
-  batches = SMOKE_BATCHES if args.smoke else FULL_BATCHES
-  cases = cases_by_priority(batches)
-  jobs = Jobs(args.compile_threads)
+  batches = tuple(int(b) for b in (args.batches or ("4,2" if args.smoke else "128,64")).split(","))
+  cases = cases_by_priority(batches, tuple(args.dtypes.split(",")))
+  def done(name, _, error, seconds):
+    say(f"{name[0]} {name[1]}: {seconds:.1f} s" + (f", {error}" if error else ""))
+
+  jobs = Jobs(args.compile_threads, on_done=done)
   compile_deadline = args.compile_until * budget
   hosts: dict = {}
   state_shapes: dict = {}
-  flops_per_item: dict[str, float] = {}
+  traced: dict = {}
   lowered_at: dict[Case, float] = {}
   for case in cases:
     if elapsed() > compile_deadline - 10:
@@ -322,8 +329,11 @@ def run(args, report: Report) -> None:
     if case.method not in state_shapes:
       state_shapes[case.method] = state
       jobs.submit(("init", case.method), _initial_state(throughput, case, size, hosts[key]))
-      # Per item the FLOPs do not depend on dtype, kernels or (to within the N² loss) batch.
-      flops_per_item[case.method] = throughput.step_flops(step, state, batch, rng, 1) / case.batch
+      traced[case.method] = (case.batch, step, state, batch, rng)
+
+  # While the compiles run. Per item the FLOPs do not depend on dtype, kernels or (to within
+  # the N² loss terms) batch, so one count per method serves all its cases.
+  flops_per_item = {m: throughput.step_flops(*args, 1) / b for m, (b, *args) in traced.items()}
 
   for case, lower_s in lowered_at.items():
     done = jobs.wait(("compile", case), compile_deadline)
@@ -332,7 +342,6 @@ def run(args, report: Report) -> None:
       continue
     _, error, seconds = done
     report.compiles[case] = (lower_s, seconds, error)
-    say(f"compiled {case} in {seconds:.1f} s" + (f": {error}" if error else ""))
     report.write()
   dropped = jobs.drop_pending()
   running = sum(1 for c in lowered_at if ("compile", c) not in jobs.results) - dropped
