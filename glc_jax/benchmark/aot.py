@@ -359,7 +359,13 @@ def measure(method: str, topology: str, *, num_slices: int = 1, size: str = "ful
   """
   gen = generation(topology)
   devices = topology_devices(topology, num_slices)
-  mesh = parallel.make_data_mesh(devices)
+  if num_slices > 1:
+    # jax.make_mesh (parallel.make_data_mesh) fits a mesh to one slice's
+    # physical torus and rejects several; the data axis only needs an order.
+    mesh = jax.sharding.Mesh(np.array(devices), (parallel.DATA_AXIS,),
+                             axis_types=(jax.sharding.AxisType.Explicit,))
+  else:
+    mesh = parallel.make_data_mesh(devices)
   options = dict(size=size, dtype=dtype, conv_impl=conv_impl, remat=remat)
   step = build_step(method, mesh, batch_per_chip=batch_per_chip, **options)
   start = time.perf_counter()
