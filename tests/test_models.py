@@ -324,6 +324,24 @@ def test_kernels_and_remat_keep_the_parameter_tree(options):
   assert tree(**options) == tree()
 
 
+@pytest.mark.parametrize("remat", ["", "nothing_saveable"])
+def test_remat_rematerialises_the_backbone_gradient(remat):
+  # Equal values cannot show that remat is on (tests/test_steps.py checks those); the traced
+  # gradient does: jax.checkpoint leaves its remat primitive there, one per block.
+  x = jnp.zeros((2, 32, 32, 4))
+  net = models.ResNet(depth=18, width=0.125, remat=remat)
+  variables = jax.eval_shape(lambda: net.init(jax.random.key(0), x, train=False))
+
+  def grad(v):
+    def loss(params):
+      out, _ = net.apply({"params": params, "batch_stats": v["batch_stats"]}, x, train=True,
+                         mutable=["batch_stats"])
+      return jnp.sum(out["layer4"])
+    return jax.grad(loss)(v["params"])
+  eqns = jax.make_jaxpr(grad)(variables).jaxpr.eqns
+  assert sum(e.primitive.name == "remat2" for e in eqns) == (8 if remat else 0)
+
+
 def test_unknown_conv_impl_and_remat_are_errors():
   x = jnp.zeros((1, 8, 8, 2))
   with pytest.raises(ValueError, match="conv_impl 'auto'"):
