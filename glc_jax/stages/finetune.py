@@ -149,7 +149,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     variables, copied = initial_variables(
         config, {"params": state.params, "batch_stats": state.batch_stats}, pretrained)
     if copied:
-      print(f"finetune: {len(copied)} tensors initialised from {config.init.path} ({config.init.transfer})")
+      which = config.init.get("checkpoint", "latest")
+      print(f"finetune: {len(copied)} tensors initialised from {config.init.path} "
+            f"({config.init.transfer}{', its best_loss epoch' if which != 'latest' else ''})")
     variables = parallel.replicate(jax.device_get(variables), mesh)
     state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
 
