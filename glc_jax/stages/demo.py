@@ -3,16 +3,24 @@
 Every step writes under the workdir and is skipped or resumed when its output
 is already there, so rerunning the command continues where it stopped. The
 demo holds its workdir (run.lock) while it runs; a second demo there is refused.
+Each step's wall time is printed when it ends, and all of them with the total
+at the end (a step found done on a rerun counts only the time to find it so).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import pathlib
+import time
 
 import ml_collections
 
 from data_prep import convert, splits, synthetic
 from glc_jax.stages import evaluate, finetune, pretrain, run_dir
+
+STEPS = ("synthetic corpus", "ArrayRecord dataset", "GLCNet pretraining", "fine-tuning",
+         "evaluation")
+INITS = ("glcnet", "random")
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -22,38 +30,74 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     _chain(config, pathlib.Path(workdir))
 
 
-def _chain(config: ml_collections.ConfigDict, work: pathlib.Path) -> None:
-  corpus, dataset = work / "synthetic", work / "dataset"
-  print(f"[1/5] synthetic corpus → {corpus}")
-  if not corpus.exists():
-    s = config.synthetic
-    synthetic.write_corpus(corpus, s.num_scenes, s.size, s.size, config.seed, s.bands, s.dtype,
-                           progress=True)
-  print(f"[2/5] ArrayRecord dataset → {dataset}")
-  convert.convert(str(corpus / "images"), dataset, str(corpus / "labels"),
-                  class_map=str(corpus / "class_dict.csv"), tile=config.prep.tile,
-                  split_fractions=splits.parse_fractions(config.prep.split_fractions),
-                  split_seed=config.seed)
+class _Clock:
+  """Wall seconds of each step (1..5), per init for the steps run once per init."""
 
-  print("[3/5] GLCNet pretraining")
-  pre = config.pretrain.copy_and_resolve_references()
-  pre.data.path = str(dataset)
-  pretrain.run(pre, str(work / "pretrain_glcnet"))
+  def __init__(self):
+    self.seconds: dict[int, dict[str, float]] = {}
+    self._start = time.perf_counter()
+
+  @contextlib.contextmanager
+  def step(self, number: int, init: str = ""):
+    start = time.perf_counter()
+    yield
+    took = time.perf_counter() - start
+    self.seconds.setdefault(number, {})[init] = took
+    print(f"[{number}/5] {STEPS[number - 1]}{f' ({init})' if init else ''} took {_duration(took)}")
+
+  def table(self) -> str:
+    rows = []
+    for number, parts in sorted(self.seconds.items()):
+      each = ", ".join(f"{init} {_duration(s)}" for init, s in parts.items() if init)
+      rows.append(f"  [{number}/5] {STEPS[number - 1]:<20} {_duration(sum(parts.values())):>8}"
+                  + (f"  ({each})" if each else ""))
+    rows.append(f"  {'total':<26} {_duration(time.perf_counter() - self._start):>8}")
+    return "\n".join(rows)
+
+
+def _duration(seconds: float) -> str:
+  minutes, seconds = divmod(round(seconds), 60)
+  return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
+
+
+def _chain(config: ml_collections.ConfigDict, work: pathlib.Path) -> None:
+  clock = _Clock()
+  corpus, dataset = work / "synthetic", work / "dataset"
+  print(f"[1/5] {STEPS[0]} → {corpus}")
+  with clock.step(1):
+    if not corpus.exists():
+      s = config.synthetic
+      synthetic.write_corpus(corpus, s.num_scenes, s.size, s.size, config.seed, s.bands, s.dtype,
+                             progress=True)
+  print(f"[2/5] {STEPS[1]} → {dataset}")
+  with clock.step(2):
+    convert.convert(str(corpus / "images"), dataset, str(corpus / "labels"),
+                    class_map=str(corpus / "class_dict.csv"), tile=config.prep.tile,
+                    split_fractions=splits.parse_fractions(config.prep.split_fractions),
+                    split_seed=config.seed)
+
+  print(f"[3/5] {STEPS[2]}")
+  with clock.step(3):
+    pre = config.pretrain.copy_and_resolve_references()
+    pre.data.path = str(dataset)
+    pretrain.run(pre, str(work / "pretrain_glcnet"))
 
   results = {}
-  for init in ("glcnet", "random"):
-    print(f"[4/5] fine-tuning on {config.prep.label_fraction:.0%} of the labels, init: {init}")
-    ft = config.finetune.copy_and_resolve_references()
-    ft.data.path = str(dataset)
-    ft.data.label_fraction = config.prep.label_fraction
-    ft.init.kind = "checkpoint" if init == "glcnet" else "random"
-    ft.init.path = str(work / "pretrain_glcnet") if init == "glcnet" else ""
-    finetune.run(ft, str(work / f"finetune_{init}"))
-    print(f"[5/5] evaluating ({init}) on the test scenes")
-    ev = config.evaluate.copy_and_resolve_references()
-    ev.data.path = str(dataset)
-    ev.checkpoint = str(work / f"finetune_{init}")
-    results[init] = evaluate.run(ev, str(work / f"eval_{init}"))
+  for init in INITS:
+    print(f"[4/5] {STEPS[3]} on {config.prep.label_fraction:.0%} of the labels, init: {init}")
+    with clock.step(4, init):
+      ft = config.finetune.copy_and_resolve_references()
+      ft.data.path = str(dataset)
+      ft.data.label_fraction = config.prep.label_fraction
+      ft.init.kind = "checkpoint" if init == "glcnet" else "random"
+      ft.init.path = str(work / "pretrain_glcnet") if init == "glcnet" else ""
+      finetune.run(ft, str(work / f"finetune_{init}"))
+    print(f"[5/5] {STEPS[4]} ({init}) on the test scenes")
+    with clock.step(5, init):
+      ev = config.evaluate.copy_and_resolve_references()
+      ev.data.path = str(dataset)
+      ev.checkpoint = str(work / f"finetune_{init}")
+      results[init] = evaluate.run(ev, str(work / f"eval_{init}"))
 
   rows = [f"{'init':<8} {'OA':>7} {'Kappa':>7} {'mIoU':>7}"]
   for init, r in results.items():
@@ -62,3 +106,4 @@ def _chain(config: ml_collections.ConfigDict, work: pathlib.Path) -> None:
   table = "\n".join(rows)
   (work / "results.json").write_text(json.dumps(results, indent=2) + "\n")
   print(f"\nTest scenes, fine-tuned on {config.prep.label_fraction:.0%} of the training labels:\n{table}")
+  print(f"\nWall time per step:\n{clock.table()}")
