@@ -9,6 +9,7 @@ at the end (a step found done on a rerun counts only the time to find it so).
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import pathlib
 import time
@@ -16,7 +17,8 @@ import time
 import ml_collections
 
 from data_prep import convert, splits, synthetic
-from glc_jax.stages import evaluate, finetune, pretrain, run_dir
+from glc_jax import predictions, preview
+from glc_jax.stages import evaluate, finetune, pretrain, run_dir, setup
 
 STEPS = ("synthetic corpus", "ArrayRecord dataset", "GLCNet pretraining", "fine-tuning",
          "evaluation")
@@ -106,4 +108,47 @@ def _chain(config: ml_collections.ConfigDict, work: pathlib.Path) -> None:
   table = "\n".join(rows)
   (work / "results.json").write_text(json.dumps(results, indent=2) + "\n")
   print(f"\nTest scenes, fine-tuned on {config.prep.label_fraction:.0%} of the training labels:\n{table}")
+  previews = _write_previews(work, str(dataset), config.evaluate.data.split)
   print(f"\nWall time per step:\n{clock.table()}")
+  print(f"\n{_outputs(work, previews)}")
+
+
+def _write_previews(work: pathlib.Path, dataset: str, split: str) -> dict[str, pathlib.Path]:
+  """preview_<init>.png of the split's first scene for each init; their paths."""
+  source, info = setup.open_split(dataset, split)
+  scene_ids = list(dict.fromkeys(str(source[i]["scene_id"]) for i in range(len(source))))
+  scene_id = scene_ids[0]
+  stem = predictions.scene_file_stems(scene_ids)[scene_id]
+  image, label = preview.assemble_scene(source, scene_id, info.num_bands)
+  paths = {}
+  for init in INITS:
+    paths[init] = work / f"preview_{init}.png"
+    predicted = preview.read_prediction(work / f"eval_{init}" / "predictions" / f"{stem}_class.tif")
+    preview.write_scene_preview(paths[init], image, label, predicted, info.class_colours,
+                                info.class_names, f"{split} scene {scene_id}, fine-tuned from {init} "
+                                "init")
+  return paths
+
+
+def _outputs(work: pathlib.Path, previews: dict[str, pathlib.Path]) -> str:
+  """What the demo made, where, and how to look at it."""
+  evals = [work / f"eval_{init}" for init in INITS]
+  tifs = [p for e in evals for p in sorted((e / "predictions").glob("*.tif"))]
+  logs = " ".join(str(work / d / "tb") for d in ["pretrain_glcnet"] + [f"finetune_{i}" for i in INITS])
+  tensorboard = (f"tensorboard --logdir {work}" if importlib.util.find_spec("tensorboard") else
+                 f"pip install tensorboard && tensorboard --logdir {work}   (glc-jax does not "
+                 "install TensorBoard; it only writes the logs)")
+  lines = ["What the demo made:",
+           f"  the table above         {work / 'results.json'}",
+           "  metrics (OA, Kappa, mIoU, per-class IoU/F1):",
+           *(f"    {e / 'metrics.json'}" for e in evals),
+           "  confusion matrices (rows: true class, normalised), PNG:",
+           *(f"    {e / 'confusion_matrix.png'}" for e in evals),
+           "  previews (a test scene | its true labels | the prediction), PNG:",
+           *(f"    {p}" for p in previews.values()),
+           "  predictions, georeferenced GeoTIFFs (class indices with a colour table, and RGB "
+           "colours; open them in QGIS or with rasterio):",
+           *(f"    {p}" for p in tifs),
+           f"  training curves (TensorBoard logs in {logs}):",
+           f"    {tensorboard}"]
+  return "\n".join(lines)
