@@ -260,10 +260,15 @@ def lowered_collective_bytes(lowered) -> dict[str, int]:
     return " ".join(parts)
 
   totals: dict[str, int] = {}
-  op = re.compile(r'"stablehlo\.(all_gather|all_reduce|reduce_scatter)"\(.*?\)\s*:\s*\(.*?\)'
-                  r'\s*->\s*(.*?)\s+loc\((#loc\d*)\)', re.S)
-  for kind, result, ref in op.findall(text):
-    source = _collective_source(kind, origin(ref))
+  op = re.compile(r'"stablehlo\.(all_gather|all_reduce|reduce_scatter)"\(')
+  # An op's own signature is the first '-> RESULT loc(...)' after its name: the
+  # ops in an all_reduce's reduction region have no '->'. (A pattern spanning
+  # name to signature in one match ran past an all_gather, whose attributes end
+  # in '}>', into the next op with a ') : (' and took that op's result.)
+  signature = re.compile(r"->\s*(.*?)\s+loc\((#loc\d*)\)", re.S)
+  for match in op.finditer(text):
+    result, ref = signature.search(text, match.end()).groups()
+    source = _collective_source(match.group(1), origin(ref))
     totals[source] = totals.get(source, 0) + _tensor_bytes(result)
   return totals
 
