@@ -5,6 +5,8 @@ is already there, so rerunning the command continues where it stopped. The
 demo holds its workdir (run.lock) while it runs; a second demo there is refused.
 Each step's wall time is printed when it ends, and all of them with the total
 at the end (a step found done on a rerun counts only the time to find it so).
+The demo's `seed` seeds everything: the corpus, the split, pretraining and both
+fine-tunings (it replaces the stages' own seed keys).
 """
 from __future__ import annotations
 
@@ -82,6 +84,7 @@ def _chain(config: ml_collections.ConfigDict, work: pathlib.Path) -> None:
   with clock.step(3):
     pre = config.pretrain.copy_and_resolve_references()
     pre.data.path = str(dataset)
+    pre.seed = config.seed
     pretrain.run(pre, str(work / "pretrain_glcnet"))
 
   results = {}
@@ -90,6 +93,7 @@ def _chain(config: ml_collections.ConfigDict, work: pathlib.Path) -> None:
     with clock.step(4, init):
       ft = config.finetune.copy_and_resolve_references()
       ft.data.path = str(dataset)
+      ft.seed = config.seed
       ft.data.label_fraction = config.prep.label_fraction
       ft.init.kind = "checkpoint" if init == "glcnet" else "random"
       ft.init.path = str(work / "pretrain_glcnet") if init == "glcnet" else ""
