@@ -6,8 +6,9 @@ synthetic scenes (10 of 512×512) → ArrayRecord dataset (64-pixel tiles, split
 by scene) → short GLCNet pretraining (42 steps, ResNet-18 DeepLabv3+ at a
 quarter of the width, 64-pixel views) → fine-tuning on 1% of the labelled
 training tiles (5 tiles), from the GLCNet checkpoint and from random init →
-evaluation of both on the test scenes → a table, one preview picture per init
-and the list of what was written. Each step resumes where it stopped.
+evaluation of both on the test scenes (64-pixel windows at stride 32) → a
+table, one preview picture per init and the list of what was written. Each
+step resumes where it stopped.
 
 Sized so that the README's first command, install included, fits in about 5
 minutes on the slowest CPU of our machines (2 cores, AVX2 without AVX-512):
