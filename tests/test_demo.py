@@ -72,3 +72,22 @@ def test_demo_lists_what_it_made_and_times_its_steps(tmp_path, capsys):
   assert middle > 1, ratios  # each scene pixel is several picture pixels
   for k, ratio in ratios.items():
     assert 0.85 * middle < ratio < 1.15 * middle, (synthetic.CLASS_NAMES[k], ratios)
+
+
+def test_demo_without_predictions_writes_no_preview_and_says_why(tmp_path):
+  """evaluate.write_predictions=false: nothing to draw, and the list says so."""
+  # pylint: disable=import-outside-toplevel,protected-access
+  from data_prep import convert
+  from glc_jax.stages import demo
+  corpus = tmp_path / "synthetic"
+  synthetic.write_corpus(corpus, num_scenes=3, height=64, width=64, seed=0, bands=4)
+  dataset = convert.convert(str(corpus / "images"), tmp_path / "dataset", str(corpus / "labels"),
+                            class_map=str(corpus / "class_dict.csv"), tile=32,
+                            split_fractions={"train": 0.34, "val": 0.33, "test": 0.33},
+                            workers=0, progress=False)
+  for init in ("glcnet", "random"):
+    (tmp_path / f"eval_{init}" / "predictions").mkdir(parents=True)
+  assert demo._write_previews(tmp_path, str(dataset), "test") == {}
+  assert not list(tmp_path.glob("preview_*.png"))
+  listed = demo._outputs(tmp_path, {})
+  assert listed.count("none: evaluate.write_predictions is off") == 2  # previews and GeoTIFFs

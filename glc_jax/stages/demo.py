@@ -118,16 +118,21 @@ def _chain(config: ml_collections.ConfigDict, work: pathlib.Path) -> None:
 
 
 def _write_previews(work: pathlib.Path, dataset: str, split: str) -> dict[str, pathlib.Path]:
-  """preview_<init>.png of the split's first scene for each init; their paths."""
+  """preview_<init>.png of the split's first scene for each init whose evaluation wrote
+  predictions (evaluate.write_predictions); their paths."""
   source, info = setup.open_split(dataset, split)
   scene_ids = list(dict.fromkeys(str(source[i]["scene_id"]) for i in range(len(source))))
   scene_id = scene_ids[0]
   stem = predictions.scene_file_stems(scene_ids)[scene_id]
+  found = {init: work / f"eval_{init}" / "predictions" / f"{stem}_class.tif" for init in INITS}
+  found = {init: path for init, path in found.items() if path.exists()}
+  if not found:
+    return {}
   image, label = preview.assemble_scene(source, scene_id, info.num_bands)
   paths = {}
-  for init in INITS:
+  for init, prediction in found.items():
     paths[init] = work / f"preview_{init}.png"
-    predicted = preview.read_prediction(work / f"eval_{init}" / "predictions" / f"{stem}_class.tif")
+    predicted = preview.read_prediction(prediction)
     preview.write_scene_preview(paths[init], image, label, predicted, info.class_colours,
                                 info.class_names, f"{split} scene {scene_id}, fine-tuned from {init} "
                                 "init")
@@ -142,6 +147,7 @@ def _outputs(work: pathlib.Path, previews: dict[str, pathlib.Path]) -> str:
   tensorboard = (f"tensorboard --logdir {work}" if importlib.util.find_spec("tensorboard") else
                  f"pip install tensorboard && tensorboard --logdir {work}   (glc-jax does not "
                  "install TensorBoard; it only writes the logs)")
+  off = ["    none: evaluate.write_predictions is off"]
   lines = ["What the demo made:",
            f"  the table above         {work / 'results.json'}",
            "  metrics (OA, Kappa, mIoU, per-class IoU/F1):",
@@ -149,10 +155,10 @@ def _outputs(work: pathlib.Path, previews: dict[str, pathlib.Path]) -> str:
            "  confusion matrices (rows: true class, normalised), PNG:",
            *(f"    {e / 'confusion_matrix.png'}" for e in evals),
            "  previews (a test scene | its true labels | the prediction), PNG:",
-           *(f"    {p}" for p in previews.values()),
+           *([f"    {p}" for p in previews.values()] or off),
            "  predictions, georeferenced GeoTIFFs (class indices with a colour table, and RGB "
            "colours; open them in QGIS or with rasterio):",
-           *(f"    {p}" for p in tifs),
+           *([f"    {p}" for p in tifs] or off),
            f"  training curves (TensorBoard logs in {logs}):",
            f"    {tensorboard}"]
   return "\n".join(lines)
