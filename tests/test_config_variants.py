@@ -1,12 +1,18 @@
-"""Every shipped config variant runs on a small data_prep dataset and takes a step.
+"""Every shipped config variant runs on a small data_prep dataset, or is shown to be one that does.
 
-Each variant is loaded from its file, shrunk by overriding size keys only
-(the same keys a user would set on the command line; a key the config lacks
-fails the test), and run by `train.run_stage`, which is what train.py calls;
-the two baselines that once failed only through train.py run through it as a
-subprocess too. Shrunk, the variants of one method are the same program, so
-they share one compile through the session's persistent compilation cache
-(tests/conftest.py).
+Each variant is loaded from its file and shrunk by overriding size keys only
+(the keys a user would set on the command line; a key the config lacks fails
+the test). The variants whose shrunk configs are distinct programs of the
+stage run a step through `train.run_stage`, which is what train.py calls;
+inpainting and jigsaw, which once failed only through train.py, run through
+it as a child process. Compiling a step costs tens of seconds here, so a
+variant that shrinks to the very config of one that ran (every ',tiny' twin,
+',tiny,reference') is checked to be that config, and one that differs from a
+run variant only in its method (the GLCNet ablations, SimCLR beside MoCo v2's
+two-view input) or in keys that act inside the step is checked to differ in
+exactly those keys; their steps run in tests/test_steps.py (every method, 1 vs
+8 devices) and tests/test_reference_options.py (the per-device MoCo queues).
+The demo variant runs, shrunk the same way, in tests/test_demo.py.
 """
 import importlib.util
 import json
@@ -33,7 +39,8 @@ VIEWS = {"glcnet": {"input.view_size": 32, "input.patch_size": 8},
          "inpainting": {"input.view_size": 32, "input.blocks": 4, "input.block_size": 8},
          "jigsaw": {"input.tile_size": 16, "input.tile_crop": 14, "input.augment.crop_size": 48}}
 FINETUNE = {**MODEL, "data.batch_size": 8, "data.num_workers": 0, "data.label_fraction": None,
-            "input.crop_size": 32, "epochs": 1, "optimizer.reference_batch": 8}
+            "input.crop_size": 32, "epochs": 1, "optimizer.reference_batch": 8, "log_every": 1,
+            "checkpoint_every": 4}
 EVALUATE = {"eval.crop": 32, "eval.stride": 16, "eval.batch_size": 8}
 
 
@@ -59,7 +66,28 @@ def _override(config, values: dict):
 def _pretrain_overrides(method: str) -> dict:
   family = "glcnet" if method.startswith("glcnet") else method
   return {**MODEL, **VIEWS[family], "data.batch_size": 8, "data.num_workers": 0, "num_steps": 1,
-          "optimizer.reference_batch": 8}
+          "epochs": 1, "log_every": 1, "checkpoint_every": 1, "optimizer.reference_batch": 8}
+
+
+def _shrunk(stage: str, variant: str | None, overrides: dict | None = None) -> dict:
+  _, config = _config(stage, variant)
+  if overrides is None:
+    overrides = _pretrain_overrides(config.method) if stage == "pretrain" else FINETUNE
+  return _flat(_override(config, overrides).to_dict())
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flat(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+def _differing(a: dict, b: dict) -> set[str]:
+  return {k for k in set(a) | set(b) if a.get(k, "<absent>") != b.get(k, "<absent>")}
 
 
 def _steps(work: pathlib.Path) -> list[int]:
@@ -79,35 +107,69 @@ def env(tmp_path_factory):
   return {"root": root, "data": str(data)}
 
 
-def _pretrain_variants():
-  module, _ = _config("pretrain")
-  # ',reference' changes the step's program only for the methods listed (the ablations
-  # change it as glcnet does); ',tiny,reference' is ',reference' once shrunk.
-  return ([m + size for m in module.METHODS for size in ("", ",tiny")] +
-          [f"{m},reference" for m in ("glcnet", "simclr", "mocov2", "inpainting", "jigsaw")] +
-          ["glcnet,tiny,reference"])
-
-
 def _run_dir(env, stage: str, variant: str) -> pathlib.Path:
   return env["root"] / f"{stage}_{variant.replace(',', '_')}"
 
 
+# Distinct programs of the pretraining stage, each run for one step (inpainting and
+# jigsaw through train.py below). glcnet,reference runs a whole epoch (4 steps), so that
+# its best_loss/ checkpoint exists for finetune's reference variant.
+RUN_PRETRAIN = ("glcnet", "mocov2", "glcnet,reference")
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", _pretrain_variants())
+@pytest.mark.parametrize("variant", RUN_PRETRAIN)
 def test_pretrain_variant_takes_a_step(env, variant):
   _, config = _config("pretrain", variant)
   overrides = {**_pretrain_overrides(config.method), "data.path": env["data"]}
   if variant == "glcnet,reference":
-    overrides["num_steps"] = 4  # an epoch, so that its best_loss/ checkpoint exists
-  if variant == "jigsaw,reference":  # the reference's file, here a stand-in of its shape
-    rng = np.random.default_rng(0)
-    path = env["root"] / "permutations_1000.npy"
-    np.save(path, np.stack([rng.permutation(9) for _ in range(1000)]))
-    overrides["input.permutations"] = str(path)
+    overrides["num_steps"] = 4
   _override(config, overrides)
   work = _run_dir(env, "pretrain", variant)
   train.run_stage(config, str(work))
   assert _steps(work)[-1] == overrides["num_steps"]
+
+
+def _pretrain_variants():
+  module, _ = _config("pretrain")
+  return ([m + size for m in module.METHODS for size in ("", ",tiny")] +
+          [m + size + ",reference" for m in module.METHODS for size in ("", ",tiny")])
+
+
+def _ran_pretrain_twin(variant: str) -> str:
+  """The variant that ran (or runs through train.py) whose shrunk config this one must be
+  equal to, or differ from only in `_ALLOWED_DIFFERENCES`."""
+  method, *rest = variant.split(",")
+  reference = "reference" in rest
+  if method in ("inpainting", "jigsaw"):
+    return method
+  if method == "simclr":
+    return "mocov2" + (",reference" if reference else "")
+  if method == "mocov2":
+    return "mocov2"
+  return "glcnet" + (",reference" if reference else "")
+
+
+# Keys by which a variant may differ from the one that ran, and where their effect is tested.
+_ALLOWED_DIFFERENCES = {
+    "method",                                     # every method's step: tests/test_steps.py
+    "loss.temperature", "loss.momentum", "loss.queue_size", "loss.queue_per_device",
+    "loss.gather_negatives", "loss.weight",       # loss settings: tests/test_losses.py,
+                                                  # tests/test_reference_options.py
+    "model.num_permutations",                     # jigsaw (the same for both sides)
+    "input.patch_size", "input.patch_num", "input.patch_overlap",  # SimCLR has no patches
+    "input.masks", "input.permutations", "keep_best_loss", "model.stem_init",
+}
+
+
+@pytest.mark.parametrize("variant", _pretrain_variants())
+def test_pretrain_variant_is_a_run_config(variant):
+  twin = _ran_pretrain_twin(variant)
+  mine, ran = _shrunk("pretrain", variant), _shrunk("pretrain", twin)
+  if variant.replace(",tiny", "") == twin:
+    assert mine == ran, f"{variant} shrinks to another config than {twin}"
+  extra = _differing(mine, ran) - _ALLOWED_DIFFERENCES
+  assert not extra, f"{variant} differs from {twin}, which ran, in {sorted(extra)}"
 
 
 @pytest.fixture(scope="module")
@@ -121,9 +183,11 @@ def pretrained(env):
   return work
 
 
+RUN_FINETUNE = ("checkpoint", "random,tiny", "checkpoint,reference")
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", ["checkpoint", "checkpoint,tiny", "random", "random,tiny",
-                                     "checkpoint,reference", "random,tiny,reference"])
+@pytest.mark.parametrize("variant", RUN_FINETUNE)
 def test_finetune_variant_takes_a_step(env, pretrained, variant):
   _, config = _config("finetune", variant)
   init = {}
@@ -139,6 +203,16 @@ def test_finetune_variant_takes_a_step(env, pretrained, variant):
   assert _steps(work)[-1] == 4  # one epoch of 32 training tiles at batch 8
 
 
+@pytest.mark.parametrize("variant", ["checkpoint,tiny", "random", "random,reference",
+                                     "checkpoint,tiny,reference", "random,tiny,reference"])
+def test_finetune_variant_is_a_run_config(variant):
+  kind, *rest = variant.split(",")
+  twin = ("checkpoint,reference" if "reference" in rest else
+          "checkpoint" if kind == "checkpoint" else "random,tiny")
+  extra = _differing(_shrunk("finetune", variant), _shrunk("finetune", twin))
+  assert extra <= {"init.kind", "init.checkpoint", "model.stem_init"}, (variant, twin, extra)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", [None, "reference"])
 def test_evaluate_variant_writes_metrics(env, variant):
@@ -150,23 +224,6 @@ def test_evaluate_variant_writes_metrics(env, variant):
   work = _run_dir(env, "evaluate", str(variant))
   train.run_stage(config, str(work))
   assert 0.0 <= json.loads((work / "metrics.json").read_text())["overall_accuracy"] <= 1.0
-
-
-@pytest.mark.slow
-def test_demo_variant_runs_the_chain(env):
-  _, config = _config("demo")
-  stage = {**MODEL, "data.batch_size": 8, "data.num_workers": 0}
-  _override(config, {"synthetic.num_scenes": 5, "synthetic.size": 2 * TILE, "prep.tile": TILE,
-                     "prep.split_fractions": "train=0.6,val=0.2,test=0.2",
-                     "prep.label_fraction": 1.0,
-                     **{f"pretrain.{k}": v for k, v in _pretrain_overrides("glcnet").items()},
-                     **{f"finetune.{k}": v for k, v in {**stage, **FINETUNE}.items()
-                        if k != "data.label_fraction"},
-                     **{f"evaluate.{k}": v for k, v in EVALUATE.items()}})
-  work = env["root"] / "demo"
-  train.run_stage(config, str(work))
-  results = json.loads((work / "results.json").read_text())
-  assert sorted(results) == ["glcnet", "random"]
 
 
 def _nested(base, flat: dict) -> ml_collections.ConfigDict:
@@ -181,10 +238,7 @@ def _nested(base, flat: dict) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(out)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("variant", ["full", "small"])
-def test_benchmark_variant_runs_a_cell(env, variant):
-  from glc_jax.benchmark import runner  # pylint: disable=import-outside-toplevel
+def _benchmark_config(env, variant: str):
   _, config = _config("benchmark", variant)
   _override(config, {"methods": ("glcnet",), "random_init": False, "fractions": (1.0,),
                      "seeds": (0,), "finetune_steps": 0, "data.path": env["data"],
@@ -193,9 +247,29 @@ def test_benchmark_variant_runs_a_cell(env, variant):
   config.finetune = _nested(config.finetune, {k: v for k, v in FINETUNE.items()
                                               if k != "data.label_fraction"})
   config.evaluate = _nested(config.evaluate, EVALUATE)
-  work = env["root"] / f"benchmark_{variant}"
-  assert runner.run(config, str(work)) == []
+  return config
+
+
+@pytest.mark.slow
+def test_benchmark_small_runs_a_cell(env):
+  from glc_jax.benchmark import runner  # pylint: disable=import-outside-toplevel
+  work = env["root"] / "benchmark_small"
+  assert runner.run(_benchmark_config(env, "small"), str(work)) == []
   assert (work / "results.csv").exists()
+
+
+def test_benchmark_full_cells_are_run_configs(env):
+  """The full variant's stage configs, shrunk, are configs that ran above."""
+  from glc_jax.benchmark import matrix  # pylint: disable=import-outside-toplevel
+  config = _benchmark_config(env, "full")
+  cell = matrix.Cell("glcnet", 1.0, 0)
+  pre = _flat(matrix.pretrain_config(config, "glcnet", 0, env["data"]).to_dict())
+  ran = _shrunk("pretrain", "glcnet")
+  assert _differing(pre, ran) <= {"data.path"}
+  fine = _flat(matrix.finetune_config(config, cell, env["root"], env["data"], 32).to_dict())
+  assert _differing(fine, _shrunk("finetune", "checkpoint")) <= {
+      "data.path", "data.label_fraction", "init.path"}
+  matrix.evaluate_config(config, cell, env["root"], env["data"])
 
 
 @pytest.mark.slow

@@ -62,7 +62,7 @@ def _one_step(devices, process_slice):
   smooth.enter_context(mock.patch.object(nn, "relu", jax.nn.softplus))
   smooth.enter_context(mock.patch.object(
       resnet, "max_pool",
-      lambda x, k, s, p: nn.avg_pool(x, (k, k), strides=(s, s), padding=((p, p),) * 2)))
+      lambda x, k, s, p, *_: nn.avg_pool(x, (k, k), strides=(s, s), padding=((p, p),) * 2)))
   smooth.enter_context(nn.intercept_methods(no_dropout))
 
   mesh = parallel.make_data_mesh(devices)
