@@ -23,6 +23,18 @@ and delete intact ones, and the resumed run could not save that step again.
 If no checkpoint restores, nothing is moved and CheckpointError names the
 workdir (a config that no longer matches the checkpoints fails this way too).
 
+A resume also restores the best state (best/ or best_loss/). One that fails is
+moved to damaged_checkpoints/<best dir>/<step> with one line on stderr, and the
+best is chosen again from the epoch ends the resumed run reaches: left in
+place, it would stay "the best" on its metric alone and be what evaluation
+reads.
+
+Reading a workdir as a starting point or for evaluation (read_state) takes its
+best state, else its newest checkpoint that restores, and moves nothing (the
+workdir is another run's). A damaged best state, or a damaged step directory
+named exactly, is a CheckpointError naming the path: nothing else stands in
+for the checkpoint the user chose.
+
 A resumed run replays the steps after its checkpoint, and the interrupted run
 may already have offered some of their epoch ends to best/. The replay is
 exact, so such a step is kept as it is rather than saved again, and Orbax's
@@ -31,6 +43,7 @@ uninterrupted run's does.
 """
 from __future__ import annotations
 
+import json
 import pathlib
 import shutil
 import sys
@@ -39,8 +52,8 @@ from typing import Any
 import grain
 import jax
 import orbax.checkpoint as ocp
-from absl import logging
 from orbax.checkpoint import checkpoint_managers
+from orbax.checkpoint.checkpoint_manager import METRIC_ITEM_NAME
 
 PyTree = Any
 
@@ -49,7 +62,11 @@ BEST_LOSS_DIR = "best_loss"
 
 
 class CheckpointError(RuntimeError):
-  """No checkpoint of the run restores; the message names the workdir."""
+  """A checkpoint that was asked for does not restore; one line naming its path."""
+
+
+class _Unrestorable(Exception):
+  """One step directory does not restore; the argument says why, in one line."""
 
 
 class RunCheckpoints:
@@ -82,6 +99,10 @@ class RunCheckpoints:
     self.best_metric = best_metric
     self._best = None
     if best_metric is not None:
+      # Orbax parses every step's metrics when it opens the folder, and fails on
+      # one that does not parse.
+      self._set_aside(None, best_dir, _unparsable_metrics(root / best_dir),
+                      _BEST_CHOSEN_AGAIN.format(best_dir))
       self._best = ocp.CheckpointManager(
           root / best_dir,
           options=ocp.CheckpointManagerOptions(
@@ -115,31 +136,61 @@ class RunCheckpoints:
       except Exception as e:  # pylint: disable=broad-except
         failed.append((step, _one_line(e)))
         continue
-      if failed:
-        self._set_aside(failed, step)
+      self._set_aside(self._manager, "checkpoints", failed, f"resuming from step {step}")
+      self._check_best(state_template)
       return restored["state"], step
     if failed:
       step, reason = failed[0]
       raise CheckpointError(f"{self._root}: no checkpoint restores (the newest, step {step}: "
                             f"{reason})")
+    self._check_best(state_template)
     return None
 
-  def _set_aside(self, failed: list[tuple[int, str]], resumed: int) -> None:
+  def _check_best(self, state_template: PyTree) -> None:
+    """Sets the best state aside if it does not restore (see the module docstring)."""
+    if self._best is None:
+      return
+    best_dir = self._best.directory.name
+    failed = []
+    for step in self._best.all_steps():
+      # Without its metrics Orbax cannot rank the step and would delete it unannounced.
+      if self._best.metrics(step) is None:
+        failed.append((step, "its metrics are missing"))
+        continue
+      try:
+        _read_step(self._root / best_dir / str(step), state_template)
+      except _Unrestorable as e:
+        failed.append((step, str(e)))
+    self._set_aside(self._best, best_dir, failed, _BEST_CHOSEN_AGAIN.format(best_dir))
+
+  def _set_aside(self, manager: ocp.CheckpointManager | None, folder: str,
+                 failed: list[tuple[int, str]], outcome: str) -> None:
+    """Moves the failed steps of `folder` to damaged_checkpoints/, one line on stderr each.
+
+    Called by every process whether or not it saw a failure: process 0 moves,
+    and the others must meet it at the barrier even if they looked after the move.
+    """
+    if not failed and jax.process_count() == 1:
+      return
+    periodic = folder == "checkpoints"
+    damaged = self._root / DAMAGED_DIR if periodic else self._root / DAMAGED_DIR / folder
+    what = "checkpoint" if periodic else f"{folder} checkpoint"
     if jax.process_index() == 0:
       for step, reason in failed:
-        target = self._root / DAMAGED_DIR / str(step)
+        target = damaged / str(step)
         n = 0
         while target.exists():
           n += 1
-          target = self._root / DAMAGED_DIR / f"{step}.{n}"
+          target = damaged / f"{step}.{n}"
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(self._root / "checkpoints" / str(step), target)
-        print(f"checkpoint step {step} in {self._root} does not restore ({reason}); moved to "
-              f"{target}; resuming from step {resumed}", file=sys.stderr, flush=True)
+        shutil.move(self._root / folder / str(step), target)
+        print(f"{what} step {step} in {self._root} does not restore ({reason}); moved to "
+              f"{target}; {outcome}", file=sys.stderr, flush=True)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-      multihost_utils.sync_global_devices("glc_jax.checkpoint: damaged checkpoints set aside")
-    self._manager.reload()
+      multihost_utils.sync_global_devices(f"glc_jax.checkpoint: damaged {folder} set aside")
+    if manager is not None:
+      manager.reload()
 
   def save(self, step: int, state: PyTree, data_iterator, force: bool = False) -> bool:
     """Saves when `step` is on the interval (or `force`); returns whether it saved."""
@@ -177,6 +228,23 @@ class RunCheckpoints:
       self._best.close()
 
 
+_BEST_CHOSEN_AGAIN = "{}/ is chosen again from the epoch ends still to come"
+
+
+def _unparsable_metrics(folder: pathlib.Path) -> list[tuple[int, str]]:
+  """(step, why) for each step under `folder` whose saved metrics do not parse."""
+  failed = []
+  for step in _steps(folder):
+    path = folder / str(step) / METRIC_ITEM_NAME / METRIC_ITEM_NAME
+    try:
+      json.loads(path.read_text())
+    except FileNotFoundError:
+      continue  # no metrics at all: _check_best reports it once a template is at hand
+    except (OSError, ValueError) as e:
+      failed.append((step, f"its metrics do not parse: {_one_line(e)}"))
+  return failed
+
+
 def _one_line(error: Exception, limit: int = 300) -> str:
   text = " ".join(str(error).split())
   text = f"{type(error).__name__}: {text}" if text else type(error).__name__
@@ -186,39 +254,104 @@ def _one_line(error: Exception, limit: int = 300) -> str:
 def read_state(path: str | pathlib.Path) -> PyTree:
   """Reads a saved state pytree as host arrays, without a template.
 
-  `path` is a run's workdir (its best state if there is one, else the latest
-  checkpoint) or one step directory.
+  `path` is a run's workdir or one step directory. Of a workdir it reads the
+  best state if there is one, else the newest checkpoint that restores; one
+  line on stderr names each newer one skipped, and nothing is moved (see the
+  module docstring). Raises FileNotFoundError when `path` holds no checkpoint
+  and CheckpointError, naming the path, when the one to read does not restore.
   """
   path = pathlib.Path(path).absolute()
-  for sub in ("best", "checkpoints"):
-    if (path / sub).is_dir():
-      step = _latest_step(path / sub)
-      if step is not None:
-        return read_state(path / sub / str(step))
-  if not (path / "state").is_dir():
-    raise FileNotFoundError(f"{path}: no checkpoint found (expected a run workdir or a step directory)")
-  return ocp.StandardCheckpointer().restore(path / "state")
+  best = _steps(path / "best")
+  if best:
+    step_dir = path / "best" / str(best[-1])
+    try:
+      return _read_step(step_dir)
+    except _Unrestorable as e:
+      raise CheckpointError(f"{step_dir}: does not restore ({e}); no other checkpoint is the state "
+                            "the run selected on validation (name a step directory under "
+                            "checkpoints/ to read that one instead)") from None
+  steps = _steps(path / "checkpoints")
+  if steps:
+    return _read_newest(path, steps)
+  if _is_step_dir(path):
+    return _read_named(path)
+  raise FileNotFoundError(f"{path}: no checkpoint found (expected a run workdir or a step directory)")
 
 
-def _latest_step(folder: pathlib.Path) -> int | None:
-  # A read-only manager warns three times that it is read-only; that is the point here.
-  verbosity = logging.get_verbosity()
-  logging.set_verbosity(logging.ERROR)
+def _steps(folder: pathlib.Path) -> list[int]:
+  """The finished steps under `folder`, oldest first ([] when there is no folder).
+
+  Listed from the folder names: an Orbax manager would also parse each step's
+  metrics and fail on a damaged one, which reading the state does not need.
+  """
+  if not folder.is_dir():
+    return []
+  return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit() and p.is_dir())
+
+
+def _is_pytree_dir(path: pathlib.Path) -> bool:
+  """An Orbax pytree checkpoint itself (a step's state/, or what import_torch writes)."""
+  return (path / "_METADATA").is_file() or (path / "manifest.ocdbt").is_file()
+
+
+def _is_step_dir(path: pathlib.Path) -> bool:
+  """A step directory, whole, damaged or unfinished (it may have lost its state/)."""
+  return not _is_pytree_dir(path) and (
+      (path / "state").is_dir() or (path / "_CHECKPOINT_METADATA").is_file()
+      or not ocp.path.step.is_checkpoint_finalized(path))
+
+
+def _read_step(step_dir: pathlib.Path, template: PyTree | None = None) -> PyTree:
+  """The state of one step directory; raises _Unrestorable."""
+  _check_finalized(step_dir)
+  if not (step_dir / "state").is_dir():
+    raise _Unrestorable("it has no state/")
+  return _read_pytree(step_dir / "state", template)
+
+
+def _read_pytree(folder: pathlib.Path, template: PyTree | None = None) -> PyTree:
+  """An Orbax pytree checkpoint folder, into `template` or else as host arrays.
+
+  Raises _Unrestorable.
+  """
+  _check_finalized(folder)
   try:
-    manager = ocp.CheckpointManager(folder, item_names=("state",),
-                                    options=ocp.CheckpointManagerOptions(read_only=True))
-    step = manager.latest_step()
-    manager.close()
-  finally:
-    logging.set_verbosity(verbosity)
-  return step
+    # Closed on the way out: a checkpointer (or manager) left open after a failed
+    # read has its TensorStore callbacks hit a closed event loop and print tracebacks.
+    with ocp.StandardCheckpointer() as checkpointer:
+      return checkpointer.restore(folder, template)
+  except Exception as e:  # Damage surfaces as TensorStore, JSON or Orbax errors of many types.
+    raise _Unrestorable(_one_line(e)) from None
 
 
-def _read_latest(folder: pathlib.Path) -> PyTree:
-  step = _latest_step(folder)
-  if step is None:
-    raise FileNotFoundError(f"{folder}: holds no checkpoint")
-  return read_state(folder / str(step))
+def _check_finalized(folder: pathlib.Path) -> None:
+  # Orbax writes under a temporary name and renames the folder once the save is complete.
+  if not ocp.path.step.is_checkpoint_finalized(folder):
+    raise _Unrestorable("an unfinished save: Orbax had not renamed it into place")
+
+
+def _read_named(step_dir: pathlib.Path) -> PyTree:
+  try:
+    return _read_step(step_dir)
+  except _Unrestorable as e:
+    raise CheckpointError(f"{step_dir}: does not restore ({e})") from None
+
+
+def _read_newest(workdir: pathlib.Path, steps: list[int]) -> PyTree:
+  failed = []
+  for step in reversed(steps):
+    try:
+      tree = _read_step(workdir / "checkpoints" / str(step))
+    except _Unrestorable as e:
+      failed.append((step, str(e)))
+      continue
+    if jax.process_index() == 0:
+      for skipped, reason in failed:
+        print(f"checkpoint step {skipped} in {workdir} does not restore ({reason}); reading "
+              f"step {step} instead", file=sys.stderr, flush=True)
+    return tree
+  step, reason = failed[0]
+  raise CheckpointError(f"{workdir}: no checkpoint restores (the newest, step {step}: {reason})")
 
 
 def load_variables(path: str | pathlib.Path, which: str = "latest") -> dict[str, PyTree]:
@@ -239,14 +372,20 @@ def load_variables(path: str | pathlib.Path, which: str = "latest") -> dict[str,
     if not (path / BEST_LOSS_DIR).is_dir():
       raise FileNotFoundError(f"{path}: has no {BEST_LOSS_DIR}/ (pretrain with "
                               "keep_best_loss=True to keep the lowest-loss epoch)")
-    tree = _read_latest(path / BEST_LOSS_DIR)
-  elif any((path / sub).is_dir() for sub in ("best", "checkpoints", "state")):
+    steps = _steps(path / BEST_LOSS_DIR)
+    if not steps:
+      raise FileNotFoundError(f"{path / BEST_LOSS_DIR}: holds no checkpoint")
+    tree = _read_named(path / BEST_LOSS_DIR / str(steps[-1]))
+  elif (path / "best").is_dir() or (path / "checkpoints").is_dir() or _is_step_dir(path):
     tree = read_state(path)
-  else:
+  elif _is_pytree_dir(path):
     try:
-      tree = ocp.StandardCheckpointer().restore(path)
-    except Exception as e:  # orbax raises several types for "not a checkpoint"
-      raise FileNotFoundError(f"{path}: not a checkpoint ({type(e).__name__})") from None
+      tree = _read_pytree(path)
+    except _Unrestorable as e:
+      raise CheckpointError(f"{path}: does not restore ({e})") from None
+  else:
+    raise FileNotFoundError(f"{path}: not a checkpoint (expected a run workdir, a step directory "
+                            "or a checkpoint written by glc_jax.tools.import_torch)")
   if not isinstance(tree, dict) or "params" not in tree:
     raise FileNotFoundError(f"{path}: checkpoint holds no 'params'")
   return {"params": tree["params"], "batch_stats": tree.get("batch_stats") or {}}

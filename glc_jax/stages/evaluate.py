@@ -131,7 +131,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   model = finetune.build_model(_model_config(config), info.num_classes)
   try:
     variables = checkpoint.load_variables(config.checkpoint)
-  except FileNotFoundError as e:
+  except (FileNotFoundError, checkpoint.CheckpointError) as e:
     raise setup.ConfigError(f"checkpoint: {e}") from None
   _check_compatible(variables, model, info.num_bands, "checkpoint", config.checkpoint)
   with run_dir.claim(workdir):

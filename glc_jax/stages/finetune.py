@@ -58,7 +58,7 @@ def load_pretrained(config: ml_collections.ConfigDict, num_bands: int) -> dict |
                             f"{INIT_CHECKPOINTS}")
   try:
     pretrained = checkpoint.load_variables(config.init.path, which)
-  except FileNotFoundError as e:
+  except (FileNotFoundError, checkpoint.CheckpointError) as e:
     raise setup.ConfigError(f"init.path: {e}") from None
   stem = pretrained["params"].get("backbone", {}).get("conv1", {}).get("kernel")
   if stem is not None and np.shape(stem)[-2] != num_bands:
