@@ -221,6 +221,17 @@ def test_resume_sets_a_damaged_best_aside_and_chooses_again(tmp_path, capsys, da
     np.testing.assert_array_equal(checkpoint.read_state(tmp_path)["params"]["w"], np.full((3, 2), 6.0))
 
 
+def test_damaged_best_after_the_resume_step_is_saved_again_by_the_replay(tmp_path):
+  # Killed after the epoch end at step 5 was saved as the best, before the next periodic save.
+  _saved_run(tmp_path, steps=5, best={5: 0.9})
+  DAMAGE["truncated manifest"](tmp_path / "best" / "5")
+  resumed = checkpoint.RunCheckpoints(tmp_path, every_steps=2, keep=2, best_metric="m")
+  assert resumed.restore(_state(0.0), _iterator())[1] == 4
+  assert resumed.save_if_best(5, _state(5.0), {"m": 0.9})  # the replay's step 5, the same state
+  resumed.close()
+  np.testing.assert_array_equal(checkpoint.read_state(tmp_path)["params"]["w"], np.full((3, 2), 5.0))
+
+
 def test_resume_keeps_a_best_state_that_restores(tmp_path, capsys):
   _saved_run(tmp_path, best={2: 0.9, 4: 0.5})
   before = _files(tmp_path / "best")
