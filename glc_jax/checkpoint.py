@@ -123,7 +123,8 @@ class RunCheckpoints:
     """Restores the newest checkpoint that restores, into the template's shapes and shardings.
 
     The data iterator is restored in place. Newer checkpoints that fail are
-    set aside (see the module docstring). Returns (state, step), or None when
+    set aside, and so is a best state that does not restore (see the module
+    docstring). Returns (state, step), or None when
     there is no checkpoint yet; raises CheckpointError when none restores.
     """
     failed = []
