@@ -117,6 +117,54 @@ def ntxent_loss(z1: jax.Array, z2: jax.Array, *, temperature: float = 0.5,
   return jax.lax.pmean(local_sum / jnp.maximum(local_count, 1), axis_name)
 
 
+def embedding_health(z1: jax.Array, z2: jax.Array, name: str, *,
+                     valid: jax.Array | None = None,
+                     axis_name: str | None = None) -> dict[str, jax.Array]:
+  """Collapse signals of two views' embeddings over the global batch (no gradient).
+
+  Returns {f'embed_std_{name}', f'cos_pos_{name}', f'cos_neg_{name}'}; with
+  e the L2-normalised embeddings of the valid pairs of both views (2N' of
+  them over all devices):
+    embed_std: the per-dimension standard deviation of e over the 2N' rows
+               (population), averaged over the dimensions: about 1/sqrt(D)
+               for embeddings spread over the sphere, 0 when every row is
+               the same;
+    cos_pos:   mean cos(e1_i, e2_i) over the N' pairs;
+    cos_neg:   mean cos(e_a, e_b) over the 2N'(2N'-2) ordered pairs that are
+               neither the same row nor partners (NT-Xent's negatives).
+  cos_neg comes from the sum S of all rows: S·S sums e_a·e_b over every
+  ordered pair, so no (2N, 2N) matrix is formed. Computed in float32, the
+  same value on every device of `axis_name`.
+
+  Args:
+    z1, z2: (n, D) this device's embeddings of the two views.
+    name: the metrics' suffix ('global', 'local').
+    valid: optional (n,) bool; invalid pairs do not count.
+    axis_name: mesh axis to reduce over, or None.
+  """
+  z1 = jax.lax.stop_gradient(l2_normalize(z1))
+  z2 = jax.lax.stop_gradient(l2_normalize(z2))
+  weight = (jnp.ones(z1.shape[:1], jnp.float32) if valid is None
+            else valid.astype(jnp.float32))[:, None]
+
+  def total(x):
+    return x if axis_name is None else jax.lax.psum(x, axis_name)
+
+  pairs = total(jnp.sum(weight))
+  rows = 2 * pairs
+  row_sum = total(jnp.sum(weight * (z1 + z2), axis=0))                   # (D,)
+  mean = row_sum / jnp.maximum(rows, 1)
+  # Deviations from the mean, not E[e²] − E[e]², so that a collapse reads 0, not rounding noise.
+  spread = total(jnp.sum(weight * ((z1 - mean) ** 2 + (z2 - mean) ** 2), axis=0))
+  std = jnp.mean(jnp.sqrt(spread / jnp.maximum(rows, 1)))
+  positive = total(jnp.sum(weight * z1 * z2))
+  self_dots = total(jnp.sum(weight * (z1 * z1 + z2 * z2)))
+  negatives = rows * (rows - 2)
+  cos_neg = (jnp.dot(row_sum, row_sum) - self_dots - 2 * positive) / jnp.maximum(negatives, 1)
+  return {f"embed_std_{name}": std, f"cos_pos_{name}": positive / jnp.maximum(pairs, 1),
+          f"cos_neg_{name}": cos_neg}
+
+
 def glcnet_loss(global1: jax.Array | None, global2: jax.Array | None,
                 local1: jax.Array | None, local2: jax.Array | None,
                 patch_valid: jax.Array | None, *, weight: float = 0.5,

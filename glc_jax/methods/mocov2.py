@@ -21,6 +21,9 @@ class MoCoV2Method(Method):
   mode with its own BatchNorm statistics. The step's keys, gathered from all
   devices, then replace the oldest queue entries.
 
+  Metrics: the collapse signals of losses.embedding_health (*_global) of the
+  queries against the keys.
+
   extras: {'key_params', 'key_batch_stats', 'queue' (K, D) unit rows,
   'queue_ptr' () int32}. Batch: view1, view2 (B, H, W, C) float32.
 
@@ -67,4 +70,5 @@ class MoCoV2Method(Method):
                                            k, axis_name=DATA_AXIS)
     new_extras = {"key_params": key_params, "key_batch_stats": key_batch_stats,
                   "queue": queue, "queue_ptr": queue_ptr}
-    return loss, Aux(batch_stats=batch_stats, extras=new_extras, metrics={})
+    health = losses.embedding_health(q, k, "global", axis_name=DATA_AXIS)
+    return loss, Aux(batch_stats=batch_stats, extras=new_extras, metrics=health)

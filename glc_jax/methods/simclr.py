@@ -12,7 +12,10 @@ from glc_jax.parallel import DATA_AXIS
 
 @dataclasses.dataclass(frozen=True)
 class SimCLRMethod(Method):
-  """Batch: view1, view2 (B, H, W, C) float32."""
+  """Batch: view1, view2 (B, H, W, C) float32.
+
+  Metrics: the collapse signals of losses.embedding_health (*_global).
+  """
   batch_keys: tuple[str, ...] = ("view1", "view2")
   temperature: float = 0.5
   gather_negatives: bool = True
@@ -26,4 +29,5 @@ class SimCLRMethod(Method):
     loss = losses.ntxent_loss(z1, z2, temperature=self.temperature,
                               axis_name=DATA_AXIS,
                               gather_negatives=self.gather_negatives)
-    return loss, Aux(batch_stats=batch_stats, extras=state.extras, metrics={})
+    health = losses.embedding_health(z1, z2, "global", axis_name=DATA_AXIS)
+    return loss, Aux(batch_stats=batch_stats, extras=state.extras, metrics=health)
