@@ -90,6 +90,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.checkpoint_every = 50 if tiny else 1000
   c.keep_checkpoints = 2
   c.keep_best_loss = False
+  # The online segmentation probe (docs/probe.md): a linear head on the frozen encoder's
+  # features of 1% of the labelled training tiles, scored on the validation split.
+  c.probe = dict(enabled=not tiny, every_steps=50 if tiny else 1000, split="train", fraction=0.01,
+                 eval_split="val", eval_fraction=None, head="linear", steps=100 if tiny else 300,
+                 lr=0.01, batch_size=16 if tiny else 64)
   if reference:
     _reference_protocol(c)
   return c

@@ -3,6 +3,8 @@
 Layout under a run's workdir:
   checkpoints/<step>/{state,data}  latest `keep` checkpoints (state pytree + Grain
                                    iterator state, one JSON per process)
+  checkpoints/<step>/probe         the online probe's history of scores up to
+                                   that step (JSON), when the run probes
   best/<step>/state                the state with the best validation metric
                                    (fine-tuning's model selection), kept alone
   best_loss/<step>/state           pretraining's epoch with the lowest mean loss
@@ -95,7 +97,7 @@ class RunCheckpoints:
             save_interval_steps=every_steps,
             preservation_policy=checkpoint_managers.LatestN(n=keep),
             cleanup_tmp_directories=True),
-        item_names=("state", "data"))
+        item_names=("state", "data", "probe"))
     self.best_metric = best_metric
     self._best = None
     if best_metric is not None:
@@ -193,11 +195,28 @@ class RunCheckpoints:
     if manager is not None:
       manager.reload()
 
-  def save(self, step: int, state: PyTree, data_iterator, force: bool = False) -> bool:
-    """Saves when `step` is on the interval (or `force`); returns whether it saved."""
-    return self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data=grain.checkpoint.CheckpointSave(data_iterator)), force=force)
+  def save(self, step: int, state: PyTree, data_iterator, force: bool = False,
+           probe_history: list[dict] | None = None) -> bool:
+    """Saves when `step` is on the interval (or `force`); returns whether it saved.
+
+    probe_history: the online probe's scores so far (JSON-able), saved with the state.
+    """
+    items = dict(state=ocp.args.StandardSave(state),
+                 data=grain.checkpoint.CheckpointSave(data_iterator))
+    if probe_history is not None:
+      items["probe"] = ocp.args.JsonSave({"history": probe_history})
+    return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+  def probe_history(self, step: int) -> list[dict]:
+    """The probe history saved with checkpoint `step` ([] when it has none)."""
+    if not (self._root / "checkpoints" / str(step) / "probe").is_dir():
+      return []
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(probe=ocp.args.JsonRestore()))
+      return list(restored["probe"]["history"])
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointError(f"{self._root / 'checkpoints' / str(step) / 'probe'}: does not "
+                            f"restore ({_one_line(e)})") from None
 
   def save_if_best(self, step: int, state: PyTree, metrics: dict[str, float]) -> bool:
     """Offers a validated state to the best-model slot; returns whether it is now the best.

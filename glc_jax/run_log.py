@@ -42,12 +42,14 @@ class RunLog:
       return
     work = pathlib.Path(workdir)
     work.mkdir(parents=True, exist_ok=True)
-    _drop_records_after(work / "metrics.jsonl", start_step)
+    # A fresh run drops everything, also the step-0 record of a probe before the first update.
+    first_dropped = start_step + 1 if start_step else 0
+    _drop_records_after(work / "metrics.jsonl", first_dropped - 1)
     self._jsonl = open(work / "metrics.jsonl", "a")
     earlier = any((work / "tb").glob("events.out.tfevents.*"))
     # The suffix keeps a resume within the same second from reusing (and
     # truncating) the previous writer's file name, which has a 1 s timestamp.
-    self._tb = SummaryWriter(str(work / "tb"), purge_step=start_step + 1 if earlier else None,
+    self._tb = SummaryWriter(str(work / "tb"), purge_step=first_dropped if earlier else None,
                              filename_suffix=f".from_step_{start_step}")
     self._bar = tqdm(total=total_steps, initial=start_step, desc=desc, unit="step",
                      dynamic_ncols=True)

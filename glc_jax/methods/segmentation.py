@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -25,9 +26,13 @@ class SegmentationMethod(Method):
   def init_inputs(self, batch: Batch):
     return (batch["image"],), {}
 
+  def logits(self, params, batch_stats, batch: Batch,
+             rng: jax.Array) -> tuple[jax.Array, Any]:
+    """(B, H, W, num_classes) logits in train mode and the new batch_stats."""
+    return self.apply_train(params, batch_stats, batch["image"], rng=rng)
+
   def loss(self, params, state: TrainState, batch: Batch, rng: jax.Array):
-    logits, batch_stats = self.apply_train(params, state.batch_stats,
-                                           batch["image"], rng=rng)
+    logits, batch_stats = self.logits(params, state.batch_stats, batch, rng)
     labels = batch["label"]
     loss = losses.cross_entropy_loss(logits, labels,
                                      ignore_index=self.ignore_index,

@@ -95,10 +95,13 @@ def make_confusion_step(model, mesh: jax.sharding.Mesh, num_classes: int, ignore
                                out_specs=parallel.REPLICATED_SPEC))
 
 
-def make_validator(model, mesh, source, info, config, data_config):
-  """state -> {'val_oa', 'val_kappa', 'val_miou'} over every tile of the validation split."""
+def make_validator(model, mesh, source, info, batch_size: int, data_config, prefix: str = "val"):
+  """state -> {'<prefix>_oa', '<prefix>_kappa', '<prefix>_miou'} over every tile of `source`.
+
+  state: anything with params and batch_stats of `model`; batch_size: global.
+  """
   confusion_step = make_confusion_step(model, mesh, info.num_classes, info.ignore_index)
-  dataset = pipelines.eval_dataset(source, batch_size=config.data.batch_size // jax.process_count(),
+  dataset = pipelines.eval_dataset(source, batch_size=batch_size // jax.process_count(),
                                    config={"norm": data_config["norm"]})
 
   def validate(state) -> dict[str, float]:
@@ -107,7 +110,8 @@ def make_validator(model, mesh, source, info, config, data_config):
     for batch in pipelines.make_iterator(dataset, sharding=parallel.batch_sharding(mesh)):
       total += np.asarray(jax.device_get(confusion_step(variables, batch)), np.int64)
     scores = metrics.compute_scores(total, info.class_names)
-    return {"val_oa": scores.overall_accuracy, "val_kappa": scores.kappa, "val_miou": scores.miou}
+    return {f"{prefix}_oa": scores.overall_accuracy, f"{prefix}_kappa": scores.kappa,
+            f"{prefix}_miou": scores.miou}
 
   return validate
 
@@ -158,7 +162,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     train_step = methods.make_train_step(method, tx, schedule, mesh)
     iterator = pipelines.make_iterator(dataset, num_workers=config.data.num_workers,
                                        sharding=parallel.batch_sharding(mesh))
-    validate = make_validator(model, mesh, val_source, info, config, data_config)
+    validate = make_validator(model, mesh, val_source, info, config.data.batch_size, data_config)
     claim.record_config("finetune")
     _, checkpoints = loop.fit(
         state, train_step, iterator, jax.random.fold_in(rng, 1), workdir=workdir,

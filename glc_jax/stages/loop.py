@@ -26,7 +26,7 @@ def fit(state: Any, train_step: Callable, iterator, rng: jax.Array, *, workdir: 
         log_every: int, items_per_step: int, desc: str,
         validate: Callable[[Any], dict[str, float]] | None = None,
         best_metric: str | None = None,
-        keep_best_loss: bool = False) -> tuple[Any, RunCheckpoints]:
+        keep_best_loss: bool = False, probe=None) -> tuple[Any, RunCheckpoints]:
   """Runs `train_step` up to `total_steps`, resuming from `workdir` if it can.
 
   Args:
@@ -41,6 +41,10 @@ def fit(state: Any, train_step: Callable, iterator, rng: jax.Array, *, workdir: 
       of the epoch with the lowest in best_loss/ (the reference's choice of
       pretraining checkpoint; not with `best_metric`). An epoch that a resume
       cut into is logged and offered only if the run saw all of its steps.
+    probe: a stages.probe.OnlineProbe, or None. It scores the initial state
+      (step 0) of a fresh run and, where it is due, the state after a step,
+      before that step's log record and checkpoint; its history is saved with
+      every checkpoint and restored with the state.
   Returns:
     (final state, the run's checkpoints, still open; the caller closes them).
   """
@@ -60,12 +64,17 @@ def fit(state: Any, train_step: Callable, iterator, rng: jax.Array, *, workdir: 
     raise
   if restored is not None:
     state, start = restored
+    if probe is not None:
+      probe.history = checkpoints.probe_history(start)
   log = RunLog(workdir, total_steps, start, items_per_step, desc)
   if start:
     log.message(f"{desc}: resumed from step {start} in {workdir}")
   # Summed on the device so that no step waits for the host.
   loss_sum, loss_steps = 0.0, 0
   try:
+    if probe is not None and start == 0:
+      # Step 0 probes the network before any update: the never-trained control.
+      log.step(0, probe(state, 0))
     for step in range(start + 1, total_steps + 1):
       state, metrics = train_step(state, next(iterator), rng)
       final = step == total_steps
@@ -73,7 +82,8 @@ def fit(state: Any, train_step: Callable, iterator, rng: jax.Array, *, workdir: 
       epoch_end = step % steps_per_epoch == 0
       if keep_best_loss:
         loss_sum, loss_steps = loss_sum + metrics["loss"], loss_steps + 1
-      if saving or epoch_end or step % log_every == 0:
+      probing = probe is not None and probe.due(step, total_steps)
+      if saving or epoch_end or probing or step % log_every == 0:
         host = {k: float(v) for k, v in jax.device_get(metrics).items()}
         if not math.isfinite(host["loss"]):
           last = checkpoints.latest_step()
@@ -81,6 +91,8 @@ def fit(state: Any, train_step: Callable, iterator, rng: jax.Array, *, workdir: 
               f"{desc}: loss is {host['loss']} at step {step}; stopped. The last good "
               f"checkpoint is step {last} in {workdir}" if last is not None else
               f"{desc}: loss is {host['loss']} at step {step}; stopped before any checkpoint")
+        if probing:
+          host.update(probe(state, step))
         if validate is not None and epoch_end:
           scores = validate(state)
           host.update(scores)
@@ -95,7 +107,8 @@ def fit(state: Any, train_step: Callable, iterator, rng: jax.Array, *, workdir: 
         log.step(step, host)
       if epoch_end:
         loss_sum, loss_steps = 0.0, 0
-      checkpoints.save(step, state, iterator, force=final)
+      checkpoints.save(step, state, iterator, force=final,
+                       probe_history=None if probe is None else probe.history)
   except BaseException:
     checkpoints.close()  # lets a save in flight finish, so the last good one stays whole
     raise

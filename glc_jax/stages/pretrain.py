@@ -9,6 +9,7 @@ Config keys (configs/pretrain.py):
   checkpoint_every, keep_checkpoints, keep_best_loss (also keep the epoch with
   the lowest mean loss in best_loss/, which fine-tuning's
   init.checkpoint="best_loss" starts from: the reference's choice)
+  probe: the online segmentation probe (glc_jax/stages/probe.py, docs/probe.md)
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import ml_collections
 
 from glc_jax import methods, optim, parallel
 from glc_jax.data import pipelines
-from glc_jax.stages import loop, run_dir, setup
+from glc_jax.stages import loop, probe as probe_lib, run_dir, setup
 
 
 def data_recipe_name(method: str) -> str:
@@ -54,8 +55,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
       config.optimizer, steps_per_epoch=steps_per_epoch,
       num_epochs=-(-total_steps // steps_per_epoch), num_devices=parallel.data_size(mesh),
       global_batch=global_batch)
+  rng = jax.random.key(config.seed)
+  probe = probe_lib.build(config, mesh, rng)
   with run_dir.claim(workdir, config) as claim:
-    rng = jax.random.key(config.seed)
     state = methods.init_train_state(method, tx, mesh, jax.random.fold_in(rng, 0),
                                      setup.example_shapes(dataset))
     train_step = methods.make_train_step(method, tx, schedule, mesh)
@@ -68,5 +70,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
         total_steps=total_steps, steps_per_epoch=steps_per_epoch,
         checkpoint_every=config.checkpoint_every, keep_checkpoints=config.keep_checkpoints,
         log_every=config.log_every, items_per_step=global_batch, desc=desc,
-        keep_best_loss=config.get("keep_best_loss", False))
+        keep_best_loss=config.get("keep_best_loss", False), probe=probe)
     checkpoints.close()
+    if probe is not None:
+      probe_lib.write_history(workdir, probe.history)
