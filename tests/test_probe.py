@@ -15,7 +15,7 @@ import pytest
 from data_prep import convert, synthetic
 from glc_jax import checkpoint, parallel
 from glc_jax.models.probe import ProbeSegmenter
-from glc_jax.stages import pretrain, probe as probe_lib, setup
+from glc_jax.stages import finetune, pretrain, probe as probe_lib, run_dir, setup
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 4
@@ -96,6 +96,53 @@ def test_probe_history_in_log_checkpoints_and_probe_json(runs):
   for key in ("embed_std_global", "embed_std_local", "cos_pos_global", "cos_neg_local",
               "patch_valid_fraction", "lr", "grad_norm"):
     assert all(key in records[s] for s in range(1, STEPS + 1)), key
+
+
+class _Crash(Exception):
+  """Stands for the process dying in the middle of a probe."""
+
+
+@pytest.mark.slow
+def test_run_stopped_mid_probe_resumes_with_the_same_history(runs, data, tmp_path, monkeypatch):
+  work = tmp_path / "work"
+  scored = []
+  make_validator = finetune.make_validator
+
+  def crashing_validator(*args, **kwargs):
+    validate = make_validator(*args, **kwargs)
+
+    def run(state):
+      scored.append(True)
+      if len(scored) == 3:  # the probe of step 4, after those of steps 0 and 2
+        raise _Crash
+      return validate(state)
+    return run
+
+  monkeypatch.setattr(finetune, "make_validator", crashing_validator)
+  with pytest.raises(_Crash):
+    pretrain.run(pretrain_config(data, True), str(work))
+  monkeypatch.undo()
+  steps = sorted(int(p.name) for p in (work / "checkpoints").iterdir() if p.name.isdigit())
+  assert steps[-1] == 2, steps  # step 4 died in its probe, before its checkpoint
+  assert not (work / probe_lib.HISTORY_FILE).exists()
+
+  pretrain.run(pretrain_config(data, True), str(work))
+  reference = probe_lib.read_history(runs / "probe_True")
+  assert probe_lib.read_history(work) == reference
+  records = [r for r in _records(work) if "probe_oa" in r]
+  assert [{k: r[k] for k in ("step", *SCORES)} for r in records] == reference
+
+
+def test_probe_interval_may_change_on_resume_but_not_what_it_measures(runs, data):
+  config = pretrain_config(data, True)
+  work = runs / "probe_True"
+  assert run_dir.config_changes(work, config) == {}
+  config.probe.every_steps = 3
+  assert run_dir.config_changes(work, config) == {"probe.every_steps": (2, 3)}
+  for key, value in (("head", "decoder"), ("fraction", 0.5), ("steps", 6), ("enabled", False)):
+    changed = pretrain_config(data, True, **{key: value})
+    with pytest.raises(run_dir.ConfigChangedError, match=f"probe.{key}"):
+      run_dir.config_changes(work, changed)
 
 
 @pytest.fixture(scope="module")

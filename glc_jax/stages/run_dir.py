@@ -41,8 +41,10 @@ CHANGES_FILE = "config_changes.jsonl"
 # records one position per worker and restores only into the same worker count.
 # num_steps and epochs also set the length of the lr schedule, which then spans
 # the new length from the resume point on (recorded with the change).
+# probe.every_steps only changes when the online probe looks; its other keys change what a
+# score means, so that the history would mix incomparable numbers.
 RESUMABLE_KEYS = frozenset({"num_steps", "epochs", "log_every", "checkpoint_every",
-                            "keep_checkpoints"})
+                            "keep_checkpoints", "probe.every_steps"})
 
 _ABSENT = "<absent>"
 _MESSAGE_BYTES = 4096  # a refusal broadcast from process 0 to the others
