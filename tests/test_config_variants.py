@@ -65,8 +65,10 @@ def _override(config, values: dict):
 
 def _pretrain_overrides(method: str) -> dict:
   family = "glcnet" if method.startswith("glcnet") else method
+  # The online probe runs in tests/test_probe.py; here it is off and its sizes shrunk alike.
   return {**MODEL, **VIEWS[family], "data.batch_size": 8, "data.num_workers": 0, "num_steps": 1,
-          "epochs": 1, "log_every": 1, "checkpoint_every": 1, "optimizer.reference_batch": 8}
+          "epochs": 1, "log_every": 1, "checkpoint_every": 1, "optimizer.reference_batch": 8,
+          "probe.enabled": False, "probe.every_steps": 1, "probe.steps": 1, "probe.batch_size": 8}
 
 
 def _shrunk(stage: str, variant: str | None, overrides: dict | None = None) -> dict:
