@@ -125,6 +125,8 @@ def pretrain_config(config, method: str, seed: int, data_path: str) -> ml_collec
   c.seed = seed
   c.data.path = data_path
   c.data.split = config.data.train_split
+  c.probe.split = config.data.train_split
+  c.probe.eval_split = config.data.val_split
   return c
 
 

@@ -91,12 +91,34 @@ def _fraction_label(f: float) -> str:
   return f"{100 * f:g}%"
 
 
+def probe_scores(histories: Mapping[tuple[str, int], Sequence[Mapping]], key: str = "probe_miou",
+                 control: str = "random") -> dict[str, tuple[float, float, int]]:
+  """init → (mean, std, seeds) of the online probe's score at the end of pretraining.
+
+  histories: (method, seed) → that pretraining run's probe history
+  (stages.probe.read_history). `control` gets the step-0 scores of every run:
+  the probe on the never-trained network.
+  """
+  ends: dict[str, list[float]] = {}
+  for (method, _), history in histories.items():
+    if history:
+      ends.setdefault(method, []).append(float(history[-1][key]))
+      ends.setdefault(control, []).extend(float(h[key]) for h in history if h["step"] == 0)
+  return {init: (*mean_std(v), len(v)) for init, v in ends.items() if v}
+
+
 def metric_table(rows: Sequence[Mapping], key: str, inits: Sequence[str],
-                 fractions: Sequence[float]) -> str:
-  """Markdown: one row per init, one column per fraction, best mean per column bold."""
+                 fractions: Sequence[float],
+                 probe: Mapping[str, tuple[float, float, int]] | None = None) -> str:
+  """Markdown: one row per init, one column per fraction, best mean per column bold.
+
+  probe: init → (mean, std, seeds) of a first column, the online probe's score at
+  the end of pretraining (probe_scores), when given.
+  """
   stats = aggregate(rows, key)
-  header = "| init | " + " | ".join(_fraction_label(f) for f in fractions) + " |"
-  lines = [header, "|---|" + "---|" * len(fractions)]
+  first = "probe (end of pretraining) | " if probe else ""
+  header = "| init | " + first + " | ".join(_fraction_label(f) for f in fractions) + " |"
+  lines = [header, "|---|" + "---|" * (len(fractions) + bool(probe))]
   best = {}
   for f in fractions:
     means = [_shown(stats[(i, f)][0]) for i in inits
@@ -111,6 +133,8 @@ def metric_table(rows: Sequence[Mapping], key: str, inits: Sequence[str],
       mean, std, _ = stats[(init, f)]
       text = _fmt(mean, std)
       cells.append(f"**{text}**" if best[f] is not None and _shown(mean) == best[f] else text)
+    if probe:
+      cells.insert(0, _fmt(*probe[init][:2]) if init in probe else "–")
     lines.append(f"| {init} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
@@ -137,13 +161,21 @@ def seeds_note(rows: Sequence[Mapping]) -> str:
 
 
 def results_markdown(rows: Sequence[Mapping], inits: Sequence[str], fractions: Sequence[float],
-                     title: str, test_split: str) -> str:
+                     title: str, test_split: str,
+                     probe: Mapping[str, tuple[float, float, int]] | None = None) -> str:
+  """The report; `probe` (probe_scores of the probe's mIoU) adds a first mIoU column."""
   parts = [f"# {title}", "",
            f"Scores on the `{test_split}` split in %, mean ± sample std over seeds "
            f"(seeds per cell: {seeds_note(rows)}); columns are label fractions of the "
            "training split; the best mean per column is in bold.", ""]
+  if probe:
+    parts += ["The mIoU table's first column is the online probe (docs/probe.md) at the end of "
+              "each pretraining run: a linear head on the frozen features, scored on the "
+              "validation split, not the test split; for random init, the probe at step 0 of "
+              "the pretraining runs.", ""]
   for key, label in METRICS:
-    parts += [f"## {label}", "", metric_table(rows, key, inits, fractions), ""]
+    parts += [f"## {label}", "",
+              metric_table(rows, key, inits, fractions, probe if key == "miou" else None), ""]
   parts += ["## Per-class IoU (mean over seeds)", "", per_class_table(rows, inits, fractions), ""]
   return "\n".join(parts)
 
@@ -183,3 +215,39 @@ def plot_metrics(rows: Sequence[Mapping], inits: Sequence[str], fractions: Seque
     plt.close(fig)
     written.append(path)
   return written
+
+
+def plot_probe(histories: Mapping[tuple[str, int], Sequence[Mapping]], path: pathlib.Path,
+               key: str = "probe_miou", control: str = "random") -> pathlib.Path | None:
+  """One PNG: the probe's score against pretraining step, mean ± std over seeds per method,
+  and the never-trained control (every run's step 0) as a dashed line; None without histories."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
+  by_method: dict[str, dict[int, list[float]]] = {}
+  for (method, _), history in histories.items():
+    for h in history:
+      by_method.setdefault(method, {}).setdefault(int(h["step"]), []).append(float(h[key]))
+  if not by_method:
+    return None
+  fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
+  for method, steps in by_method.items():
+    xs = sorted(steps)
+    stats = [mean_std(steps[x]) for x in xs]
+    means = np.array([100 * m for m, _ in stats])
+    stds = np.nan_to_num(np.array([100 * s for _, s in stats]))
+    ax.plot(xs, means, marker="o", markersize=3, label=method)
+    ax.fill_between(xs, means - stds, means + stds, alpha=0.2)
+  control_mean = probe_scores(histories, key, control).get(control)
+  if control_mean is not None:
+    ax.axhline(100 * control_mean[0], color="gray", linestyle="--",
+               label=f"{control} init (step 0)")
+  ax.set_xlabel("pretraining step")
+  ax.set_ylabel(f"probe {key.removeprefix('probe_').replace('miou', 'mIoU')} (%)")
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+  return path

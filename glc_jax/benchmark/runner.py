@@ -17,7 +17,7 @@ import ml_collections
 from glc_jax import compile_cache
 from glc_jax.benchmark import matrix, report
 from glc_jax.benchmark.matrix import Cell
-from glc_jax.stages import evaluate, finetune, loop, pretrain, setup
+from glc_jax.stages import evaluate, finetune, loop, pretrain, probe, setup
 
 
 def prepare_data(config: ml_collections.ConfigDict, work: pathlib.Path) -> str:
@@ -65,8 +65,17 @@ def run_cell(config, cell: Cell, work: pathlib.Path, data_path: str, num_labelle
                       str(matrix.eval_dir(work, cell)))
 
 
+def probe_histories(config, work: pathlib.Path) -> dict[tuple[str, int], list[dict]]:
+  """(method, seed) → the online probe's history of each finished pretraining run that probed."""
+  return {(m, s): probe.read_history(matrix.pretrain_dir(work, m, s))
+          for m in config.methods for s in config.seeds
+          if probe.read_history(matrix.pretrain_dir(work, m, s))}
+
+
 def write_reports(config, work: pathlib.Path, plots: bool) -> list[dict]:
-  """results.csv and results.md from every finished cell (and PNG plots if `plots`)."""
+  """results.csv and results.md from every finished cell (and PNG plots if `plots`), with the
+  online probe's end-of-pretraining mIoU as the mIoU table's first column and, with the
+  plots, probe_miou.png (probe mIoU against pretraining step)."""
   rows = [report.cell_row(c.init, c.fraction, c.seed, _read_metrics(work, c))
           for c in matrix.cells(config) if matrix.is_done(work, c)]
   if not rows:
@@ -74,10 +83,12 @@ def write_reports(config, work: pathlib.Path, plots: bool) -> list[dict]:
   report.write_csv(work / "results.csv", rows)
   inits, fractions = matrix.inits(config), [float(f) for f in config.fractions]
   title = f"Benchmark ({config.variant}): {', '.join(inits)}"
-  report.write_markdown(work / "results.md",
-                        report.results_markdown(rows, inits, fractions, title, config.data.test_split))
+  histories = probe_histories(config, work)
+  report.write_markdown(work / "results.md", report.results_markdown(
+      rows, inits, fractions, title, config.data.test_split, report.probe_scores(histories)))
   if plots:
     report.plot_metrics(rows, inits, fractions, work)
+    report.plot_probe(histories, work / "probe_miou.png")
   return rows
 
 
