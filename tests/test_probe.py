@@ -212,3 +212,11 @@ def test_bad_probe_keys_are_one_line_errors(data, tmp_path, key, value, message)
     pretrain.run(config, str(tmp_path / "work"))
   assert "\n" not in str(error.value)
   assert not (tmp_path / "work").exists()
+
+
+def test_summary_line():
+  history = [{"step": 0, "probe_oa": 0.5, "probe_kappa": 0.0, "probe_miou": 0.1},
+             {"step": 42, "probe_oa": 0.75, "probe_kappa": 0.5, "probe_miou": 0.3125}]
+  assert probe_lib.summary(history, "val") == (
+      "Online probe (a head on the frozen features, scored on the 'val' split): mIoU 10.00%, "
+      "OA 50.00% at step 0 (untrained) → mIoU 31.25%, OA 75.00% at step 42")

@@ -20,7 +20,7 @@ import ml_collections
 
 from data_prep import convert, splits, synthetic
 from glc_jax import predictions, preview
-from glc_jax.stages import evaluate, finetune, pretrain, run_dir, setup
+from glc_jax.stages import evaluate, finetune, pretrain, probe, run_dir, setup
 
 STEPS = ("synthetic corpus", "ArrayRecord dataset", "GLCNet pretraining", "fine-tuning",
          "evaluation")
@@ -86,6 +86,9 @@ def _chain(config: ml_collections.ConfigDict, work: pathlib.Path) -> None:
     pre.data.path = str(dataset)
     pre.seed = config.seed
     pretrain.run(pre, str(work / "pretrain_glcnet"))
+  probe_history = probe.read_history(work / "pretrain_glcnet")
+  if probe_history:
+    print(probe.summary(probe_history, config.pretrain.probe.eval_split))
 
   results = {}
   for init in INITS:

@@ -192,3 +192,14 @@ def read_history(workdir: str | os.PathLike) -> list[dict[str, float]]:
     return []
   return json.loads(path.read_text())["history"]
 
+
+
+def summary(history: list[dict[str, float]], eval_split: str) -> str:
+  """One line: the probe's mIoU and OA at the first and the last step of `history` (not empty)."""
+  def scores(h):
+    return f"mIoU {100 * h['probe_miou']:.2f}%, OA {100 * h['probe_oa']:.2f}% at step {h['step']}"
+
+  first, last = history[0], history[-1]
+  start = f"{scores(first)}{' (untrained)' if first['step'] == 0 else ''}"
+  return (f"Online probe (a head on the frozen features, scored on the {eval_split!r} split): "
+          f"{start} → {scores(last)}")
