@@ -4,7 +4,8 @@
 
 synthetic scenes (10 of 512×512) → ArrayRecord dataset (64-pixel tiles, split
 by scene) → short GLCNet pretraining (42 steps, ResNet-18 DeepLabv3+ at a
-quarter of the width, 64-pixel views) → fine-tuning on 1% of the labelled
+quarter of the width, 64-pixel views; the online probe's mIoU on the
+validation scenes printed after it) → fine-tuning on 1% of the labelled
 training tiles (5 tiles), from the GLCNet checkpoint and from random init →
 evaluation of both on the test scenes (64-pixel windows at stride 32) → a
 table, one preview picture per init and the list of what was written. Each
@@ -48,6 +49,10 @@ def get_config(arg=None):
   # A short run on a small batch: the reference's lr of one GPU (1e-3, 1e-4) at these batches.
   pretrain.optimizer.reference_batch = 32
   pretrain.epochs = 3
+  # The online probe after each of the 3 epochs and at step 0 (docs/probe.md): about 4 s of
+  # the pretraining's 30 on the loaded Xeon once compiled (docs/benchmarks.md).
+  pretrain.probe.enabled = True
+  pretrain.probe.every_steps = 14
   c.pretrain = pretrain
 
   finetune = _sibling("finetune").get_config("checkpoint,tiny")
