@@ -41,4 +41,6 @@ def test_flops_per_pair_do_not_depend_on_the_device_count():
                                                                   4 // n, shapes_only=True)
     per_device[n] = throughput.step_flops(step, state, batch, rng, n) / global_batch
   assert per_device[1] > 0
-  assert math.isclose(per_device[1], per_device[4], rel_tol=1e-9)
+  # Each device repeats the few scalar ops after a metric's cross-device sum
+  # (the collapse signals: ~100 FLOPs per step); a miscounted share is off by O(1).
+  assert math.isclose(per_device[1], per_device[4], rel_tol=1e-6)

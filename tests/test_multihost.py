@@ -103,10 +103,11 @@ def _free_port():
 
 @pytest.mark.slow
 def test_two_processes_match_one_process(devices, tmp_path):
-  from conftest import assert_tree_close  # not at the top: the worker must not import conftest
+  # not at the top: the worker must not import conftest
+  from conftest import assert_tree_close, child_xla_flags
   port = _free_port()
   env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+             XLA_FLAGS=child_xla_flags(2))
   procs = [subprocess.Popen(
       [sys.executable, __file__, "worker", str(port), str(i),
        str(tmp_path / f"out{i}.npz")], env=env, stdout=subprocess.PIPE,

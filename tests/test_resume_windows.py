@@ -19,6 +19,7 @@ import time
 import jax
 import numpy as np
 import pytest
+from conftest import child_xla_flags
 
 from glc_jax import checkpoint
 from test_stages_resume import MODEL, _dataset, _records
@@ -54,7 +55,7 @@ class _Runs:
     self.root = root
     self.data = _dataset(root, bands=4, split_fractions={"train": 0.5, "val": 0.5})
     self.env = dict(os.environ, JAX_PLATFORMS="cpu",
-                    XLA_FLAGS="--xla_force_host_platform_device_count=2",
+                    XLA_FLAGS=child_xla_flags(2),
                     JAX_COMPILATION_CACHE_DIR=str(root / "jax_cache"),
                     JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
 

@@ -18,6 +18,7 @@ import time
 import jax
 import numpy as np
 import pytest
+from conftest import child_xla_flags
 
 from data_prep import convert, synthetic
 from glc_jax import checkpoint
@@ -65,7 +66,7 @@ class _Runs:
   def __init__(self, root: pathlib.Path):
     self.data = _dataset(root, bands=4)
     self.env = dict(os.environ, JAX_PLATFORMS="cpu",
-                    XLA_FLAGS="--xla_force_host_platform_device_count=2",
+                    XLA_FLAGS=child_xla_flags(2),
                     JAX_COMPILATION_CACHE_DIR=str(root / "jax_cache"),
                     JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     self.uninterrupted, self.resumed = root / "uninterrupted", root / "resumed"

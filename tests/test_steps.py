@@ -180,17 +180,13 @@ def test_mocov2_step_is_device_count_invariant(devices):
                 leaf_rtol=0)
 
 
+# GLCNet's ablations are not run here: each only drops a branch or the variance
+# of glcnet's step above (no collective of its own), and their switches are
+# tested in test_models.py; each 1-vs-8 pair costs two compiles.
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["glcnet_nostyle", "glcnet_noglobal",
-                                  "glcnet_nolocal", "simclr"])
-def test_ablations_and_simclr_are_device_count_invariant(name, devices):
-  _, _, metrics = check_one_vs_eight_devices(_config(name), devices)
-  if name == "glcnet_noglobal":
-    assert "loss_global" not in metrics
-    np.testing.assert_allclose(metrics["loss"], metrics["loss_local"], rtol=1e-6)
-  if name == "glcnet_nolocal":
-    assert "loss_local" not in metrics
-    np.testing.assert_allclose(metrics["loss"], metrics["loss_global"], rtol=1e-6)
+def test_simclr_is_device_count_invariant(devices):
+  _, _, metrics = check_one_vs_eight_devices(_config("simclr"), devices)
+  assert "loss_local" not in metrics
 
 
 @pytest.mark.slow

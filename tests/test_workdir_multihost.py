@@ -61,13 +61,14 @@ def _free_port():
 
 @pytest.mark.slow
 def test_process_0_locks_and_every_process_refuses_together(tmp_path):
+  from conftest import child_xla_flags  # not at the top: the worker must not import conftest
   (tmp_path / "trained" / "checkpoints" / "4").mkdir(parents=True)
   (tmp_path / "trained" / "config.json").write_text(json.dumps(_config(0.25).to_dict()))
   holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(tmp_path / "busy")],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
   assert holder.stdout.readline() == "held\n"
   port = _free_port()
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=child_xla_flags(1))
   procs = [subprocess.Popen([sys.executable, __file__, "worker", str(port), str(i), str(tmp_path),
                              str(tmp_path / f"out{i}.json")], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True) for i in range(2)]
