@@ -2,14 +2,20 @@
 
 Needs libtpu (`pip install -e '.[aot]'`); compiles for a named TPU topology's
 compile-only devices, like glc_jax/benchmark/aot.py, and runs nothing. Run one
-compile process at a time: a full-size GLCNet step takes 7 to 16 minutes of
-one core.
+compile process at a time: a full-size GLCNet step takes 4 to 16 minutes on
+a 2-core host, depending on its load. docs/scaling.md ("Compile time") gives
+the figures these commands produced.
 
     python benchmarks/compile_time.py --topology=v5e:2x2 --part=step --pass_times \
         --out=/tmp/compile_time.jsonl          # the full GLCNet step, split
     python benchmarks/compile_time.py --part=grad --stage_blocks=3,4,1,3 \
-        --view_size=96 --batch_per_chip=8      # a smaller program, to see what scales
-    python benchmarks/compile_time.py --scan_blocks ...   # the lax.scan lever
+        --view_size=96 --patch_size=16 --batch_per_chip=8   # a smaller program
+    python benchmarks/compile_time.py --kernel_times=/tmp/kernels   # per-kernel times
+    python benchmarks/compile_time.py --part=conv --conv=128,28,128,128,3 \
+        --conv_context=fused                   # one conv's forward + gradients
+    python benchmarks/compile_time.py --scan_blocks        # the lax.scan lever
+    python benchmarks/compile_time.py --effort=-1          # XLA's optimisation effort
+    LIBTPU_INIT_ARGS=--xla_jf_conv_input_fusion=false python benchmarks/compile_time.py
 
 Each run appends one JSON row to --out (and prints it) with the wall and CPU
 seconds (getrusage, all threads) of the three jax.stages steps: trace
