@@ -1,11 +1,19 @@
-"""The collectives of the train step, read from its lowered program (nothing compiles):
-the AOT report's byte count of each collective (glc_jax/benchmark/aot.py,
-docs/scaling.md) against the shapes the step gathers.
+"""The collectives of the train step, read from its lowered program (nothing compiles).
+
+Gradients of replicated parameters and the backward pass of synchronised
+BatchNorm are summed over devices; in a bfloat16 step those sums must see the
+float32 values, not their bfloat16 casts (on 256 chips a bfloat16 sum keeps
+about 3 significant digits). The AOT report's byte count of each collective
+(glc_jax/benchmark/aot.py, docs/scaling.md) is checked here against the
+shapes the step gathers.
 """
+import re
+
 import pytest
 
 from glc_jax.benchmark import throughput
 
+_ALL_REDUCE = re.compile(r"= \(?([a-z0-9]+)\[[0-9,]*\][^ ]* all-reduce\(")
 EMBED_DIM, PATCHES = 64, 4
 
 
@@ -15,6 +23,13 @@ def lowered_bf16_glcnet(devices):
       "glcnet", "tiny", len(devices), "bfloat16", 1, shapes_only=True, conv_impl="plain")
   assert batch["patch_valid"].shape == (global_batch, PATCHES)
   return step.lower(state, batch, rng), global_batch
+
+
+def test_bfloat16_step_sums_across_devices_in_float32(lowered_bf16_glcnet):
+  lowered, _ = lowered_bf16_glcnet
+  dtypes = _ALL_REDUCE.findall(lowered.compiler_ir(dialect="hlo").as_hlo_text())
+  assert len(dtypes) > 100  # every parameter's gradient, the BatchNorm statistics, the losses
+  assert "bf16" not in dtypes, f"{dtypes.count('bf16')} of {len(dtypes)} all-reduces in bfloat16"
 
 
 def test_aot_report_counts_the_gathered_embeddings(lowered_bf16_glcnet, devices):

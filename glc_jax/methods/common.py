@@ -165,7 +165,15 @@ def make_train_step(method: Method, tx: optax.GradientTransformation,
     method.check_batch(batch)
     rng = jax.random.fold_in(jax.random.fold_in(rng, state.step),
                              jax.lax.axis_index(DATA_AXIS))
-    grad_fn = jax.value_and_grad(method.loss, has_aux=True)
+    def loss(params, *args):
+      # The replicated parameters become device-varying here, in float32, so the
+      # cross-device gradient sum (this cast's transpose) runs in float32. Left to
+      # shard_map, that sum sits where each parameter meets the varying
+      # activations, after its cast to the compute dtype: bfloat16 gradients
+      # summed over every device.
+      return method.loss(jax.lax.pcast(params, DATA_AXIS, to="varying"), *args)
+
+    grad_fn = jax.value_and_grad(loss, has_aux=True)
     (loss, aux), grads = grad_fn(state.params, state, batch, rng)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)

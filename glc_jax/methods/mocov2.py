@@ -52,8 +52,10 @@ class MoCoV2Method(Method):
   def loss(self, params, state: TrainState, batch: Batch, rng: jax.Array):
     extras = state.extras
     m = self.momentum
+    # state.params: the same values as `params`, but replicated, as the key
+    # network must stay (`params` is the step's device-varying copy).
     key_params = jax.tree.map(lambda k, q: m * k + (1 - m) * q,
-                              extras["key_params"], jax.lax.stop_gradient(params))
+                              extras["key_params"], state.params)
     query_rng, key_rng = jax.random.split(rng)
     q, batch_stats = self.apply_train(params, state.batch_stats, batch["view1"],
                                       rng=query_rng)

@@ -298,6 +298,11 @@ class BatchNorm(nn.Module):
         for i in range(g):
           ra_mean.value = (1.0 - m) * ra_mean.value + m * mean[i]
           ra_var.value = (1.0 - m) * ra_var.value + m * unbiased[i]
+      if self.axis_name is not None:
+        # Synced statistics are device-invariant. Made varying here, in float32,
+        # the backward pass sums their cotangents over devices in float32; left
+        # to shard_map, the sum would follow the mean's cast to the compute dtype.
+        mean, var = (jax.lax.pcast(v, self.axis_name, to="varying") for v in (mean, var))
     else:
       mean = jnp.broadcast_to(ra_mean.value, (g, c))
       var = jnp.broadcast_to(ra_var.value, (g, c))
