@@ -1,5 +1,6 @@
-"""Pretraining through train.py: a run killed mid-way and rerun matches an uninterrupted
-run, and fine-tuning starts from exactly the parameters the pretraining checkpoint holds.
+"""Pretraining through train.py: a run killed in the middle of an online probe and rerun
+matches an uninterrupted run (losses, state and probe history), and fine-tuning starts
+from exactly the parameters the pretraining checkpoint holds.
 
 The runs are subprocesses on 2 virtual CPU devices (still a sharded step, with
 cross-device BatchNorm and negatives; 8 devices took half as long again, mostly
@@ -22,13 +23,39 @@ from conftest import child_xla_flags
 
 from data_prep import convert, synthetic
 from glc_jax import checkpoint
-from glc_jax.stages import finetune, setup
+from glc_jax.stages import finetune, probe, setup
 
 TOTAL_STEPS = 8
 CHECKPOINT_EVERY = 2
+# The online probe runs at steps 0, 3, 6 and 8; the killed run dies inside the probe of
+# step 6, so it resumes from checkpoint 4, whose history holds a probe (step 3) made
+# between checkpoints, and replays steps 5-6 and that probe.
+PROBE_EVERY = 3
+KILLED_IN_PROBE = 6
+RESUMES_FROM = 4
+PROBE_STEPS = [0, 3, 6, 8]
 MODEL = {"depth": 18, "width": 0.125}
 # Fields of a metrics.jsonl record that a resumed run must reproduce (not throughput).
 COMPARED = ("loss", "loss_global", "loss_local", "grad_norm", "lr")
+PROBE_SCORES = ("probe_oa", "probe_kappa", "probe_miou")
+
+# train.py, with the probe of step KILLED_IN_PROBE marking that it has started (argv[1],
+# a file) and then waiting there to be killed: the SIGKILL lands mid-probe, after the
+# features, before the head is fitted and scored, on a process whose earlier async
+# checkpoint saves have finished.
+KILLED_IN_PROBE_TRAIN_PY = f"""
+import pathlib, runpy, sys, time
+from glc_jax.stages import probe
+marker, fit_head = pathlib.Path(sys.argv[1]), probe.OnlineProbe.fit_head
+def fit_head_then_wait(self, batches, step):
+  if step == {KILLED_IN_PROBE}:
+    marker.touch()
+    time.sleep(600)
+  return fit_head(self, batches, step)
+probe.OnlineProbe.fit_head = fit_head_then_wait
+sys.argv = sys.argv[2:]
+runpy.run_path("train.py", run_name="__main__")
+"""
 
 
 def _load_config(name: str, variant: str):
@@ -39,8 +66,8 @@ def _load_config(name: str, variant: str):
   return module.get_config(variant)
 
 
-def _dataset(root: pathlib.Path, bands: int, split_fractions=None) -> pathlib.Path:
-  """4 scenes of 128² → 16 tiles of 64², all in 'train' unless split_fractions says otherwise."""
+def _dataset(root: pathlib.Path, bands: int, split_fractions) -> pathlib.Path:
+  """4 scenes of 128² → 16 tiles of 64², split by scene."""
   synthetic.write_corpus(root / "corpus", num_scenes=4, height=128, width=128, seed=2, bands=bands)
   return convert.convert(str(root / "corpus" / "images"), root / "dataset",
                          str(root / "corpus" / "labels"),
@@ -64,18 +91,22 @@ class _Runs:
   """The pretraining runs of this module: uninterrupted, and killed then rerun."""
 
   def __init__(self, root: pathlib.Path):
-    self.data = _dataset(root, bands=4)
+    # 12 training tiles; the probe fits on 3 of them and is scored on the 4 'val' tiles.
+    self.data = _dataset(root, bands=4, split_fractions={"train": 0.75, "val": 0.25})
     self.env = dict(os.environ, JAX_PLATFORMS="cpu",
                     XLA_FLAGS=child_xla_flags(2),
                     JAX_COMPILATION_CACHE_DIR=str(root / "jax_cache"),
                     JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     self.uninterrupted, self.resumed = root / "uninterrupted", root / "resumed"
+    self.probing = root / "probing"
 
   def command(self, work: pathlib.Path) -> list[str]:
     overrides = {"data.path": self.data, "data.batch_size": 8, "data.num_workers": 0,
                  "model.depth": MODEL["depth"], "model.width": MODEL["width"],
                  "input.view_size": 64, "num_steps": TOTAL_STEPS,
-                 "checkpoint_every": CHECKPOINT_EVERY, "log_every": 1}
+                 "checkpoint_every": CHECKPOINT_EVERY, "log_every": 1,
+                 "probe.enabled": True, "probe.every_steps": PROBE_EVERY, "probe.fraction": 0.25,
+                 "probe.steps": 5, "probe.batch_size": 8}
     return [sys.executable, "train.py", "--config=configs/pretrain.py:glcnet,tiny",
             f"--workdir={work}", *(f"--config.{k}={v}" for k, v in overrides.items())]
 
@@ -84,25 +115,24 @@ class _Runs:
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
 
-  def run_and_kill(self, work: pathlib.Path) -> tuple[int, int]:
-    """Starts a run and SIGKILLs it once it has logged a step past a finished periodic checkpoint.
+  def run_and_kill(self, work: pathlib.Path) -> tuple[list[dict], int]:
+    """Starts a run and SIGKILLs it in the middle of the probe of step KILLED_IN_PROBE.
 
-    (Orbax also saves the very first step; waiting for an interval checkpoint
-    resumes from one the run chose to write, not only from that first save.)
+    The kill waits for the periodic checkpoint RESUMES_FROM to be finished (Orbax
+    also saves the very first step; an interval checkpoint resumes from one the
+    run chose to write, with a probe history past step 0).
 
     Returns (the metrics.jsonl records at the kill, the checkpoint step the rerun must resume from).
     """
-    proc = subprocess.Popen(self.command(work), env=self.env, stdout=subprocess.DEVNULL,
+    command = self.command(work)
+    command[1:2] = ["-c", KILLED_IN_PROBE_TRAIN_PY, str(self.probing), "train.py"]
+    proc = subprocess.Popen(command, env=self.env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
     deadline = time.monotonic() + 240
     try:
-      while True:
+      while not (self.probing.exists() and RESUMES_FROM in _checkpoint_steps(work)):
         assert proc.poll() is None, f"the run ended before it was killed:\n{proc.stderr.read()[-3000:]}"
-        assert time.monotonic() < deadline, "no checkpoint within the deadline"
-        steps = _checkpoint_steps(work)
-        records = _records(work / "metrics.jsonl")
-        if steps and steps[-1] >= CHECKPOINT_EVERY and records and records[-1]["step"] > steps[-1]:
-          break
+        assert time.monotonic() < deadline, "the probe to kill in did not start within the deadline"
         time.sleep(0.02)
     finally:
       proc.send_signal(signal.SIGKILL)
@@ -122,20 +152,21 @@ def runs(tmp_path_factory):
 
 @pytest.mark.slow
 def test_killed_run_resumes_with_the_losses_of_an_uninterrupted_run(runs):
+  # Step 0 is the probe of the untrained network, logged before any update.
   reference = _records(runs.uninterrupted / "metrics.jsonl")
-  assert [r["step"] for r in reference] == list(range(1, TOTAL_STEPS + 1))
+  assert [r["step"] for r in reference] == list(range(TOTAL_STEPS + 1))
 
   before = runs.killed_records
   assert before[-1]["step"] < TOTAL_STEPS, "the kill came after the run had finished"
   assert before[-1]["step"] > runs.resume_step
   # The rerun replays the steps after its checkpoint, and the log holds each step once.
   records = _records(runs.resumed / "metrics.jsonl")
-  assert [r["step"] for r in records] == list(range(1, TOTAL_STEPS + 1))
-  for expected, got in zip(reference, records):
+  assert [r["step"] for r in records] == list(range(TOTAL_STEPS + 1))
+  for expected, got in zip(reference[1:], records[1:]):
     assert {k: got[k] for k in COMPARED} == {k: expected[k] for k in COMPARED}, expected["step"]
   # The steps logged before the kill and again after it agree too.
-  for record in before:
-    assert {k: record[k] for k in COMPARED} == {k: records[record["step"] - 1][k] for k in COMPARED}
+  for record in before[1:]:
+    assert {k: record[k] for k in COMPARED} == {k: records[record["step"]][k] for k in COMPARED}
 
   final_reference = checkpoint.read_state(runs.uninterrupted)
   final_resumed = checkpoint.read_state(runs.resumed)
@@ -144,6 +175,30 @@ def test_killed_run_resumes_with_the_losses_of_an_uninterrupted_run(runs):
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(final_resumed),
                           jax.tree.leaves(final_reference)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.slow
+def test_run_killed_mid_probe_resumes_with_the_probe_history_of_an_uninterrupted_run(runs):
+  # The kill landed inside the probe of step KILLED_IN_PROBE: that step was trained but
+  # neither logged nor checkpointed (both come after its probe).
+  assert runs.probing.exists()
+  assert [r["step"] for r in runs.killed_records] == list(range(KILLED_IN_PROBE))
+  assert runs.resume_step == RESUMES_FROM
+
+  reference = probe.read_history(runs.uninterrupted)
+  assert [h["step"] for h in reference] == PROBE_STEPS
+  assert probe.read_history(runs.resumed) == reference
+  # Each probe step is logged once, with the history's scores; the others carry none.
+  records = _records(runs.resumed / "metrics.jsonl")
+  logged = [{"step": r["step"], **{k: r[k] for k in PROBE_SCORES}}
+            for r in records if any(k in r for k in PROBE_SCORES)]
+  assert logged == reference
+  # The final checkpoint holds the same history as probe.json.
+  saved = checkpoint.RunCheckpoints(runs.resumed, every_steps=CHECKPOINT_EVERY)
+  try:
+    assert saved.probe_history(TOTAL_STEPS) == reference
+  finally:
+    saved.close()
 
 
 def _finetune_config(work: pathlib.Path, data: pathlib.Path, transfer: str):
