@@ -105,10 +105,7 @@ def host_batch(method: str, config, batch: int, seed: int = 0) -> dict[str, np.n
   """One batch from the method's input recipe applied to random 4-band uint8 tiles."""
   from glc_jax.data import pipelines  # pylint: disable=import-outside-toplevel
   rng = np.random.default_rng(seed)
-  # The ablations share GLCNet's input (stages.pretrain.data_recipe_name's rule; that module
-  # is not imported, so that the step benchmark needs neither TensorBoard nor the stages).
-  name = "glcnet" if method.startswith("glcnet") else method
-  example_fn = pipelines.recipe_for(name, config.input,
+  example_fn = pipelines.recipe_for(pipelines.recipe_name(method), config.input,
                                     dataset={"norm": {"mode": "reference"}, "value_max": 255.0})
   tile = config.input.crop_size if method == "finetune" else 256
   examples = []

@@ -113,6 +113,11 @@ def _merged(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict:
   return out
 
 
+def recipe_name(method: str) -> str:
+  """The input recipe of a pretraining method: GLCNet's ablations take GLCNet's input."""
+  return "glcnet" if method.startswith("glcnet") else method
+
+
 def recipe_for(method: str, config: Mapping[str, Any] | Any | None = None,
                permutations: np.ndarray | None = None,
                dataset: Mapping[str, Any] | None = None) -> ExampleFn:

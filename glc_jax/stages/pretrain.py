@@ -21,10 +21,6 @@ from glc_jax.data import pipelines
 from glc_jax.stages import loop, probe as probe_lib, run_dir, setup
 
 
-def data_recipe_name(method: str) -> str:
-  return "glcnet" if method.startswith("glcnet") else method
-
-
 # Minimum of each count key; epochs only counts when num_steps is 0.
 COUNTS = {"num_steps": 0, "log_every": 1, "checkpoint_every": 1, "keep_checkpoints": 1,
           "data.num_workers": 0}
@@ -43,11 +39,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     permutations = pipelines.jigsaw_permutation_set(
         config.input.get("permutations", ""), config.model.get("num_permutations", 1000), tiles)
   example_fn = pipelines.recipe_for(
-      data_recipe_name(config.method), config.input, permutations=permutations,
+      pipelines.recipe_name(config.method), config.input, permutations=permutations,
       dataset=pipelines.dataset_data_config(info, norm_mode=config.data.norm))
   dataset = pipelines.train_dataset(
       source, example_fn, batch_size=global_batch // jax.process_count(), seed=config.seed,
-      epoch_arrays=pipelines.epoch_arrays_for(data_recipe_name(config.method), config.input))
+      epoch_arrays=pipelines.epoch_arrays_for(pipelines.recipe_name(config.method), config.input))
 
   steps_per_epoch = len(source) // global_batch
   total_steps = config.num_steps or config.epochs * steps_per_epoch
