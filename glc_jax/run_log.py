@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import pathlib
 import time
 
 import jax
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
+
+from glc_jax import files
 
 
 class RunLog:
@@ -93,6 +94,4 @@ def _drop_records_after(path: pathlib.Path, last_step: int) -> None:
   kept = [line for line in lines
           if line.endswith("\n") and json.loads(line).get("step", 0) <= last_step]
   if len(kept) < len(lines):
-    partial = path.with_name(path.name + ".tmp")
-    partial.write_text("".join(kept))
-    os.replace(partial, path)  # a kill now leaves the old log or the new one, whole
+    files.write_text_atomic(path, "".join(kept))

@@ -63,7 +63,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 
-from glc_jax import parallel  # noqa: E402
+from glc_jax import files, parallel  # noqa: E402
 # host_batch gives the batch shapes; its flags --methods, --size and --out are
 # replaced by this module's own (allow_override below).
 from glc_jax.benchmark import throughput  # noqa: E402
@@ -450,10 +450,7 @@ def write_tables(out: str, header: str, rows: Sequence[Row]) -> None:
                        (".json", json.dumps({"header": header,
                                              "rows": [dataclasses.asdict(r) for r in rows]},
                                             indent=1) + "\n")):
-    path = base.with_name(base.name + suffix)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    files.write_text_atomic(base.with_name(base.name + suffix), text)
 
 
 _METHODS = flags.DEFINE_list("methods", ["glcnet"], f"Steps to compile, of {', '.join(METHODS)}.",

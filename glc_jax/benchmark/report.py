@@ -14,6 +14,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from glc_jax import files
+
 METRICS = (("overall_accuracy", "OA"), ("kappa", "Kappa"), ("miou", "mIoU"))
 CSV_FIELDS = ("init", "fraction", "seed", "overall_accuracy", "kappa", "miou", "mean_f1", "num_pixels")
 
@@ -28,12 +30,6 @@ def cell_row(init: str, fraction: float, seed: int, metrics: Mapping) -> dict:
     value = scores.get("iou")
     row[f"iou_{name}"] = math.nan if value is None else value
   return row
-
-
-def _atomic_write(path: pathlib.Path, text: str) -> None:
-  tmp = path.with_name(f".{path.name}.tmp")
-  tmp.write_text(text)
-  os.replace(tmp, path)
 
 
 def write_csv(path: pathlib.Path, rows: Sequence[Mapping]) -> None:
@@ -181,7 +177,7 @@ def results_markdown(rows: Sequence[Mapping], inits: Sequence[str], fractions: S
 
 
 def write_markdown(path: pathlib.Path, text: str) -> None:
-  _atomic_write(path, text)
+  files.write_text_atomic(path, text)
 
 
 def plot_metrics(rows: Sequence[Mapping], inits: Sequence[str], fractions: Sequence[float],

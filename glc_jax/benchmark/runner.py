@@ -67,9 +67,9 @@ def run_cell(config, cell: Cell, work: pathlib.Path, data_path: str, num_labelle
 
 def probe_histories(config, work: pathlib.Path) -> dict[tuple[str, int], list[dict]]:
   """(method, seed) → the online probe's history of each finished pretraining run that probed."""
-  return {(m, s): probe.read_history(matrix.pretrain_dir(work, m, s))
-          for m in config.methods for s in config.seeds
-          if probe.read_history(matrix.pretrain_dir(work, m, s))}
+  histories = {(m, s): probe.read_history(matrix.pretrain_dir(work, m, s))
+               for m in config.methods for s in config.seeds}
+  return {key: history for key, history in histories.items() if history}
 
 
 def write_reports(config, work: pathlib.Path, plots: bool) -> list[dict]:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import collections
 import json
-import os
 import pathlib
 
 import jax
@@ -30,7 +29,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from glc_jax import checkpoint, inference, metrics, parallel, predictions
+from glc_jax import checkpoint, files, inference, metrics, parallel, predictions
 from glc_jax.data import pipelines, recipes
 from glc_jax.stages import finetune, run_dir, setup
 
@@ -110,9 +109,7 @@ def _assemble(source, indices: list[int], bands: int):
 
 
 def _write_json(path: pathlib.Path, obj) -> None:
-  tmp = path.with_name(f".{path.name}.tmp")
-  tmp.write_text(json.dumps(obj, indent=2) + "\n")
-  os.replace(tmp, path)
+  files.write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
 METRICS_MODES = ("ours", "reference")

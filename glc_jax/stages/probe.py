@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from glc_jax import methods, optim, parallel
+from glc_jax import files, methods, optim, parallel
 from glc_jax.data import pipelines
 from glc_jax.methods.probe import ProbeHeadMethod
 from glc_jax.models.probe import PROBE_HEADS, ProbeSegmenter
@@ -179,10 +179,8 @@ def write_history(workdir: str | os.PathLike, history: list[dict[str, float]]) -
   """<workdir>/probe.json = {'history': [{'step', 'probe_oa', ...}, ...]}, written whole or not at all."""
   if jax.process_index() != 0:
     return
-  path = pathlib.Path(workdir) / HISTORY_FILE
-  partial = path.with_name(path.name + ".tmp")
-  partial.write_text(json.dumps({"history": history}, indent=1) + "\n")
-  os.replace(partial, path)
+  files.write_text_atomic(pathlib.Path(workdir) / HISTORY_FILE,
+                          json.dumps({"history": history}, indent=1) + "\n")
 
 
 def read_history(workdir: str | os.PathLike) -> list[dict[str, float]]:
@@ -191,7 +189,6 @@ def read_history(workdir: str | os.PathLike) -> list[dict[str, float]]:
   if not path.exists():
     return []
   return json.loads(path.read_text())["history"]
-
 
 
 def summary(history: list[dict[str, float]], eval_split: str) -> str:

@@ -30,6 +30,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from glc_jax import files
 from glc_jax.stages import setup
 
 LOCK_FILE = "run.lock"
@@ -192,9 +193,8 @@ class Claim:
     if jax.process_index() != 0 or self.config is None:
       return
     if not holds_checkpoint(self.path):
-      tmp = self.path / f".{CONFIG_FILE}.tmp"
-      tmp.write_text(json.dumps(self.config.to_dict(), indent=2, default=str) + "\n")
-      os.replace(tmp, self.path / CONFIG_FILE)
+      files.write_text_atomic(self.path / CONFIG_FILE,
+                              json.dumps(self.config.to_dict(), indent=2, default=str) + "\n")
     elif self.changes:
       record = {"time": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                 "changes": {k: {"from": old, "to": new} for k, (old, new) in self.changes.items()}}
