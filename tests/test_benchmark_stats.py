@@ -130,3 +130,57 @@ def test_comparisons_against_the_baselines_present():
   assert stats.comparisons(["glcnet", "simclr", "random"]) == [
       ("glcnet", "random"), ("simclr", "random"), ("glcnet", "simclr")]
   assert stats.comparisons(["glcnet", "mocov2"]) == []
+
+
+def _report_rows():
+  """glcnet, simclr, random at 5% over seeds 0-4 (simclr lacks seed 4), OA and tree IoU.
+
+  OA: glcnet = random + GAIN (the hand-computed example above); simclr = random − 1
+  point on seeds 0-3. Tree IoU: glcnet − random = +1, +3, +2, +4, +0 points. Kappa and
+  mIoU follow OA (kappa = OA − 0.2, mIoU = OA / 2).
+  """
+  rows = []
+  for s, b in enumerate(BASE):
+    rows.append({"init": "random", "fraction": 0.05, "seed": s, "overall_accuracy": b,
+                 "iou_tree": 0.10})
+    rows.append({"init": "glcnet", "fraction": 0.05, "seed": s, "overall_accuracy": b + GAIN[s],
+                 "iou_tree": 0.10 + GAIN[s] - 0.01})
+    if s < 4:
+      rows.append({"init": "simclr", "fraction": 0.05, "seed": s, "overall_accuracy": b - 0.01,
+                   "iou_tree": math.nan})
+  return [{**r, "kappa": r["overall_accuracy"] - 0.2, "miou": r["overall_accuracy"] / 2}
+          for r in rows]
+
+
+def test_paired_tables_in_results_md():
+  rows = _report_rows()
+  text = report.results_markdown(rows, ["glcnet", "simclr", "random"], [0.05], "T", "test")
+  assert "## Paired differences against random and simclr" in text
+  assert "scipy.stats.t.ppf" in text and "paired t interval" in text
+  oa = text.split("### OA")[1].split("###")[0]
+  # glcnet − random: 3 ± 1.963 (hand-computed above).
+  assert "| glcnet − random | +3.00 [+1.04, +4.96] better |" in oa
+  # simclr − random: −1 point on each of the 4 seeds simclr finished.
+  assert "| simclr − random | −1.00 no spread at n=4 |" in oa
+  # glcnet − simclr over seeds 0-3: d = 3, 5, 4, 6 points, i.e. the seeds-0-3 example
+  # shifted by +1: 4.5 ± 2.054; 4 of the table's 5 pairs, so the cell says n.
+  assert "| glcnet − simclr | +4.50 [+2.45, +6.55] better (n=4) |" in oa
+  # mIoU = OA / 2 halves every difference and bound.
+  assert "| glcnet − random | +1.50 [+0.52, +2.48] better |" in text.split("### mIoU")[1]
+  per_class = text.split("### Per-class IoU")[1]
+  # Tree: d = 1, 3, 2, 4, 0 = the OA differences − 1 → 2 ± 1.963; simclr's are all NaN.
+  assert "| glcnet − random | 5% | +2.00 [+0.04, +3.96] better |" in per_class
+  assert "| simclr − random | 5% | – |" in per_class
+
+
+def test_no_paired_section_without_a_baseline():
+  rows = [r for r in _report_rows() if r["init"] == "glcnet"]
+  text = report.results_markdown(rows, ["glcnet"], [0.05], "T", "test")
+  assert "Paired differences" not in text
+
+
+def test_metric_plots_one_png_per_metric(tmp_path):
+  paths = report.plot_metrics(_report_rows(), ["glcnet", "simclr", "random"], [0.05], tmp_path)
+  assert [p.name for p in paths] == ["overall_accuracy.png", "kappa.png", "miou.png"]
+  for p in paths:
+    assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

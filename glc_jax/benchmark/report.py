@@ -3,6 +3,8 @@
 Scores are reported in percent. Over seeds: the mean and the sample standard
 deviation (ddof=1; '–' with a single seed). In each column of results.md the
 best mean is in bold (all of them when they tie at the printed precision).
+Paired differences against random init and SimCLR, with 95% paired t
+intervals and verdicts, come from benchmark.stats.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from glc_jax import files
+from glc_jax.benchmark import stats
 
 METRICS = (("overall_accuracy", "OA"), ("kappa", "Kappa"), ("miou", "mIoU"))
 CSV_FIELDS = ("init", "fraction", "seed", "overall_accuracy", "kappa", "miou", "mean_f1", "num_pixels")
@@ -111,22 +114,22 @@ def metric_table(rows: Sequence[Mapping], key: str, inits: Sequence[str],
   probe: init → (mean, std, seeds) of a first column, the online probe's score at
   the end of pretraining (probe_scores), when given.
   """
-  stats = aggregate(rows, key)
+  agg = aggregate(rows, key)
   first = "probe (end of pretraining) | " if probe else ""
   header = "| init | " + first + " | ".join(_fraction_label(f) for f in fractions) + " |"
   lines = [header, "|---|" + "---|" * (len(fractions) + bool(probe))]
   best = {}
   for f in fractions:
-    means = [_shown(stats[(i, f)][0]) for i in inits
-             if (i, f) in stats and math.isfinite(stats[(i, f)][0])]
+    means = [_shown(agg[(i, f)][0]) for i in inits
+             if (i, f) in agg and math.isfinite(agg[(i, f)][0])]
     best[f] = max(means) if means else None
   for init in inits:
     cells = []
     for f in fractions:
-      if (init, f) not in stats:
+      if (init, f) not in agg:
         cells.append("")
         continue
-      mean, std, _ = stats[(init, f)]
+      mean, std, _ = agg[(init, f)]
       text = _fmt(mean, std)
       cells.append(f"**{text}**" if best[f] is not None and _shown(mean) == best[f] else text)
     if probe:
@@ -151,6 +154,89 @@ def per_class_table(rows: Sequence[Mapping], inits: Sequence[str], fractions: Se
   return "\n".join(lines)
 
 
+def _signed(x: float) -> str:
+  """A difference in points with its sign, '−' for minus as in the text."""
+  return f"{100 * x:+.2f}".replace("-", "−")
+
+
+def paired_cell(diff: stats.PairedDifference, full_n: int) -> str:
+  """'+3.10 [−1.20, +7.40] better'; the pair count joins verdicts that lack it when it is
+  below `full_n` (seeds missing or NaN), '–' without pairs."""
+  if diff.n == 0:
+    return "–"
+  text = _signed(diff.mean)
+  if math.isfinite(diff.low):
+    text += f" [{_signed(diff.low)}, {_signed(diff.high)}]"
+  text += f" {diff.verdict}"
+  return text + f" (n={diff.n})" if "n=" not in diff.verdict and diff.n < full_n else text
+
+
+def _paired_lines(header: Sequence[str], labels: Sequence[str],
+                  diffs: Sequence[Sequence[stats.PairedDifference]]) -> str:
+  full_n = max((d.n for line in diffs for d in line), default=0)
+  lines = ["| " + " | ".join(header) + " |", "|---|" + "---|" * (len(header) - 1)]
+  lines += [f"| {label} | " + " | ".join(paired_cell(d, full_n) for d in line) + " |"
+            for label, line in zip(labels, diffs)]
+  return "\n".join(lines)
+
+
+def paired_table(rows: Sequence[Mapping], key: str, inits: Sequence[str],
+                 fractions: Sequence[float]) -> str:
+  """Markdown: one row per init − baseline (stats.comparisons), one column per fraction;
+  '' when the matrix has no baseline."""
+  pairs = stats.comparisons(inits)
+  if not pairs:
+    return ""
+  return _paired_lines(["init − baseline"] + [_fraction_label(f) for f in fractions],
+                       [f"{init} − {base}" for init, base in pairs],
+                       [[stats.paired_difference(rows, key, init, base, f) for f in fractions]
+                        for init, base in pairs])
+
+
+def paired_class_table(rows: Sequence[Mapping], inits: Sequence[str],
+                       fractions: Sequence[float]) -> str:
+  """Markdown: per-class IoU differences, one row per init − baseline and fraction."""
+  classes = [k for k in rows[0] if k.startswith("iou_")] if rows else []
+  pairs = stats.comparisons(inits)
+  if not pairs or not classes:
+    return ""
+  keys = [(init, base, f) for init, base in pairs for f in fractions]
+  return _paired_lines(["init − baseline", "fraction"] + [c[4:] for c in classes],
+                       [f"{init} − {base} | {_fraction_label(f)}" for init, base, f in keys],
+                       [[stats.paired_difference(rows, c, init, base, f) for c in classes]
+                        for init, base, f in keys])
+
+
+def paired_section(rows: Sequence[Mapping], inits: Sequence[str], fractions: Sequence[float]) -> list[str]:
+  """results.md's paired-difference section (method, tables), [] without a baseline."""
+  pairs = stats.comparisons(inits)
+  if not pairs:
+    return []
+  counts = sorted({stats.paired_difference(rows, "overall_accuracy", i, b, f).n
+                   for i, b in pairs for f in fractions})
+  parts = ["## Paired differences against " + " and ".join(
+               b for b in stats.BASELINES if b in inits), "",
+           "Each cell is init − baseline in points: the mean over the seeds that both "
+           "finished with a finite score, paired by seed (the same seed fine-tunes on the "
+           "same labelled subset in the same data order), then its 95% paired t interval, "
+           "mean ± t(0.975, n−1)·sd/√n with sd the sample std (ddof=1) of the per-seed "
+           "differences and the quantile from scipy.stats.t.ppf (the interval of "
+           "scipy.stats.ttest_rel), then a verdict: better (interval above 0), worse "
+           "(below 0), otherwise not distinguishable at n=K; n too small below two pairs; "
+           "no spread when every seed gave the same difference (the interval would be a "
+           "point, which measures no uncertainty, so none is shown). "
+           f"Pairs per cell (OA): {', '.join(str(n) for n in counts)}; a cell with fewer "
+           "pairs than the most says n. Many cells are read at once: at 95%, about one "
+           "cell in twenty with no real difference still reads better or worse, and OA, "
+           "Kappa and mIoU of the same runs are not independent evidence.", ""]
+  for key, label in METRICS:
+    parts += [f"### {label}", "", paired_table(rows, key, inits, fractions), ""]
+  by_class = paired_class_table(rows, inits, fractions)
+  if by_class:
+    parts += ["### Per-class IoU", "", by_class, ""]
+  return parts
+
+
 def seeds_note(rows: Sequence[Mapping]) -> str:
   counts = sorted({n for _, _, n in aggregate(rows, "overall_accuracy").values()})
   return ", ".join(str(n) for n in counts)
@@ -173,6 +259,7 @@ def results_markdown(rows: Sequence[Mapping], inits: Sequence[str], fractions: S
     parts += [f"## {label}", "",
               metric_table(rows, key, inits, fractions, probe if key == "miou" else None), ""]
   parts += ["## Per-class IoU (mean over seeds)", "", per_class_table(rows, inits, fractions), ""]
+  parts += paired_section(rows, inits, fractions)
   return "\n".join(parts)
 
 
@@ -182,29 +269,36 @@ def write_markdown(path: pathlib.Path, text: str) -> None:
 
 def plot_metrics(rows: Sequence[Mapping], inits: Sequence[str], fractions: Sequence[float],
                  out_dir: pathlib.Path, prefix: str = "") -> list[pathlib.Path]:
-  """One PNG per metric: mean ± std against label fraction (log axis), a line per init."""
+  """One PNG per metric: mean ± sample std over seeds (error bars) against label fraction
+  (log axis), a line per init, each init's points shifted a little sideways so that nine
+  or ten error bars at one fraction stay apart."""
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
 
   written = []
+  markers = "osD^vP*Xhp"
   for key, label in METRICS:
-    stats = aggregate(rows, key)
-    fig, ax = plt.subplots(figsize=(5.5, 4), dpi=110)
-    for init in inits:
-      fs = [f for f in fractions if (init, f) in stats]
+    agg = aggregate(rows, key)
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    for k, init in enumerate(inits):
+      fs = [f for f in fractions if (init, f) in agg]
       if not fs:
         continue
-      means = np.array([100 * stats[(init, f)][0] for f in fs])
-      stds = np.nan_to_num(np.array([100 * stats[(init, f)][1] for f in fs]))
-      ax.errorbar([100 * f for f in fs], means, yerr=stds, marker="o", capsize=3, label=init)
+      means = np.array([100 * agg[(init, f)][0] for f in fs])
+      stds = np.nan_to_num(np.array([100 * agg[(init, f)][1] for f in fs]))
+      shift = 10 ** (0.012 * (k - (len(inits) - 1) / 2))  # multiplicative: the x axis is log
+      ax.errorbar([100 * f * shift for f in fs], means, yerr=stds, marker=markers[k % len(markers)],
+                  capsize=3, label=init)
     ax.set_xscale("log")
     ax.set_xticks([100 * f for f in fractions], [_fraction_label(f) for f in fractions])
     ax.minorticks_off()
     ax.set_xlabel("labelled fraction of the training split")
     ax.set_ylabel(f"{label} (%)")
+    ax.set_title(f"{label}: mean ± sample std over seeds (seeds per point: {seeds_note(rows)})",
+                 fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
     fig.tight_layout()
     path = out_dir / f"{prefix}{key}.png"
     fig.savefig(path)
@@ -230,9 +324,9 @@ def plot_probe(histories: Mapping[tuple[str, int], Sequence[Mapping]], path: pat
   fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
   for method, steps in by_method.items():
     xs = sorted(steps)
-    stats = [mean_std(steps[x]) for x in xs]
-    means = np.array([100 * m for m, _ in stats])
-    stds = np.nan_to_num(np.array([100 * s for _, s in stats]))
+    points = [mean_std(steps[x]) for x in xs]
+    means = np.array([100 * m for m, _ in points])
+    stds = np.nan_to_num(np.array([100 * s for _, s in points]))
     ax.plot(xs, means, marker="o", markersize=3, label=method)
     ax.fill_between(xs, means - stds, means + stds, alpha=0.2)
   control_mean = probe_scores(histories, key, control).get(control)
