@@ -8,6 +8,10 @@ the reference's: batch 16, 150 epochs, Adam lr 1e-4 (0.9, 0.99), L2 1e-5, lr ×
 0.98 per epoch (a larger global batch scales the lr: 1e-4 per 16 examples), backbone + encoder transferred, 256×256 crops with the
 reference's augmentation. The best state by validation OA is kept (the
 reference's criterion), on `data.val_split`, apart from the test split.
+`early_stopping.patience` > 0 ends the run after that many validations (one
+per epoch) without a new best; 0, the default, trains every epoch as the
+reference does. A run that stopped stays stopped when rerun, also with more
+epochs; a rerun with a larger patience trains on (the key may change on resume).
 
 Append ",reference" for the original code's protocol where ours differs
 (docs/reproducing.md; each key is also settable alone): start from the
@@ -47,6 +51,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.checkpoint_every = 50 if tiny else 500
   c.keep_checkpoints = 2
   c.select_metric = "val_oa"
+  c.early_stopping = dict(patience=0)
   if reference:
     c.init.checkpoint = "best_loss"
     c.input.label_warp = "reference"

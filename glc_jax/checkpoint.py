@@ -232,6 +232,15 @@ class RunCheckpoints:
       self._best.wait_until_finished()
     return self._best.best_step() == step
 
+  def best_step(self) -> int | None:
+    """The step of the best state so far (None without one, or without best_metric)."""
+    return None if self._best is None else self._best.best_step()
+
+  def best_metrics(self) -> dict[str, float] | None:
+    """The validation scores saved with the best state (None without one)."""
+    step = self.best_step()
+    return None if step is None else dict(self._best.metrics(step))
+
   def restore_best(self, state_template: PyTree) -> tuple[PyTree, int]:
     if self._best is None or self._best.best_step() is None:
       raise FileNotFoundError("no best checkpoint has been saved in this run")

@@ -12,15 +12,24 @@ Config keys (configs/finetune.py):
   input: fine-tuning augmentation overrides (glc_jax/data/recipes.py FinetuneConfig)
   model: depth, output_stride, width, dtype; optimizer: see glc_jax/optim
   epochs, log_every, checkpoint_every, keep_checkpoints, select_metric
+  early_stopping.patience: stop after this many validations (epochs) without a
+  new best select_metric; 0 = train all epochs (the reference)
+
+Besides checkpoints and logs the run leaves best_step.json: where its best
+validation step fell in the steps it ran (write_best_step).
 """
 from __future__ import annotations
+
+import json
+import os
+import pathlib
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from glc_jax import checkpoint, methods, metrics, models, optim, parallel
+from glc_jax import checkpoint, files, methods, metrics, models, optim, parallel
 from glc_jax.data import pipelines
 from glc_jax.methods.segmentation import SegmentationMethod
 from glc_jax.parallel import DATA_AXIS
@@ -117,7 +126,32 @@ def make_validator(model, mesh, source, info, batch_size: int, data_config, pref
 
 
 COUNTS = {"epochs": 1, "log_every": 1, "checkpoint_every": 1, "keep_checkpoints": 1,
-          "data.num_workers": 0}
+          "data.num_workers": 0, "early_stopping.patience": 0}
+BEST_STEP_FILE = "best_step.json"
+
+
+def write_best_step(workdir: str | os.PathLike, checkpoints: checkpoint.RunCheckpoints,
+                    planned_steps: int, steps_per_epoch: int) -> None:
+  """<workdir>/best_step.json, written whole or not at all, from a finished fit's checkpoints.
+
+  {'select_metric', 'best_step', 'best_value', 'stopped_step', 'planned_steps',
+  'steps_per_epoch'}: best_step == stopped_step means the best state is the last
+  one validated, so more steps might still have improved it.
+  """
+  if jax.process_index() != 0:
+    return
+  best = checkpoints.best_metrics()
+  record = {"select_metric": checkpoints.best_metric, "best_step": checkpoints.best_step(),
+            "best_value": None if best is None else best[checkpoints.best_metric],
+            "stopped_step": checkpoints.latest_step(), "planned_steps": planned_steps,
+            "steps_per_epoch": steps_per_epoch}
+  files.write_text_atomic(pathlib.Path(workdir) / BEST_STEP_FILE, json.dumps(record, indent=1) + "\n")
+
+
+def read_best_step(workdir: str | os.PathLike) -> dict | None:
+  """What write_best_step wrote (None when the run has not finished)."""
+  path = pathlib.Path(workdir) / BEST_STEP_FILE
+  return json.loads(path.read_text()) if path.exists() else None
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -169,5 +203,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
         total_steps=total_steps, steps_per_epoch=steps_per_epoch,
         checkpoint_every=config.checkpoint_every, keep_checkpoints=config.keep_checkpoints,
         log_every=config.log_every, items_per_step=global_batch, desc="finetune",
-        validate=validate, best_metric=config.select_metric)
+        validate=validate, best_metric=config.select_metric,
+        patience=config.early_stopping.patience)
+    write_best_step(workdir, checkpoints, total_steps, steps_per_epoch)
     checkpoints.close()

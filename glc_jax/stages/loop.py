@@ -4,6 +4,13 @@ Resumes from the workdir's newest checkpoint that restores (state and data
 iterator; glc_jax/checkpoint.py says what happens to one that does not), logs,
 checkpoints on an interval and at the end, validates at epoch ends, and stops
 on a non-finite loss without saving the bad state.
+
+Early stopping (fine-tuning, `patience` > 0): the run ends after `patience`
+validations in a row that do not give a new best state, with a checkpoint of
+the step it stopped at. The count is not kept in memory: validation runs at
+every epoch end, so it is the number of epochs since the best state's step,
+which best/ records. A run resumed after a kill therefore stops where the
+uninterrupted one did, and a rerun of a run that stopped does not train on.
 """
 from __future__ import annotations
 
@@ -26,7 +33,7 @@ def fit(state: Any, train_step: Callable, iterator, rng: jax.Array, *, workdir: 
         log_every: int, items_per_step: int, desc: str,
         validate: Callable[[Any], dict[str, float]] | None = None,
         best_metric: str | None = None,
-        keep_best_loss: bool = False, probe=None) -> tuple[Any, RunCheckpoints]:
+        keep_best_loss: bool = False, probe=None, patience: int = 0) -> tuple[Any, RunCheckpoints]:
   """Runs `train_step` up to `total_steps`, resuming from `workdir` if it can.
 
   Args:
@@ -45,11 +52,17 @@ def fit(state: Any, train_step: Callable, iterator, rng: jax.Array, *, workdir: 
       (step 0) of a fresh run and, where it is due, the state after a step,
       before that step's log record and checkpoint; its history is saved with
       every checkpoint and restored with the state.
+    patience: with `best_metric`, stop after this many validations without a
+      new best (a tie with the best counts as one, as it replaces the best
+      state); 0 trains to `total_steps`. The step the run ended at is then its
+      checkpoints' latest_step().
   Returns:
     (final state, the run's checkpoints, still open; the caller closes them).
   """
   if keep_best_loss and best_metric is not None:
     raise ValueError("fit: keep_best_loss and best_metric cannot be used together")
+  if patience and (best_metric is None or validate is None):
+    raise ValueError("fit: patience needs validate and best_metric")
   if keep_best_loss:
     checkpoints = RunCheckpoints(workdir, checkpoint_every, keep_checkpoints, "epoch_loss",
                                  best_mode="min", best_dir=BEST_LOSS_DIR)
@@ -69,13 +82,26 @@ def fit(state: Any, train_step: Callable, iterator, rng: jax.Array, *, workdir: 
   log = RunLog(workdir, total_steps, start, items_per_step, desc)
   if start:
     log.message(f"{desc}: resumed from step {start} in {workdir}")
+
+  def patience_spent(step: int) -> bool:
+    best = checkpoints.best_step()
+    # A best state ahead of `step` was saved by the run this one resumes, which
+    # therefore did not stop before it.
+    return (bool(patience) and step % steps_per_epoch == 0 and best is not None
+            and (step - best) // steps_per_epoch >= patience)
+
+  last_step = total_steps
+  if start and patience_spent(start):
+    log.message(f"{desc}: stopped early at step {start} (best {best_metric} at step "
+                f"{checkpoints.best_step()}); not training further")
+    last_step = start
   # Summed on the device so that no step waits for the host.
   loss_sum, loss_steps = 0.0, 0
   try:
     if probe is not None and start == 0:
       # Step 0 probes the network before any update: the never-trained control.
       log.step(0, probe(state, 0))
-    for step in range(start + 1, total_steps + 1):
+    for step in range(start + 1, last_step + 1):
       state, metrics = train_step(state, next(iterator), rng)
       final = step == total_steps
       saving = final or step % checkpoint_every == 0
@@ -98,6 +124,10 @@ def fit(state: Any, train_step: Callable, iterator, rng: jax.Array, *, workdir: 
           host.update(scores)
           if best_metric is not None and checkpoints.save_if_best(step, state, scores):
             log.message(f"{desc}: step {step}: best {best_metric} so far, {scores[best_metric]:.4f}")
+          if patience_spent(step):
+            log.message(f"{desc}: step {step}: no better {best_metric} in {patience} validations "
+                        f"since step {checkpoints.best_step()}; stopping early")
+            final = True
         if keep_best_loss and epoch_end and loss_steps == steps_per_epoch:
           scores = {"epoch_loss": float(jax.device_get(loss_sum)) / loss_steps}
           host.update(scores)
@@ -109,6 +139,8 @@ def fit(state: Any, train_step: Callable, iterator, rng: jax.Array, *, workdir: 
         loss_sum, loss_steps = 0.0, 0
       checkpoints.save(step, state, iterator, force=final,
                        probe_history=None if probe is None else probe.history)
+      if final:
+        break
   except BaseException:
     checkpoints.close()  # lets a save in flight finish, so the last good one stays whole
     raise

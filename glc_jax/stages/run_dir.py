@@ -44,8 +44,9 @@ CHANGES_FILE = "config_changes.jsonl"
 # the new length from the resume point on (recorded with the change).
 # probe.every_steps only changes when the online probe looks; its other keys change what a
 # score means, so that the history would mix incomparable numbers.
+# early_stopping.patience only decides when fine-tuning ends, like epochs.
 RESUMABLE_KEYS = frozenset({"num_steps", "epochs", "log_every", "checkpoint_every",
-                            "keep_checkpoints", "probe.every_steps"})
+                            "keep_checkpoints", "probe.every_steps", "early_stopping.patience"})
 
 _ABSENT = "<absent>"
 _MESSAGE_BYTES = 4096  # a refusal broadcast from process 0 to the others

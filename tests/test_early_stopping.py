@@ -1,0 +1,127 @@
+"""Early stopping of fine-tuning on the validation split, and where each run's best step fell.
+
+The loop runs with a fake train step (the state is the step number) and a fake
+validator that returns a scripted score per epoch end, so the step a run must
+stop at is worked out by hand from the script, without compiling a model.
+"""
+import json
+
+import grain
+import jax
+import jax.numpy as jnp
+import pytest
+
+from glc_jax import checkpoint
+from glc_jax.stages import finetune, loop
+
+STEPS_PER_EPOCH = 2
+TOTAL = 30
+# Validation score at each epoch end (step). Hand count with patience 3: best at
+# 4; 6 and 8 do not beat it (2 in a row); 10 does (new best, count restarts); 12
+# does not; 14 ties 10 and, as the later of equals, becomes the best state, so
+# the count restarts; 16, 18, 20 do not: third validation without a new best ->
+# stop at 20. With patience 4 the run goes on to 22 (0.63 < 0.65) and stops there.
+SCORES = {2: 0.50, 4: 0.60, 6: 0.55, 8: 0.58, 10: 0.65, 12: 0.64, 14: 0.65, 16: 0.60,
+          18: 0.61, 20: 0.62, 22: 0.63, 24: 0.64, 26: 0.64, 28: 0.60, 30: 0.61}
+
+
+class Killed(Exception):
+  """Stands in for a kill: the run ends in the middle, its checkpoints as they are."""
+
+
+def _state(step):
+  return {"params": {"w": jnp.full((2,), float(step))}, "step": jnp.asarray(step, jnp.int32)}
+
+
+def _fit(workdir, patience, total=TOTAL, kill_at=None, checkpoint_every=4):
+  """Runs loop.fit; returns (steps trained, steps validated, best step, latest step)."""
+  trained, validated = [], []
+
+  def train_step(state, batch, rng):
+    del batch, rng
+    step = int(state["step"]) + 1
+    if step == kill_at:
+      raise Killed
+    trained.append(step)
+    return _state(step), {"loss": jnp.float32(1.0)}
+
+  def validate(state):
+    validated.append(int(state["step"]))
+    return {"val_oa": SCORES[int(state["step"])]}
+
+  iterator = grain.MapDataset.range(100).to_iter_dataset().__iter__()
+  _, ckpts = loop.fit(_state(0), train_step, iterator, jax.random.key(0), workdir=str(workdir),
+                      total_steps=total, steps_per_epoch=STEPS_PER_EPOCH,
+                      checkpoint_every=checkpoint_every, keep_checkpoints=2, log_every=100,
+                      items_per_step=1, desc="test", validate=validate, best_metric="val_oa",
+                      patience=patience)
+  best, latest = ckpts.best_step(), ckpts.latest_step()
+  ckpts.close()
+  return trained, validated, best, latest
+
+
+def _logged_scores(workdir):
+  records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  return [(r["step"], r["val_oa"]) for r in records if "val_oa" in r]
+
+
+@pytest.mark.parametrize("patience, stop, best", [(3, 20, 14), (4, 22, 14), (1, 6, 4)])
+def test_stops_after_patience_validations_without_a_new_best(tmp_path, patience, stop, best):
+  trained, validated, best_step, latest = _fit(tmp_path, patience)
+  assert trained == list(range(1, stop + 1))
+  assert validated == list(range(STEPS_PER_EPOCH, stop + 1, STEPS_PER_EPOCH))
+  assert (best_step, latest) == (best, stop)
+  # The state of the step it stopped at is saved, and evaluation reads the best one.
+  assert checkpoint.read_state(tmp_path / "checkpoints" / str(stop))["params"]["w"][0] == stop
+  assert checkpoint.load_variables(tmp_path)["params"]["w"][0] == best
+
+
+def test_patience_0_trains_every_step(tmp_path):
+  trained, validated, best, latest = _fit(tmp_path, patience=0)
+  assert trained == list(range(1, TOTAL + 1)) and len(validated) == TOTAL // STEPS_PER_EPOCH
+  assert (best, latest) == (14, TOTAL)
+
+
+@pytest.mark.parametrize("kill_at", [15, 19])
+def test_killed_run_resumes_to_the_same_stop(tmp_path, kill_at):
+  """Killed at 15 (last checkpoint 12, best/ already at 14: the resumed run replays
+  steps whose best lies ahead) or at 19 (checkpoint 16, two validations without a new
+  best already behind it): the resumed run stops at 20, as the uninterrupted one."""
+  uninterrupted = tmp_path / "uninterrupted"
+  _fit(uninterrupted, patience=3)
+  work = tmp_path / "killed"
+  with pytest.raises(Killed):
+    _fit(work, patience=3, kill_at=kill_at)
+  resumed_from = (kill_at - 1) // 4 * 4
+  trained, _, best, latest = _fit(work, patience=3)
+  assert trained == list(range(resumed_from + 1, 21))
+  assert (best, latest) == (14, 20)
+  assert _logged_scores(work) == _logged_scores(uninterrupted)
+
+
+def test_rerun_of_a_stopped_run_does_not_train(tmp_path):
+  _fit(tmp_path, patience=3)
+  trained, validated, best, latest = _fit(tmp_path, patience=3)
+  assert trained == [] and validated == [] and (best, latest) == (14, 20)
+  # A larger patience (a key a resumed run may change) trains on, to where it alone stops.
+  trained, _, best, latest = _fit(tmp_path, patience=4)
+  assert trained == [21, 22] and (best, latest) == (14, 22)
+
+
+def test_best_step_file_says_where_the_best_step_fell(tmp_path):
+  _fit(tmp_path, patience=3)
+  ckpts = checkpoint.RunCheckpoints(tmp_path, 4, 2, "val_oa")
+  finetune.write_best_step(tmp_path, ckpts, planned_steps=TOTAL, steps_per_epoch=STEPS_PER_EPOCH)
+  ckpts.close()
+  assert finetune.read_best_step(tmp_path) == {
+      "select_metric": "val_oa", "best_step": 14, "best_value": 0.65, "stopped_step": 20,
+      "planned_steps": TOTAL, "steps_per_epoch": STEPS_PER_EPOCH}
+  assert finetune.read_best_step(tmp_path / "elsewhere") is None
+
+
+def test_patience_needs_a_best_metric(tmp_path):
+  iterator = grain.MapDataset.range(10).to_iter_dataset().__iter__()
+  with pytest.raises(ValueError, match="patience needs validate and best_metric"):
+    loop.fit(_state(0), None, iterator, jax.random.key(0), workdir=str(tmp_path), total_steps=4,
+             steps_per_epoch=2, checkpoint_every=2, keep_checkpoints=1, log_every=1,
+             items_per_step=1, desc="test", patience=2)
