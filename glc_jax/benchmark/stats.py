@@ -93,7 +93,8 @@ def paired_t_interval(differences: Sequence[float],
 
 
 def verdict(low: float, high: float, n: int) -> str:
-  """The plain reading of an interval of n pairs (NaN bounds: no interval)."""
+  """The plain reading of an interval of n pairs; NaN bounds with n ≥ 2 mean the
+  differences had no spread, so there is no interval to read."""
   if n < 2:
     return "n too small"
   if not (math.isfinite(low) and math.isfinite(high)):
