@@ -5,6 +5,7 @@ import argparse
 import logging
 import sys
 
+from data_prep.beam_settings import RUNNERS, BeamSettings, parse_pipeline_options
 from data_prep.errors import DataPrepError
 from data_prep import splits
 from data_prep.splits import DEFAULT_SUBSET_FRACTIONS
@@ -90,7 +91,33 @@ def build_parser() -> argparse.ArgumentParser:
   run = p.add_argument_group("run")
   run.add_argument("--workers", type=int, default=2, help="reader processes (default 2)")
   run.add_argument("--no-progress", action="store_true", help="no progress bar")
+  beam = p.add_argument_group("Apache Beam (needs the beam extra; docs/data_prep.md, Beam)")
+  beam.add_argument("--beam", action="store_true",
+                    help="read and write on Beam instead of local processes (DirectRunner unless --runner)")
+  beam.add_argument("--runner", choices=RUNNERS, help="Beam runner; implies --beam")
+  beam.add_argument("--beam_pipeline_options", "--beam-pipeline-options", metavar="KEY=VALUE,...",
+                    help="options passed to the runner, e.g. direct_num_workers=2 or "
+                         "project=P,region=R,temp_location=gs://B/tmp")
   return p
+
+
+def _beam_settings(args) -> BeamSettings | None:
+  """The Beam runner and options the flags ask for; None for the local path."""
+  if not (args.beam or args.runner):
+    if args.beam_pipeline_options:
+      raise DataPrepError("--beam_pipeline_options needs --beam or --runner")
+    return None
+  options = parse_pipeline_options(args.beam_pipeline_options) if args.beam_pipeline_options else ()
+  return BeamSettings(args.runner or "DirectRunner", options)
+
+
+def _check_local_paths(args) -> None:
+  """Refuses object-store URLs, which would otherwise be taken as relative local paths."""
+  for flag, paths in (("--out", [args.out]), ("--images", args.images), ("--labels", args.labels or [])):
+    for path in paths:
+      if "://" in path:
+        raise DataPrepError(f"{flag} {path}: URLs are not supported; give a path on a file system "
+                            "that this machine (and every Beam worker) mounts")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
   logging.getLogger("rasterio").setLevel(logging.ERROR)
   from data_prep.convert import convert  # after parsing, so --help stays fast
   try:
+    beam = _beam_settings(args)
+    _check_local_paths(args)
     out = convert(
         args.images, args.out, args.labels, tile=args.tile, stride=args.stride,
         keep_edge_tiles=not args.no_edge_tiles, class_map=args.class_map,
@@ -111,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         subset_fractions=args.subset_fractions, subset_seed=args.subset_seed,
         subset_lists=dict(args.subset_list) or None,
         label_stem_replace=args.label_stem_replace, workers=args.workers,
-        overwrite=args.overwrite, progress=not args.no_progress)
+        overwrite=args.overwrite, progress=not args.no_progress, beam=beam)
   except DataPrepError as e:
     print(f"data_prep: error: {e}", file=sys.stderr)
     return 2

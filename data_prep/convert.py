@@ -26,6 +26,7 @@ import tqdm
 
 from data_prep import class_maps, output_folder, parent_death, scenes as scenes_lib
 from data_prep import splits as splits_lib, tiling, writer
+from data_prep.beam_settings import BeamSettings
 from data_prep.errors import DataPrepError
 from data_prep.stats import PERCENTILES, BandStatsAccumulator
 
@@ -139,6 +140,7 @@ def convert(
     max_shard_bytes: int = 256 << 20,
     overwrite: bool = False,
     progress: bool = True,
+    beam: BeamSettings | None = None,
 ) -> Path:
   """Tiles GeoTIFF scenes into a TFDS dataset (ArrayRecord) at `out`; returns `out`.
 
@@ -170,6 +172,8 @@ def convert(
     max_shard_bytes: ArrayRecord shard size limit.
     overwrite: replace an existing dataset built with other settings.
     progress: show a tqdm bar (tiles/s).
+    beam: read and write on this Apache Beam runner instead of local processes
+      (`workers` and `progress` then do not apply); the same dataset results.
   Raises:
     DataPrepError: bad input; nothing is left at `out` or in a temporary folder.
   """
@@ -249,8 +253,13 @@ def convert(
         tmp.mkdir()
         first, labelled = scenes[0], label_paths is not None
         features = writer.tile_features(tile, first.bands, first.dtype, labelled)
-        results, split_infos = _write_splits(tmp, features, split_names, jobs, job_split, options,
-                                             workers, max_shard_bytes, f"data_prep {out.name}", progress)
+        if beam is None:
+          results, split_infos = _write_splits(tmp, features, split_names, jobs, job_split, options,
+                                               workers, max_shard_bytes, f"data_prep {out.name}", progress)
+        else:
+          from data_prep import beam_pipeline  # apache-beam is an optional extra
+          results, split_infos = beam_pipeline.write_splits(tmp, features, split_names, jobs, job_split,
+                                                            options, max_shard_bytes, beam)
         if not split_infos:
           raise DataPrepError(f"{', '.join(map(str, image_paths[:3]))}: no tiles kept "
                               f"(all exceed nodata fraction {max_nodata_fraction})")
