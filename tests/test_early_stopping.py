@@ -5,6 +5,7 @@ validator that returns a scripted score per epoch end, so the step a run must
 stop at is worked out by hand from the script, without compiling a model.
 """
 import json
+import math
 
 import grain
 import jax
@@ -12,6 +13,7 @@ import jax.numpy as jnp
 import pytest
 
 from glc_jax import checkpoint
+from glc_jax.benchmark import matrix, report, runner
 from glc_jax.stages import finetune, loop
 
 STEPS_PER_EPOCH = 2
@@ -125,3 +127,45 @@ def test_patience_needs_a_best_metric(tmp_path):
     loop.fit(_state(0), None, iterator, jax.random.key(0), workdir=str(tmp_path), total_steps=4,
              steps_per_epoch=2, checkpoint_every=2, keep_checkpoints=1, log_every=1,
              items_per_step=1, desc="test", patience=2)
+
+
+def test_benchmark_rows_and_report_say_where_the_best_step_fell(tmp_path):
+  """The runner puts each fine-tuning run's best_step.json into its results row, and
+  results.md summarises them per init and fraction (figures worked out by hand)."""
+  config = matrix.load_config("benchmark", "small")
+  config.methods = ("glcnet",)
+  # (init, fraction, seed) -> (best, stopped, planned); random/f0.25/seed1 has no record
+  # (a run finished before runs wrote one) and glcnet/f0.25/seed1 is not done.
+  fits = {("glcnet", 0.05, 0): (30, 90, 150), ("glcnet", 0.05, 1): (150, 150, 150),
+          ("glcnet", 0.25, 0): (60, 105, 150), ("random", 0.05, 0): (45, 150, 150),
+          ("random", 0.05, 1): (120, 150, 150), ("random", 0.25, 0): (150, 150, 150),
+          ("random", 0.25, 1): None}
+  for (init, fraction, seed), fit in fits.items():
+    cell = matrix.Cell(init, fraction, seed)
+    matrix.eval_dir(tmp_path, cell).mkdir(parents=True)
+    (matrix.eval_dir(tmp_path, cell) / "metrics.json").write_text(json.dumps(
+        {"overall_accuracy": 0.5, "kappa": 0.2, "miou": 0.3, "mean_f1": 0.4, "num_pixels": 9}))
+    matrix.finetune_dir(tmp_path, cell).mkdir(parents=True)
+    if fit is not None:
+      (matrix.finetune_dir(tmp_path, cell) / finetune.BEST_STEP_FILE).write_text(json.dumps(
+          {"select_metric": "val_oa", "best_step": fit[0], "best_value": 0.5,
+           "stopped_step": fit[1], "planned_steps": fit[2], "steps_per_epoch": 3}))
+  runner.write_reports(config, tmp_path, plots=False)
+
+  rows = {(r["init"], r["fraction"], r["seed"]): r for r in report.read_csv(tmp_path / "results.csv")}
+  assert rows.keys() == fits.keys()
+  for key, fit in fits.items():
+    got = tuple(rows[key][k] for k in ("best_step", "stopped_step", "planned_steps"))
+    if fit is None:
+      assert all(math.isnan(v) for v in got)
+    else:
+      assert got == fit
+  text = (tmp_path / "results.md").read_text()
+  section = text[text.index("## Where the best validation step fell"):]
+  # glcnet 5%: best 30 and 150 (mean 90), ran 90 and 150 (mean 120): 33% and 100% (mean 67).
+  assert "| glcnet | 5% | 2 | 90 | 120 of 150 | 67% (33–100%) | 1 | 1 |" in section
+  assert "| glcnet | 25% | 1 | 60 | 105 of 150 | 57% (57–57%) | 1 | 0 |" in section
+  # random 5%: best mean 82.5 (printed half to even), 45/150 = 30%, 120/150 = 80%.
+  assert "| random | 5% | 2 | 82 | 150 of 150 | 55% (30–80%) | 0 | 0 |" in section
+  assert "| random | 25% | 1 | 150 | 150 of 150 | 100% (100–100%) | 0 | 1 |" in section
+  assert section.endswith("Best at the last validation: glcnet/f0.05/seed1, random/f0.25/seed0.\n")

@@ -20,14 +20,22 @@ from glc_jax import files
 from glc_jax.benchmark import stats
 
 METRICS = (("overall_accuracy", "OA"), ("kappa", "Kappa"), ("miou", "mIoU"))
-CSV_FIELDS = ("init", "fraction", "seed", "overall_accuracy", "kappa", "miou", "mean_f1", "num_pixels")
+SCORE_FIELDS = ("overall_accuracy", "kappa", "miou", "mean_f1", "num_pixels")
+# Where the fine-tuning run's best validation step fell (stages/finetune.py best_step.json).
+FIT_FIELDS = ("best_step", "stopped_step", "planned_steps")
+CSV_FIELDS = ("init", "fraction", "seed") + SCORE_FIELDS + FIT_FIELDS
 
 
-def cell_row(init: str, fraction: float, seed: int, metrics: Mapping) -> dict:
-  """One results.csv row from an evaluation's metrics.json (fractions of 1, not %)."""
+def cell_row(init: str, fraction: float, seed: int, metrics: Mapping,
+             fit: Mapping | None = None) -> dict:
+  """One results.csv row from an evaluation's metrics.json (fractions of 1, not %) and the
+  fine-tuning run's best_step.json (`fit`; None, NaN fields, for a run without one)."""
   row = {"init": init, "fraction": fraction, "seed": seed}
-  for key in CSV_FIELDS[3:]:
+  for key in SCORE_FIELDS:
     value = metrics.get(key)
+    row[key] = math.nan if value is None else value
+  for key in FIT_FIELDS:
+    value = (fit or {}).get(key)
     row[key] = math.nan if value is None else value
   for name, scores in metrics.get("per_class", {}).items():
     value = scores.get("iou")
@@ -237,6 +245,45 @@ def paired_section(rows: Sequence[Mapping], inits: Sequence[str], fractions: Seq
   return parts
 
 
+def best_step_section(rows: Sequence[Mapping], inits: Sequence[str],
+                      fractions: Sequence[float]) -> list[str]:
+  """Markdown lines: where each fine-tuning run's best validation step fell ([] without records).
+
+  A run whose best step is the step it stopped at (its last validation) is flagged: more
+  steps might still have improved it, so its score is not that of a converged run.
+  """
+  known = [r for r in rows if math.isfinite(float(r.get("best_step", math.nan)))]
+  if not known:
+    return []
+  lines = ["| init | fraction | runs | best step (mean) | steps run (mean) of planned | "
+           "best step, % of steps run: mean (min–max) | stopped early | best at last validation |",
+           "|---|---|---|---|---|---|---|---|"]
+  for init in inits:
+    for f in fractions:
+      picked = [r for r in known if r["init"] == init and float(r["fraction"]) == f]
+      if not picked:
+        continue
+      best = np.array([float(r["best_step"]) for r in picked])
+      run = np.array([float(r["stopped_step"]) for r in picked])
+      planned = max(float(r["planned_steps"]) for r in picked)
+      share = 100 * best / run
+      early = sum(float(r["stopped_step"]) < float(r["planned_steps"]) for r in picked)
+      last = int(np.sum(best == run))
+      lines.append(f"| {init} | {_fraction_label(f)} | {len(picked)} | {best.mean():.0f} | "
+                   f"{run.mean():.0f} of {planned:.0f} | {share.mean():.0f}% "
+                   f"({share.min():.0f}–{share.max():.0f}%) | {early} | {last} |")
+  flagged = [f"{r['init']}/f{float(r['fraction']):g}/seed{r['seed']}" for init in inits
+             for f in fractions for r in known if r["init"] == init and float(r["fraction"]) == f
+             and float(r["best_step"]) == float(r["stopped_step"])]
+  return ["## Where the best validation step fell", "",
+          "Per fine-tuning run: the step of the state kept (best on the validation split, "
+          "the one evaluated) against the steps it ran; a run stops early after `patience` "
+          "validations without a new best. A best step at the last validation means more "
+          "steps might still have improved it: that run did not converge.", "", *lines, "",
+          "Best at the last validation: " + (", ".join(flagged) if flagged else "none") + ".",
+          ""]
+
+
 def seeds_note(rows: Sequence[Mapping]) -> str:
   counts = sorted({n for _, _, n in aggregate(rows, "overall_accuracy").values()})
   return ", ".join(str(n) for n in counts)
@@ -260,6 +307,7 @@ def results_markdown(rows: Sequence[Mapping], inits: Sequence[str], fractions: S
               metric_table(rows, key, inits, fractions, probe if key == "miou" else None), ""]
   parts += ["## Per-class IoU (mean over seeds)", "", per_class_table(rows, inits, fractions), ""]
   parts += paired_section(rows, inits, fractions)
+  parts += best_step_section(rows, inits, fractions)
   return "\n".join(parts)
 
 

@@ -74,9 +74,11 @@ def probe_histories(config, work: pathlib.Path) -> dict[tuple[str, int], list[di
 
 def write_reports(config, work: pathlib.Path, plots: bool) -> list[dict]:
   """results.csv and results.md from every finished cell (and PNG plots if `plots`), with the
-  online probe's end-of-pretraining mIoU as the mIoU table's first column and, with the
-  plots, probe_miou.png (probe mIoU against pretraining step)."""
-  rows = [report.cell_row(c.init, c.fraction, c.seed, _read_metrics(work, c))
+  online probe's end-of-pretraining mIoU as the mIoU table's first column, where each
+  fine-tuning run's best step fell, and, with the plots, probe_miou.png (probe mIoU against
+  pretraining step)."""
+  rows = [report.cell_row(c.init, c.fraction, c.seed, _read_metrics(work, c),
+                          finetune.read_best_step(matrix.finetune_dir(work, c)))
           for c in matrix.cells(config) if matrix.is_done(work, c)]
   if not rows:
     return rows
