@@ -169,3 +169,20 @@ def test_benchmark_rows_and_report_say_where_the_best_step_fell(tmp_path):
   assert "| random | 5% | 2 | 82 | 150 of 150 | 55% (30–80%) | 0 | 0 |" in section
   assert "| random | 25% | 1 | 150 | 150 of 150 | 100% (100–100%) | 0 | 1 |" in section
   assert section.endswith("Best at the last validation: glcnet/f0.05/seed1, random/f0.25/seed0.\n")
+
+
+def test_benchmark_patience_in_steps_becomes_validations_of_each_subset(tmp_path):
+  config = matrix.load_config("benchmark", "small")
+  config.finetune_steps = 600
+  config.finetune_patience_steps = 100
+  # Batch 8: 24 labelled tiles are 3 steps an epoch, 120 are 15.
+  for num_labelled, epochs, patience in ((24, 200, 34), (120, 40, 7)):
+    c = matrix.finetune_config(config, matrix.Cell("random", 0.05, 0), tmp_path, "/d", num_labelled)
+    assert (c.epochs, c.early_stopping.patience) == (epochs, patience)
+  config.finetune_patience_steps = 0  # the stage config's patience stands
+  config.finetune.early_stopping = {"patience": 5}
+  c = matrix.finetune_config(config, matrix.Cell("random", 0.05, 0), tmp_path, "/d", 24)
+  assert c.early_stopping.patience == 5
+  config.finetune_patience_steps = -1
+  with pytest.raises(matrix.BenchmarkConfigError, match="^config key finetune_patience_steps is -1; "):
+    matrix.check(config)

@@ -106,6 +106,10 @@ def check(config: ml_collections.ConfigDict) -> None:
     raise BenchmarkConfigError(f"config key size is {config.size!r}; expected 'tiny' or 'full'")
   if config.imagenet_path and not pathlib.Path(config.imagenet_path).exists():
     raise BenchmarkConfigError(f"config key imagenet_path: {config.imagenet_path} does not exist")
+  patience = config.get("finetune_patience_steps", 0)
+  if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
+    raise BenchmarkConfigError(f"config key finetune_patience_steps is {patience!r}; expected an "
+                               "integer >= 0")
 
 
 def override(base: ml_collections.ConfigDict, overrides: Any, where: str) -> None:
@@ -136,7 +140,12 @@ def subset_steps_per_epoch(num_labelled: int, batch_size: int) -> int:
 
 def finetune_config(config, cell: Cell, work: pathlib.Path, data_path: str,
                     num_labelled: int) -> ml_collections.ConfigDict:
-  """The fine-tuning config of a cell; `num_labelled` tiles are in its label subset."""
+  """The fine-tuning config of a cell; `num_labelled` tiles are in its label subset.
+
+  `finetune_steps` and `finetune_patience_steps` (when > 0) are counted in steps so that
+  every label fraction gets about the same budget and early-stopping window; they
+  become whole epochs (validations) of the cell's subset.
+  """
   c = load_config("finetune", ("random" if cell.init == "random" else "checkpoint") +
                    (",tiny" if config.size == "tiny" else ""))
   override(c, config.finetune, "finetune")
@@ -150,9 +159,11 @@ def finetune_config(config, cell: Cell, work: pathlib.Path, data_path: str,
     c.init.transfer = config.imagenet_transfer
   elif cell.pretrained:
     c.init.path = str(pretrain_dir(work, cell.init, cell.seed))
+  steps_per_epoch = subset_steps_per_epoch(num_labelled, c.data.batch_size)
   if config.finetune_steps:
-    steps_per_epoch = subset_steps_per_epoch(num_labelled, c.data.batch_size)
     c.epochs = math.ceil(config.finetune_steps / steps_per_epoch)
+  if config.get("finetune_patience_steps", 0):
+    c.early_stopping.patience = math.ceil(config.finetune_patience_steps / steps_per_epoch)
   return c
 
 
