@@ -6,9 +6,11 @@ uncompressed with --no-compress), converts them with 1 and with --workers
 reader processes, and reports tiles/s and MB/s (MB = 10**6 bytes of decoded
 tile pixels written). Each figure is the best of --repeats runs, since the
 development machine is shared and other load only ever slows a run down.
+With --beam it also converts the same scenes on Beam's DirectRunner with
+--workers worker processes (needs the beam extra).
 
   python benchmarks/bench_data_prep.py [--scenes 4] [--size 4096] [--bands 4]
-      [--dtype uint8] [--tile 256] [--workers 2] [--labels] [--repeats 2]
+      [--dtype uint8] [--tile 256] [--workers 2] [--labels] [--repeats 2] [--beam]
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import numpy as np
 import rasterio
 from rasterio.transform import from_origin
 
+from data_prep.beam_settings import BeamSettings
 from data_prep.class_maps import PRESETS
 from data_prep.convert import convert
 
@@ -60,13 +63,13 @@ def _write_scenes(folder: Path, args) -> tuple[Path, Path | None]:
   return images, labels if args.labels else None
 
 
-def _best_run(images, labels, out: Path, workers: int, args) -> float:
+def _best_run(images, labels, out: Path, workers: int, args, beam: BeamSettings | None = None) -> float:
   best = float("inf")
   for _ in range(args.repeats):
     shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()
     convert(str(images), out, str(labels) if labels else None, tile=args.tile, workers=workers,
-            class_map="potsdam" if labels else None, progress=False)
+            class_map="potsdam" if labels else None, progress=False, beam=beam)
     best = min(best, time.perf_counter() - start)
   return best
 
@@ -82,6 +85,8 @@ def main() -> None:
   p.add_argument("--labels", action="store_true", help="also convert RGB colour labels (Potsdam colours)")
   p.add_argument("--no-compress", action="store_true")
   p.add_argument("--repeats", type=int, default=2)
+  p.add_argument("--beam", action="store_true",
+                 help="also convert on Beam's DirectRunner (--workers processes)")
   args = p.parse_args()
 
   with tempfile.TemporaryDirectory(prefix="bench_data_prep_") as tmp:
@@ -92,10 +97,15 @@ def main() -> None:
           f"{args.scenes} scenes {args.size}x{args.size}x{args.bands} {args.dtype}"
           f"{' + colour labels' if labels else ''}, "
           f"{'uncompressed' if args.no_compress else 'deflate'}; {tiles} tiles of {args.tile}")
-    print("workers  seconds  tiles/s   MB/s")
-    for workers in sorted({1, args.workers}):
-      seconds = _best_run(images, labels, Path(tmp) / "out", workers, args)
-      print(f"{workers:7d}  {seconds:7.2f}  {tiles / seconds:7.1f}  {tiles * tile_bytes / seconds / 1e6:5.1f}")
+    print("path                        workers  seconds  tiles/s   MB/s")
+    runs = [("local", workers, None) for workers in sorted({1, args.workers})]
+    if args.beam:
+      runs.append(("beam DirectRunner", args.workers, BeamSettings("DirectRunner", (
+          f"direct_num_workers={args.workers}", "direct_running_mode=multi_processing"))))
+    for name, workers, beam in runs:
+      seconds = _best_run(images, labels, Path(tmp) / "out", workers, args, beam)
+      print(f"{name:26s}  {workers:7d}  {seconds:7.2f}  {tiles / seconds:7.1f}  "
+            f"{tiles * tile_bytes / seconds / 1e6:5.1f}")
 
 
 if __name__ == "__main__":

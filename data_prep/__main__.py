@@ -125,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
   logging.basicConfig(level=logging.INFO, format="data_prep: %(message)s")
   # GDAL warnings about a broken file would precede our one-line error about it.
   logging.getLogger("rasterio").setLevel(logging.ERROR)
+  # Beam's INFO lines narrate its own stages; a remote runner's job link stays visible.
+  logging.getLogger("apache_beam").setLevel(logging.WARNING)
+  logging.getLogger("apache_beam.runners.dataflow").setLevel(logging.INFO)
   from data_prep.convert import convert  # after parsing, so --help stays fast
   try:
     beam = _beam_settings(args)

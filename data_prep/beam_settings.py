@@ -21,7 +21,12 @@ class BeamSettings:
 
   def pipeline_flags(self) -> list[str]:
     """Command-line flags for `apache_beam.options.pipeline_options.PipelineOptions`."""
-    return [f"--runner={self.runner}", *(f"--{item}" for item in self.options)]
+    flags = [f"--runner={self.runner}"]
+    if self.runner == "DirectRunner":
+      # Local worker processes would print every INFO line of their harness to
+      # the terminal; the user's own options come later and win.
+      flags.append("--default_sdk_harness_log_level=WARNING")
+    return flags + [f"--{item}" for item in self.options]
 
 
 def parse_pipeline_options(text: str) -> tuple[str, ...]:
