@@ -151,8 +151,7 @@ def test_float32_statistics_match_local(tmp_path, small_chunks):
 
 
 @pytest.mark.slow
-def test_worker_error_is_one_line_and_leaves_nothing(corpus, small_chunks, local_dataset,
-                                                     monkeypatch):
+def test_worker_error_is_one_line_and_leaves_nothing(corpus, small_chunks, monkeypatch):
   root, images, kwargs = corpus
   real_read = tiling.read_chunk
   def failing_read(job, options):
@@ -163,9 +162,7 @@ def test_worker_error_is_one_line_and_leaves_nothing(corpus, small_chunks, local
   with pytest.raises(DataPrepError) as error:
     convert(images, root / "failed", beam=DIRECT, **kwargs)
   assert str(error.value) == f"{images}/scene_001.tif: read failed (injected)"
-  assert _no_leftovers(root, "failed")
-  monkeypatch.setattr(tiling, "read_chunk", real_read)
-  _assert_same_dataset(local_dataset, convert(images, root / "failed", beam=DIRECT, **kwargs))
+  assert _no_leftovers(root, "failed")  # no lock either: the killed-run test shows a rerun
 
 
 _STALLING_CLI = """
