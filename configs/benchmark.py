@@ -18,6 +18,11 @@ Variants:
   small      the synthetic corpus (made in the workdir when data.path is empty),
              the tiny model, glcnet, simclr and random init, fractions 0.05 and
              0.25, seeds 0 and 1; about 15-20 minutes on a quiet 2-core CPU.
+  medium     the same corpus, all 8 methods + random init, fractions 0.05 and
+             0.25, seeds 0-4, a ResNet-18 DeepLabv3+ at a quarter of the width,
+             fine-tuning with early stopping (best step reported per run); sized
+             to finish within one working session on a 2-core CPU
+             (docs/benchmark_results.md has the measured wall time).
 """
 import ml_collections
 
@@ -27,8 +32,10 @@ ALL_METHODS = ("glcnet", "glcnet_nostyle", "glcnet_noglobal", "glcnet_nolocal", 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   variant = arg or "full"
-  if variant not in ("full", "small"):
-    raise ValueError(f"configs/benchmark.py: unknown variant {arg!r}; use 'small' or none")
+  if variant not in ("full", "small", "medium"):
+    raise ValueError(f"configs/benchmark.py: unknown variant {arg!r}; use 'small', 'medium' or none")
+  if variant == "medium":
+    return _medium()
   small = variant == "small"
   c = ml_collections.ConfigDict()
   c.variant = variant
@@ -68,4 +75,32 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       dict(write_predictions=False))
   # Persistent XLA compilation cache shared by all cells (same shapes compile once).
   c.compilation_cache = True
+  return c
+
+
+def _medium() -> ml_collections.ConfigDict:
+  """Every method and ablation against random init, with enough seeds for paired intervals.
+
+  Costs were measured on the 2-core CPU (docs/benchmark_results.md): the model is the
+  demo's ResNet-18 at a quarter of the width, and fine-tuning stops early, so the
+  budget goes where the validation score still moves.
+  """
+  c = get_config("small")
+  c.variant = "medium"
+  c.methods = ALL_METHODS
+  c.seeds = (0, 1, 2, 3, 4)
+  model = dict(depth=18)
+  # The probe at step 0 (the never-trained control) and at the end of pretraining.
+  c.pretrain = ml_collections.ConfigDict(
+      dict(epochs=6, model=model, data=dict(batch_size=32, num_workers=0),
+           probe=dict(enabled=True, every_steps=90)))
+  c.finetune = ml_collections.ConfigDict(
+      dict(model=model, data=dict(batch_size=8, num_workers=0), input=dict(crop_size=96)))
+  # Budgets from measurement (docs/benchmark_results.md): the best validation step fell
+  # at 165-315 of 600 steps, and validation OA moves by about ±0.05 between checks, so
+  # the window is wide. One validation every 15 steps at both fractions (at 5% an epoch
+  # is 3 steps, and validating each one cost twice the training).
+  c.finetune_steps = 600
+  c.finetune_validate_steps = 15
+  c.finetune_patience_steps = 90
   return c

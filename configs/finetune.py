@@ -9,7 +9,7 @@ the reference's: batch 16, 150 epochs, Adam lr 1e-4 (0.9, 0.99), L2 1e-5, lr ×
 reference's augmentation. The best state by validation OA is kept (the
 reference's criterion), on `data.val_split`, apart from the test split.
 `early_stopping.patience` > 0 ends the run after that many validations (one
-per epoch) without a new best; 0, the default, trains every epoch as the
+every `validate_every_epochs` epochs, and one at the last step) without a new best; 0, the default, trains every epoch as the
 reference does. A run that stopped stays stopped when rerun, also with more
 epochs; a rerun with a larger patience trains on (the key may change on resume).
 
@@ -52,6 +52,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.keep_checkpoints = 2
   c.select_metric = "val_oa"
   c.early_stopping = dict(patience=0)
+  c.validate_every_epochs = 1
   if reference:
     c.init.checkpoint = "best_loss"
     c.input.label_warp = "reference"

@@ -35,7 +35,7 @@ def _state(step):
   return {"params": {"w": jnp.full((2,), float(step))}, "step": jnp.asarray(step, jnp.int32)}
 
 
-def _fit(workdir, patience, total=TOTAL, kill_at=None, checkpoint_every=4):
+def _fit(workdir, patience, total=TOTAL, kill_at=None, checkpoint_every=4, validate_every=None):
   """Runs loop.fit; returns (steps trained, steps validated, best step, latest step)."""
   trained, validated = [], []
 
@@ -56,7 +56,7 @@ def _fit(workdir, patience, total=TOTAL, kill_at=None, checkpoint_every=4):
                       total_steps=total, steps_per_epoch=STEPS_PER_EPOCH,
                       checkpoint_every=checkpoint_every, keep_checkpoints=2, log_every=100,
                       items_per_step=1, desc="test", validate=validate, best_metric="val_oa",
-                      patience=patience)
+                      patience=patience, validate_every=validate_every)
   best, latest = ckpts.best_step(), ckpts.latest_step()
   ckpts.close()
   return trained, validated, best, latest
@@ -76,6 +76,17 @@ def test_stops_after_patience_validations_without_a_new_best(tmp_path, patience,
   # The state of the step it stopped at is saved, and evaluation reads the best one.
   assert checkpoint.read_state(tmp_path / "checkpoints" / str(stop))["params"]["w"][0] == stop
   assert checkpoint.load_variables(tmp_path)["params"]["w"][0] == best
+
+
+def test_validating_every_two_epochs_counts_patience_in_those_validations(tmp_path):
+  # Validations at 4, 8, ..., 28 and the last step, 30. Hand count with patience 2: best
+  # at 4 (0.60); 8 (0.58) does not beat it; 12 (0.64) does; 16 and 20 do not -> stop at 20.
+  trained, validated, best, latest = _fit(tmp_path, patience=2, validate_every=4)
+  assert validated == [4, 8, 12, 16, 20] and trained == list(range(1, 21))
+  assert (best, latest) == (12, 20)
+  # Without patience the run also validates its last step, which is no multiple of 4.
+  trained, validated, best, latest = _fit(tmp_path / "all", patience=0, validate_every=4)
+  assert validated == [4, 8, 12, 16, 20, 24, 28, 30] and (best, latest) == (24, 30)
 
 
 def test_patience_0_trains_every_step(tmp_path):
@@ -113,11 +124,13 @@ def test_rerun_of_a_stopped_run_does_not_train(tmp_path):
 def test_best_step_file_says_where_the_best_step_fell(tmp_path):
   _fit(tmp_path, patience=3)
   ckpts = checkpoint.RunCheckpoints(tmp_path, 4, 2, "val_oa")
-  finetune.write_best_step(tmp_path, ckpts, planned_steps=TOTAL, steps_per_epoch=STEPS_PER_EPOCH)
+  finetune.write_best_step(tmp_path, ckpts, planned_steps=TOTAL, steps_per_epoch=STEPS_PER_EPOCH,
+                           validate_every_steps=STEPS_PER_EPOCH)
   ckpts.close()
   assert finetune.read_best_step(tmp_path) == {
       "select_metric": "val_oa", "best_step": 14, "best_value": 0.65, "stopped_step": 20,
-      "planned_steps": TOTAL, "steps_per_epoch": STEPS_PER_EPOCH}
+      "planned_steps": TOTAL, "steps_per_epoch": STEPS_PER_EPOCH,
+      "validate_every_steps": STEPS_PER_EPOCH}
   assert finetune.read_best_step(tmp_path / "elsewhere") is None
 
 
@@ -185,4 +198,19 @@ def test_benchmark_patience_in_steps_becomes_validations_of_each_subset(tmp_path
   assert c.early_stopping.patience == 5
   config.finetune_patience_steps = -1
   with pytest.raises(matrix.BenchmarkConfigError, match="^config key finetune_patience_steps is -1; "):
+    matrix.check(config)
+
+
+def test_benchmark_validation_interval_in_steps_becomes_epochs_of_each_subset(tmp_path):
+  config = matrix.load_config("benchmark", "small")
+  config.finetune_steps = 600
+  config.finetune_validate_steps = 15
+  config.finetune_patience_steps = 90
+  # 24 labelled tiles: 3 steps an epoch, validated every 5 epochs (15 steps), patience
+  # 90 / 15 = 6 validations; 120 tiles: 15 steps an epoch, every epoch, also 6.
+  for num_labelled, every, patience in ((24, 5, 6), (120, 1, 6)):
+    c = matrix.finetune_config(config, matrix.Cell("random", 0.05, 0), tmp_path, "/d", num_labelled)
+    assert (c.validate_every_epochs, c.early_stopping.patience) == (every, patience)
+  config.finetune_validate_steps = -1
+  with pytest.raises(matrix.BenchmarkConfigError, match="^config key finetune_validate_steps is -1; "):
     matrix.check(config)

@@ -106,10 +106,10 @@ def check(config: ml_collections.ConfigDict) -> None:
     raise BenchmarkConfigError(f"config key size is {config.size!r}; expected 'tiny' or 'full'")
   if config.imagenet_path and not pathlib.Path(config.imagenet_path).exists():
     raise BenchmarkConfigError(f"config key imagenet_path: {config.imagenet_path} does not exist")
-  patience = config.get("finetune_patience_steps", 0)
-  if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
-    raise BenchmarkConfigError(f"config key finetune_patience_steps is {patience!r}; expected an "
-                               "integer >= 0")
+  for key in ("finetune_patience_steps", "finetune_validate_steps"):
+    value = config.get(key, 0)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+      raise BenchmarkConfigError(f"config key {key} is {value!r}; expected an integer >= 0")
 
 
 def override(base: ml_collections.ConfigDict, overrides: Any, where: str) -> None:
@@ -142,9 +142,10 @@ def finetune_config(config, cell: Cell, work: pathlib.Path, data_path: str,
                     num_labelled: int) -> ml_collections.ConfigDict:
   """The fine-tuning config of a cell; `num_labelled` tiles are in its label subset.
 
-  `finetune_steps` and `finetune_patience_steps` (when > 0) are counted in steps so that
-  every label fraction gets about the same budget and early-stopping window; they
-  become whole epochs (validations) of the cell's subset.
+  `finetune_steps`, `finetune_validate_steps` and `finetune_patience_steps` (when > 0)
+  are counted in steps so that every label fraction gets about the same budget,
+  validation interval and early-stopping window; they become whole epochs of the
+  cell's subset (and the patience whole validations).
   """
   c = load_config("finetune", ("random" if cell.init == "random" else "checkpoint") +
                    (",tiny" if config.size == "tiny" else ""))
@@ -162,8 +163,11 @@ def finetune_config(config, cell: Cell, work: pathlib.Path, data_path: str,
   steps_per_epoch = subset_steps_per_epoch(num_labelled, c.data.batch_size)
   if config.finetune_steps:
     c.epochs = math.ceil(config.finetune_steps / steps_per_epoch)
+  if config.get("finetune_validate_steps", 0):
+    c.validate_every_epochs = max(round(config.finetune_validate_steps / steps_per_epoch), 1)
   if config.get("finetune_patience_steps", 0):
-    c.early_stopping.patience = math.ceil(config.finetune_patience_steps / steps_per_epoch)
+    c.early_stopping.patience = math.ceil(
+        config.finetune_patience_steps / (steps_per_epoch * c.validate_every_epochs))
   return c
 
 

@@ -12,8 +12,10 @@ Config keys (configs/finetune.py):
   input: fine-tuning augmentation overrides (glc_jax/data/recipes.py FinetuneConfig)
   model: depth, output_stride, width, dtype; optimizer: see glc_jax/optim
   epochs, log_every, checkpoint_every, keep_checkpoints, select_metric
-  early_stopping.patience: stop after this many validations (epochs) without a
-  new best select_metric; 0 = train all epochs (the reference)
+  validate_every_epochs: validate (and offer the state to best/) every this many
+  epochs and at the last step; 1 = every epoch (the reference)
+  early_stopping.patience: stop after this many validations without a new best
+  select_metric; 0 = train all epochs (the reference)
 
 Besides checkpoints and logs the run leaves best_step.json: where its best
 validation step fell in the steps it ran (write_best_step).
@@ -126,16 +128,16 @@ def make_validator(model, mesh, source, info, batch_size: int, data_config, pref
 
 
 COUNTS = {"epochs": 1, "log_every": 1, "checkpoint_every": 1, "keep_checkpoints": 1,
-          "data.num_workers": 0, "early_stopping.patience": 0}
+          "data.num_workers": 0, "early_stopping.patience": 0, "validate_every_epochs": 1}
 BEST_STEP_FILE = "best_step.json"
 
 
 def write_best_step(workdir: str | os.PathLike, checkpoints: checkpoint.RunCheckpoints,
-                    planned_steps: int, steps_per_epoch: int) -> None:
+                    planned_steps: int, steps_per_epoch: int, validate_every_steps: int) -> None:
   """<workdir>/best_step.json, written whole or not at all, from a finished fit's checkpoints.
 
   {'select_metric', 'best_step', 'best_value', 'stopped_step', 'planned_steps',
-  'steps_per_epoch'}: best_step == stopped_step means the best state is the last
+  'steps_per_epoch', 'validate_every_steps'}: best_step == stopped_step means the best state is the last
   one validated, so more steps might still have improved it.
   """
   if jax.process_index() != 0:
@@ -144,7 +146,7 @@ def write_best_step(workdir: str | os.PathLike, checkpoints: checkpoint.RunCheck
   record = {"select_metric": checkpoints.best_metric, "best_step": checkpoints.best_step(),
             "best_value": None if best is None else best[checkpoints.best_metric],
             "stopped_step": checkpoints.latest_step(), "planned_steps": planned_steps,
-            "steps_per_epoch": steps_per_epoch}
+            "steps_per_epoch": steps_per_epoch, "validate_every_steps": validate_every_steps}
   files.write_text_atomic(pathlib.Path(workdir) / BEST_STEP_FILE, json.dumps(record, indent=1) + "\n")
 
 
@@ -177,6 +179,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
 
   steps_per_epoch = len(source) // global_batch
   total_steps = config.epochs * steps_per_epoch
+  validate_every = config.validate_every_epochs * steps_per_epoch
   tx, schedule = optim.build_optimizer(config.optimizer, steps_per_epoch=steps_per_epoch,
                                        num_epochs=config.epochs,
                                        num_devices=parallel.data_size(mesh), global_batch=global_batch)
@@ -204,6 +207,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
         checkpoint_every=config.checkpoint_every, keep_checkpoints=config.keep_checkpoints,
         log_every=config.log_every, items_per_step=global_batch, desc="finetune",
         validate=validate, best_metric=config.select_metric,
-        patience=config.early_stopping.patience)
-    write_best_step(workdir, checkpoints, total_steps, steps_per_epoch)
+        patience=config.early_stopping.patience, validate_every=validate_every)
+    write_best_step(workdir, checkpoints, total_steps, steps_per_epoch, validate_every)
     checkpoints.close()

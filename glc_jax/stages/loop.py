@@ -7,10 +7,11 @@ on a non-finite loss without saving the bad state.
 
 Early stopping (fine-tuning, `patience` > 0): the run ends after `patience`
 validations in a row that do not give a new best state, with a checkpoint of
-the step it stopped at. The count is not kept in memory: validation runs at
-every epoch end, so it is the number of epochs since the best state's step,
-which best/ records. A run resumed after a kill therefore stops where the
-uninterrupted one did, and a rerun of a run that stopped does not train on.
+the step it stopped at. The count is not kept in memory: validation runs
+every `validate_every` steps, so it is the number of those intervals since the
+best state's step, which best/ records. A run resumed after a kill therefore
+stops where the uninterrupted one did, and a rerun of a run that stopped does
+not train on.
 """
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ def fit(state: Any, train_step: Callable, iterator, rng: jax.Array, *, workdir: 
         log_every: int, items_per_step: int, desc: str,
         validate: Callable[[Any], dict[str, float]] | None = None,
         best_metric: str | None = None,
-        keep_best_loss: bool = False, probe=None, patience: int = 0) -> tuple[Any, RunCheckpoints]:
+        keep_best_loss: bool = False, probe=None, patience: int = 0,
+        validate_every: int | None = None) -> tuple[Any, RunCheckpoints]:
   """Runs `train_step` up to `total_steps`, resuming from `workdir` if it can.
 
   Args:
@@ -42,8 +44,9 @@ def fit(state: Any, train_step: Callable, iterator, rng: jax.Array, *, workdir: 
     train_step: (state, batch, rng) -> (state, metrics), state donated.
     iterator: the checkpointable Grain iterator of device batches.
     rng: the run's key; the step folds in the step number and device index.
-    validate: state -> {name: value}, run at each epoch end; with
-      `best_metric`, the state with the best value of that metric is kept.
+    validate: state -> {name: value}, run every `validate_every` steps (default:
+      each epoch end) and at the last step; with `best_metric`, the state with the
+      best value of that metric is kept.
     keep_best_loss: log each epoch's mean loss ('epoch_loss') and keep the state
       of the epoch with the lowest in best_loss/ (the reference's choice of
       pretraining checkpoint; not with `best_metric`). An epoch that a resume
@@ -63,6 +66,7 @@ def fit(state: Any, train_step: Callable, iterator, rng: jax.Array, *, workdir: 
     raise ValueError("fit: keep_best_loss and best_metric cannot be used together")
   if patience and (best_metric is None or validate is None):
     raise ValueError("fit: patience needs validate and best_metric")
+  validate_every = validate_every or steps_per_epoch
   if keep_best_loss:
     checkpoints = RunCheckpoints(workdir, checkpoint_every, keep_checkpoints, "epoch_loss",
                                  best_mode="min", best_dir=BEST_LOSS_DIR)
@@ -87,8 +91,8 @@ def fit(state: Any, train_step: Callable, iterator, rng: jax.Array, *, workdir: 
     best = checkpoints.best_step()
     # A best state ahead of `step` was saved by the run this one resumes, which
     # therefore did not stop before it.
-    return (bool(patience) and step % steps_per_epoch == 0 and best is not None
-            and (step - best) // steps_per_epoch >= patience)
+    return (bool(patience) and step % validate_every == 0 and best is not None
+            and (step - best) // validate_every >= patience)
 
   last_step = total_steps
   if start and patience_spent(start):
@@ -106,10 +110,11 @@ def fit(state: Any, train_step: Callable, iterator, rng: jax.Array, *, workdir: 
       final = step == total_steps
       saving = final or step % checkpoint_every == 0
       epoch_end = step % steps_per_epoch == 0
+      validating = validate is not None and (step % validate_every == 0 or final)
       if keep_best_loss:
         loss_sum, loss_steps = loss_sum + metrics["loss"], loss_steps + 1
       probing = probe is not None and probe.due(step, total_steps)
-      if saving or epoch_end or probing or step % log_every == 0:
+      if saving or epoch_end or validating or probing or step % log_every == 0:
         host = {k: float(v) for k, v in jax.device_get(metrics).items()}
         if not math.isfinite(host["loss"]):
           last = checkpoints.latest_step()
@@ -119,7 +124,7 @@ def fit(state: Any, train_step: Callable, iterator, rng: jax.Array, *, workdir: 
               f"{desc}: loss is {host['loss']} at step {step}; stopped before any checkpoint")
         if probing:
           host.update(probe(state, step))
-        if validate is not None and epoch_end:
+        if validating:
           scores = validate(state)
           host.update(scores)
           if best_metric is not None and checkpoints.save_if_best(step, state, scores):

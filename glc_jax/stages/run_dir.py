@@ -46,7 +46,8 @@ CHANGES_FILE = "config_changes.jsonl"
 # score means, so that the history would mix incomparable numbers.
 # early_stopping.patience only decides when fine-tuning ends, like epochs.
 RESUMABLE_KEYS = frozenset({"num_steps", "epochs", "log_every", "checkpoint_every",
-                            "keep_checkpoints", "probe.every_steps", "early_stopping.patience"})
+                            "keep_checkpoints", "probe.every_steps", "early_stopping.patience",
+                            "validate_every_epochs"})
 
 _ABSENT = "<absent>"
 _MESSAGE_BYTES = 4096  # a refusal broadcast from process 0 to the others
