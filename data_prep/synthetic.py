@@ -3,9 +3,10 @@
 Each scene is a rendered town block layout at ~0.2 m ground sampling distance:
 a road network with sidewalks, markings and cars; blocks of houses (rectangles
 and L shapes, several roof materials, gabled shading), commercial buildings with
-parking lots, parks with clustered tree crowns, construction sites (clutter).
-Buildings and trees cast shadows along a per-scene sun direction. Scene-level
-style varies (season, illumination gain, colour cast, haze, sensor noise), so
+parking lots, parks with clustered tree crowns (rough with foliage clumps, where
+lawns are smooth), construction sites (clutter). Buildings and trees cast
+shadows along a per-scene sun direction, which also lights roofs and crowns.
+Scene-level style varies (season, illumination gain, colour cast, haze, sensor noise), so
 that two scenes differ in style the way two acquisitions do: exactly what a
 style-aware contrastive method is meant to be robust to.
 
