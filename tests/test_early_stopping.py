@@ -89,6 +89,16 @@ def test_validating_every_two_epochs_counts_patience_in_those_validations(tmp_pa
   assert validated == [4, 8, 12, 16, 20, 24, 28, 30] and (best, latest) == (24, 30)
 
 
+def test_patience_counts_validations_after_a_best_at_an_earlier_last_step(tmp_path):
+  # A 14-step run validates at 4, 8, 12 and its last step, 14 (0.65, the best). Rerun to
+  # 30 steps: 16 (0.60) and 20 (0.62) are two validations without a new best, so with
+  # patience 2 it stops at 20, although 20 - 14 is less than two intervals of 4.
+  _fit(tmp_path, patience=2, total=14, validate_every=4)
+  trained, validated, best, latest = _fit(tmp_path, patience=2, validate_every=4)
+  assert validated == [16, 20] and trained == list(range(15, 21))
+  assert (best, latest) == (14, 20)
+
+
 def test_patience_0_trains_every_step(tmp_path):
   trained, validated, best, latest = _fit(tmp_path, patience=0)
   assert trained == list(range(1, TOTAL + 1)) and len(validated) == TOTAL // STEPS_PER_EPOCH

@@ -8,8 +8,8 @@ on a non-finite loss without saving the bad state.
 Early stopping (fine-tuning, `patience` > 0): the run ends after `patience`
 validations in a row that do not give a new best state, with a checkpoint of
 the step it stopped at. The count is not kept in memory: validation runs
-every `validate_every` steps, so it is the number of those intervals since the
-best state's step, which best/ records. A run resumed after a kill therefore
+every `validate_every` steps, so it is the number of multiples of
+`validate_every` after the best state's step, which best/ records. A run resumed after a kill therefore
 stops where the uninterrupted one did, and a rerun of a run that stopped does
 not train on.
 """
@@ -89,10 +89,12 @@ def fit(state: Any, train_step: Callable, iterator, rng: jax.Array, *, workdir: 
 
   def patience_spent(step: int) -> bool:
     best = checkpoints.best_step()
+    # Validations after the best one, counted as multiples of validate_every: the best
+    # may lie off them, at the last step of a run that was then rerun with more epochs.
     # A best state ahead of `step` was saved by the run this one resumes, which
     # therefore did not stop before it.
     return (bool(patience) and step % validate_every == 0 and best is not None
-            and (step - best) // validate_every >= patience)
+            and step // validate_every - best // validate_every >= patience)
 
   last_step = total_steps
   if start and patience_spent(start):
