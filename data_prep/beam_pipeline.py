@@ -42,8 +42,8 @@ from tensorflow_datasets.core import writer as tfds_writer
 from tensorflow_datasets.core.utils import shard_utils
 import tensorflow_datasets as tfds
 
-from data_prep import scenes as scenes_lib, tiling, writer
-from data_prep.convert import _SplitResult, _end_scene
+from data_prep import tiling, writer
+from data_prep.convert import SplitResult, SplitTally
 from data_prep.stats import BandStatsAccumulator
 
 _SUMMARY_FILE = "beam_summary.pickle"  # in the temporary folder, deleted once read
@@ -135,7 +135,7 @@ def _worker_error(error: Exception) -> DataPrepError:
 def write_splits(tmp: Path, features: tfds.features.FeaturesDict, split_names: list[str],
                  jobs: list[tiling.TileJob], job_split: list[str], options: tiling.TileOptions,
                  max_shard_bytes: int, settings: BeamSettings
-                 ) -> tuple[dict[str, _SplitResult], list[tfds.core.SplitInfo]]:
+                 ) -> tuple[dict[str, SplitResult], list[tfds.core.SplitInfo]]:
   """The Beam counterpart of convert's `_write_splits`: same arguments, same results."""
   elements, next_key, split_bytes = [], collections.Counter(), collections.Counter()
   for index, (job, split) in enumerate(zip(jobs, job_split)):
@@ -172,28 +172,12 @@ def write_splits(tmp: Path, features: tfds.features.FeaturesDict, split_names: l
     summary = pickle.load(f)
   (tmp / _SUMMARY_FILE).unlink()
 
-  first = jobs[0].scene
-  results = {name: _SplitResult(stats=BandStatsAccumulator(first.bands, first.dtype))
-             for name in split_names}
+  tally = SplitTally(split_names, jobs[0].scene)
+  for index, num_records, num_skipped, num_nonfinite, num_finite in sorted(summary["counts"]):
+    tally.add(job_split[index], jobs[index].scene, num_records, num_skipped, num_finite, num_nonfinite)
+  results = tally.finish()
   for i, (stats, class_counts) in summary["stats"].items():
     results[split_names[i]].stats, results[split_names[i]].class_counts = stats, class_counts
-  scene: scenes_lib.Scene | None = None
-  finite = nonfinite = 0
-  for index, num_records, num_skipped, num_nonfinite, num_finite in sorted(summary["counts"]):
-    job, result = jobs[index], results[job_split[index]]
-    if scene is None or job.scene.scene_id != scene.scene_id:
-      _end_scene(scene, finite, nonfinite)
-      scene, finite, nonfinite = job.scene, 0, 0
-    finite += num_finite
-    nonfinite += num_nonfinite
-    result.num_records += num_records
-    result.num_skipped += num_skipped
-    result.num_nonfinite += num_nonfinite
-    if not result.scene_ids or result.scene_ids[-1] != job.scene.scene_id:
-      result.scene_ids.append(job.scene.scene_id)
-      result.scene_records.append(0)
-    result.scene_records[-1] += num_records
-  _end_scene(scene, finite, nonfinite)
 
   split_infos = []
   for name, split_writer in zip(split_names, writers):

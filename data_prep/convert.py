@@ -104,7 +104,9 @@ def _palette(num_classes: int) -> tuple[tuple[int, int, int], ...]:
 
 
 @dataclasses.dataclass
-class _SplitResult:
+class SplitResult:
+  """What one split's chunks gave: the counts that metadata.json reports, and the
+  band statistics and class counts (merged by the path that wrote the split)."""
   num_records: int = 0
   num_skipped: int = 0
   num_nonfinite: int = 0
@@ -112,6 +114,56 @@ class _SplitResult:
   scene_records: list = dataclasses.field(default_factory=list)  # records of each scene_ids entry
   stats: BandStatsAccumulator | None = None
   class_counts: np.ndarray | None = None
+
+
+class SplitTally:
+  """Counts the chunks of every job into per-split results, in job order; shared by the
+  local and the Beam path so that both report the same counts and refuse the same scenes.
+
+  A scene's jobs are consecutive, so its pixels are summed until the next scene
+  begins: a scene with no finite pixel is refused, and its non-finite ones reported.
+  """
+
+  def __init__(self, split_names: list[str], first: scenes_lib.Scene):
+    self.results = {name: SplitResult(stats=BandStatsAccumulator(first.bands, first.dtype))
+                    for name in split_names}
+    self._scene: scenes_lib.Scene | None = None
+    self._finite = self._nonfinite = 0
+
+  def add(self, split: str, scene: scenes_lib.Scene, num_records: int, num_skipped: int,
+          num_finite: int, num_nonfinite: int) -> None:
+    """Counts one chunk of `scene`, written to `split`."""
+    if self._scene is None or scene.scene_id != self._scene.scene_id:
+      self._end_scene()
+      self._scene, self._finite, self._nonfinite = scene, 0, 0
+    self._finite += num_finite
+    self._nonfinite += num_nonfinite
+    result = self.results[split]
+    result.num_records += num_records
+    result.num_skipped += num_skipped
+    result.num_nonfinite += num_nonfinite
+    if not result.scene_ids or result.scene_ids[-1] != scene.scene_id:
+      result.scene_ids.append(scene.scene_id)
+      result.scene_records.append(0)
+    result.scene_records[-1] += num_records
+
+  def finish(self) -> dict[str, SplitResult]:
+    """The results, once the last scene has passed the checks."""
+    self._end_scene()
+    self._scene = None
+    return self.results
+
+  def _end_scene(self) -> None:
+    scene = self._scene
+    if scene is None:
+      return
+    if self._finite == 0:
+      raise DataPrepError(f"{scene.image_path}: every pixel has a NaN or infinite value in some band; "
+                          "there is no data to tile")
+    if self._nonfinite:
+      log.warning("%s: %d pixels of the kept tiles have NaN or infinite values; they are nodata "
+                  "(label 255, left out of the statistics) and written as %g",
+                  scene.image_path, self._nonfinite, tiling.nonfinite_fill(scene.nodata))
 
 
 def convert(
@@ -317,36 +369,24 @@ def _assign_splits(scenes, split_lists, split_fractions, split_seed, group_patte
 def _write_splits(tmp: Path, features, split_names: list[str], jobs: list[tiling.TileJob],
                   job_split: list[str], options: tiling.TileOptions, workers: int,
                   max_shard_bytes: int, desc: str, progress: bool
-                  ) -> tuple[dict[str, _SplitResult], list]:
+                  ) -> tuple[dict[str, SplitResult], list]:
   """Reads all jobs (in parallel), writes their records; returns per-split results and
   the TFDS SplitInfos of the non-empty splits."""
-  first = jobs[0].scene
-  results = {name: _SplitResult(stats=BandStatsAccumulator(first.bands, first.dtype)) for name in split_names}
+  tally = SplitTally(split_names, jobs[0].scene)
   split_writers: dict[str, writer.SplitWriter] = {}
-  scene, finite, nonfinite = None, 0, 0  # of the scene being read (its jobs are consecutive)
   with tqdm.tqdm(total=sum(len(j.windows) for j in jobs), unit="tile", desc=desc,
                  disable=not progress, smoothing=0.1) as bar:
     for name, job, chunk in zip(job_split, jobs, _run_jobs(jobs, options, workers)):
-      if scene is None or job.scene.scene_id != scene.scene_id:
-        _end_scene(scene, finite, nonfinite)
-        scene, finite, nonfinite = job.scene, 0, 0
-      finite += chunk.num_finite
-      nonfinite += chunk.num_nonfinite
-      result = results[name]
+      tally.add(name, job.scene, len(chunk.records), chunk.num_skipped, chunk.num_finite,
+                chunk.num_nonfinite)
       split_writer = split_writers.setdefault(name, writer.SplitWriter(tmp, name, features, max_shard_bytes))
       for record in chunk.records:
         split_writer.write(record)
-      result.num_records += len(chunk.records)
-      result.num_skipped += chunk.num_skipped
-      result.num_nonfinite += chunk.num_nonfinite
-      if not result.scene_ids or result.scene_ids[-1] != job.scene.scene_id:
-        result.scene_ids.append(job.scene.scene_id)
-        result.scene_records.append(0)
-      result.scene_records[-1] += len(chunk.records)
+      result = tally.results[name]
       result.stats.merge(chunk.stats)
       result.class_counts = chunk.class_counts + (0 if result.class_counts is None else result.class_counts)
       bar.update(len(job.windows))
-  _end_scene(scene, finite, nonfinite)
+  results = tally.finish()
   split_infos = []
   for name in split_names:
     if results[name].num_records == 0:
@@ -356,20 +396,7 @@ def _write_splits(tmp: Path, features, split_names: list[str], jobs: list[tiling
   return results, split_infos
 
 
-def _end_scene(scene: scenes_lib.Scene | None, finite: int, nonfinite: int) -> None:
-  """Refuses a scene with no finite pixel; reports the non-finite pixels made nodata."""
-  if scene is None:
-    return
-  if finite == 0:
-    raise DataPrepError(f"{scene.image_path}: every pixel has a NaN or infinite value in some band; "
-                        "there is no data to tile")
-  if nonfinite:
-    log.warning("%s: %d pixels of the kept tiles have NaN or infinite values; they are nodata "
-                "(label 255, left out of the statistics) and written as %g",
-                scene.image_path, nonfinite, tiling.nonfinite_fill(scene.nodata))
-
-
-def _metadata(results: dict[str, _SplitResult], split_names: list[str], fingerprint: str,
+def _metadata(results: dict[str, SplitResult], split_names: list[str], fingerprint: str,
               settings: dict, first: scenes_lib.Scene, class_map: class_maps.ClassMap | None,
               labelled: bool, subset_fractions: list[float], subset_seed: int,
               subset_members: dict[str, set[str]]) -> dict:
