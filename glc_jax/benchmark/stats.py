@@ -63,7 +63,7 @@ def _scores_by_seed(rows: Sequence[Mapping], key: str, init: str, fraction: floa
     if seed in scores:
       raise ValueError(f"results: two rows for init {init!r}, fraction {fraction:g}, seed {seed}")
     value = row.get(key)
-    scores[seed] = math.nan if value is None or value == "" else float(value)
+    scores[seed] = math.nan if value is None else float(value)
   return scores
 
 
