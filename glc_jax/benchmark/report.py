@@ -258,6 +258,7 @@ def best_step_section(rows: Sequence[Mapping], inits: Sequence[str],
   lines = ["| init | fraction | runs | best step (mean) | steps run (mean) of planned | "
            "best step, % of steps run: mean (min–max) | stopped early | best at last validation |",
            "|---|---|---|---|---|---|---|---|"]
+  flagged = []
   for init in inits:
     for f in fractions:
       picked = [r for r in known if r["init"] == init and float(r["fraction"]) == f]
@@ -268,13 +269,11 @@ def best_step_section(rows: Sequence[Mapping], inits: Sequence[str],
       planned = max(float(r["planned_steps"]) for r in picked)
       share = 100 * best / run
       early = sum(float(r["stopped_step"]) < float(r["planned_steps"]) for r in picked)
-      last = int(np.sum(best == run))
+      at_last = [f"{init}/f{f:g}/seed{r['seed']}" for r, b, n in zip(picked, best, run) if b == n]
+      flagged += at_last
       lines.append(f"| {init} | {_fraction_label(f)} | {len(picked)} | {best.mean():.0f} | "
                    f"{run.mean():.0f} of {planned:.0f} | {share.mean():.0f}% "
-                   f"({share.min():.0f}–{share.max():.0f}%) | {early} | {last} |")
-  flagged = [f"{r['init']}/f{float(r['fraction']):g}/seed{r['seed']}" for init in inits
-             for f in fractions for r in known if r["init"] == init and float(r["fraction"]) == f
-             and float(r["best_step"]) == float(r["stopped_step"])]
+                   f"({share.min():.0f}–{share.max():.0f}%) | {early} | {len(at_last)} |")
   return ["## Where the best validation step fell", "",
           "Per fine-tuning run: the step of the state kept (best on the validation split, "
           "the one evaluated) against the steps it ran; a run stops early after `patience` "
