@@ -3,10 +3,9 @@
 Each scene is a rendered town block layout at ~0.2 m ground sampling distance:
 a road network with sidewalks, markings and cars; blocks of houses (rectangles
 and L shapes, several roof materials, gabled shading), commercial buildings with
-parking lots, parks with clustered tree crowns (rough with foliage clumps, where
-lawns are smooth), construction sites (clutter). Buildings and trees cast
-shadows along a per-scene sun direction, which also lights roofs and crowns.
-Scene-level style varies (season, illumination gain, colour cast, haze, sensor noise), so
+parking lots, parks with clustered tree crowns, construction sites (clutter).
+Buildings and trees cast shadows along a per-scene sun direction. Scene-level
+style varies (season, illumination gain, colour cast, haze, sensor noise), so
 that two scenes differ in style the way two acquisitions do: exactly what a
 style-aware contrastive method is meant to be robust to.
 
@@ -51,9 +50,6 @@ GRASS_SUMMER = (0.12, 0.33, 0.10, 0.62)
 GRASS_DRY = (0.38, 0.36, 0.22, 0.40)
 TREE_SUMMER = (0.06, 0.19, 0.06, 0.55)
 TREE_AUTUMN = (0.30, 0.20, 0.07, 0.42)
-# Log-amplitude per band of the foliage clumps that make a crown rough; the gaps between
-# clumps stay brighter in NIR, where leaves scatter light on into the canopy.
-CROWN_ROUGHNESS = (0.7, 0.7, 0.7, 0.4)
 SOIL = (0.42, 0.33, 0.23, 0.39)
 CAR_PAINTS = (
     (0.85, 0.85, 0.85), (0.06, 0.06, 0.07), (0.55, 0.56, 0.58),
@@ -66,20 +62,17 @@ DEFAULT_CRS = "EPSG:32633"
 
 @dataclasses.dataclass(frozen=True)
 class Scene:
-  """A rendered scene: image (H, W, bands) float32 reflectance in [0, 1], label (H, W) uint8,
-  sun (row, col) unit vector towards the sun (shadows fall the other way)."""
+  """A rendered scene: image (H, W, bands) float32 reflectance in [0, 1], label (H, W) uint8."""
   image: np.ndarray
   label: np.ndarray
-  sun: tuple[float, float]
 
 
 class _Canvas:
   """Label, reflectance, height and texture layers that the painters write into."""
 
-  def __init__(self, rng: np.random.Generator, height: int, width: int, sun: tuple[float, float]):
+  def __init__(self, rng: np.random.Generator, height: int, width: int):
     self.rng = rng
     self.h, self.w = height, width
-    self.sun = sun  # (row, col) unit step towards the sun, so lit sides match the cast shadows
     self.label = np.full((height, width), LOW_VEG, np.uint8)
     self.refl = np.empty((height, width, 4), np.float32)
     self.elev = np.zeros((height, width), np.float32)  # object height in pixels
@@ -193,17 +186,15 @@ def _building(cv: _Canvas, y0, x0, y1, x1):
   if sl is None:
     return
   ys, xs = sl
-  # Gable: the roof half that faces the sun is the brighter one.
+  # Gable: the two roof halves face the sun differently.
   if (ys.stop - ys.start) > (xs.stop - xs.start):
     mid = (xs.start + xs.stop) // 2
-    first, second = (1.12, 0.86) if cv.sun[1] < 0 else (0.86, 1.12)
-    cv.shade[ys, xs.start:mid] *= first
-    cv.shade[ys, mid:xs.stop] *= second
+    cv.shade[ys, xs.start:mid] *= 1.12
+    cv.shade[ys, mid:xs.stop] *= 0.86
   else:
     mid = (ys.start + ys.stop) // 2
-    first, second = (1.12, 0.86) if cv.sun[0] < 0 else (0.86, 1.12)
-    cv.shade[ys.start:mid, xs] *= first
-    cv.shade[mid:ys.stop, xs] *= second
+    cv.shade[ys.start:mid, xs] *= 1.12
+    cv.shade[mid:ys.stop, xs] *= 0.86
   if rng.random() < 0.45:  # cut a corner out to make an L shape
     cy, cx = rng.integers(2), rng.integers(2)
     hh = int((ys.stop - ys.start) * rng.uniform(0.35, 0.55))
@@ -231,8 +222,8 @@ def _tree_cluster(cv: _Canvas, yc, xc, spread, count):
     cv.refl[y0:y1, x0:x1][crown] = TREE_SUMMER
     top = r * 2.2
     cv.elev[y0:y1, x0:x1][crown] = np.maximum(cv.elev[y0:y1, x0:x1][crown], top * np.sqrt(1 - d[crown] ** 2))
-    # Dome shading: lit on the sun's side, dark rim.
-    lit = 1.0 + 0.25 * ((yy - y) * cv.sun[0] + (xx - x) * cv.sun[1]) / r - 0.25 * d**2
+    # Dome shading: lit towards the upper left, dark rim.
+    lit = 1.0 + 0.25 * ((xx - x) * -0.6 + (yy - y) * -0.8) / r - 0.25 * d**2
     cv.shade[y0:y1, x0:x1][crown] = lit[crown]
 
 
@@ -300,9 +291,9 @@ def _construction(cv, y0, x0, y1, x1):
 _BLOCKS = ((_residential, 0.45), (_commercial, 0.2), (_park, 0.2), (_construction, 0.15))
 
 
-def _shadows(cv: _Canvas, slope: float) -> np.ndarray:
+def _shadows(cv: _Canvas, azimuth: float, slope: float) -> np.ndarray:
   """Boolean mask of pixels shadowed by a taller object towards the sun."""
-  dy, dx = cv.sun
+  dy, dx = -np.cos(azimuth), np.sin(azimuth)  # unit step towards the sun
   shadow = np.zeros((cv.h, cv.w), bool)
   step = 2
   for k in range(step, 60, step):
@@ -352,7 +343,7 @@ def render_scene(seed: int, height: int = 1024, width: int = 1024, bands: int = 
     raise ValueError(f"bands must be >= 1, got {bands}")
   rng = np.random.default_rng(seed)
   style = _style(rng)
-  cv = _Canvas(rng, height, width, sun=(-float(np.cos(style["azimuth"])), float(np.sin(style["azimuth"]))))
+  cv = _Canvas(rng, height, width)
   cv.refl[:] = GRASS_SUMMER
   kinds, weights = zip(*_BLOCKS)
   blocks = _road_network(cv)
@@ -361,7 +352,7 @@ def render_scene(seed: int, height: int = 1024, width: int = 1024, bands: int = 
   picks += list(rng.choice(len(kinds), size=max(len(blocks) - len(picks), 0), p=weights))
   for block, pick in zip(rng.permutation(len(blocks)), picks):
     kinds[pick](cv, *blocks[block])
-  # Trees anywhere but on roofs: street trees over roads and lots, trees in yards.
+  # Street trees along some road edges.
   for _ in range(int(height * width / 40_000)):
     _tree_cluster(cv, rng.uniform(0, height), rng.uniform(0, width), 30, int(rng.integers(2, 6)))
 
@@ -378,18 +369,14 @@ def render_scene(seed: int, height: int = 1024, width: int = 1024, bands: int = 
   texture = 1.0 + 0.08 * _fractal(rng, (height, width))[..., None]
   fine = 1.0 + 0.06 * rng.standard_normal((height, width, 1)).astype(np.float32)
   veg = (grass | trees)[..., None]
-  # Sunlit leaf clusters and the shaded gaps between them, ~0.6 m across: crowns are rough
-  # where lawns are smooth, the texture by which real trees stand apart from grass.
-  clumps = np.exp(np.float32(CROWN_ROUGHNESS) * _noise(rng, (height, width), 3)[..., None])
-  crown = np.where(trees[..., None], clumps, np.float32(1))
-  img = refl * cv.shade[..., None] * texture * crown * np.where(veg, fine * 1.5 - 0.5, fine)
-  shadow = _shadows(cv, style["slope"])
+  img = refl * cv.shade[..., None] * texture * np.where(veg, fine * 1.5 - 0.5, fine)
+  shadow = _shadows(cv, style["azimuth"], style["slope"])
   img[shadow] *= np.float32((0.38, 0.40, 0.48, 0.42))  # skylight-lit shadows are bluish
   img = img * style["gain"] * style["cast"] + style["haze"]
   img = ndimage.gaussian_filter(img, sigma=(0.7, 0.7, 0), mode="nearest")  # optics blur
   img = _spectrum(img, bands)
   img = img + style["noise"] * rng.standard_normal(img.shape).astype(np.float32)
-  return Scene(image=np.clip(img, 0.0, 1.0).astype(np.float32), label=cv.label, sun=cv.sun)
+  return Scene(image=np.clip(img, 0.0, 1.0).astype(np.float32), label=cv.label)
 
 
 def colour_label(label: np.ndarray) -> np.ndarray:

@@ -4,7 +4,6 @@ import filecmp
 import numpy as np
 import pytest
 import rasterio
-from scipy import ndimage
 
 from data_prep import synthetic
 
@@ -55,47 +54,6 @@ def test_vegetation_is_bright_in_nir():
   veg = np.isin(scene.label, (synthetic.TREE, synthetic.LOW_VEG))
   ndvi = (scene.image[..., 3] - scene.image[..., 0]) / (scene.image[..., 3] + scene.image[..., 0] + 1e-6)
   assert ndvi[veg].mean() > ndvi[~veg].mean() + 0.2
-
-
-def _best_balanced_accuracy(high: np.ndarray, low: np.ndarray) -> float:
-  """Best balanced accuracy of one threshold calling `high` samples above it and `low` below."""
-  thresholds = np.quantile(np.concatenate([high, low]), np.linspace(0.01, 0.99, 99))
-  return max(0.5 * ((high > t).mean() + (low <= t).mean()) for t in thresholds)
-
-
-def test_tree_crowns_are_rough_where_lawns_are_smooth():
-  # Real crowns show sunlit leaf clusters and dark gaps at ~0.5 m; lawns do not. Texture alone
-  # (band-passed brightness relative to its surroundings, averaged over 7x7) must tell the
-  # interiors of crowns from those of lawns; crowns that differ from grass only in colour fail.
-  trees, lawns = [], []
-  for seed in range(3):
-    scene = synthetic.render_scene(seed, 256, 256)
-    brightness = scene.image.mean(-1)
-    surroundings = ndimage.gaussian_filter(brightness, 3.0)
-    band = np.abs(ndimage.gaussian_filter(brightness, 1.0) - surroundings) / (surroundings + 1e-3)
-    roughness = ndimage.uniform_filter(band, 7)
-    trees.append(roughness[ndimage.binary_erosion(scene.label == synthetic.TREE, iterations=3)])
-    lawns.append(roughness[ndimage.binary_erosion(scene.label == synthetic.LOW_VEG, iterations=3)])
-  assert _best_balanced_accuracy(np.concatenate(trees), np.concatenate(lawns)) >= 0.85
-
-
-def test_gabled_roofs_are_lit_from_the_sun_that_casts_the_shadows():
-  # The roof half facing the sun is the brighter one, for every sun direction.
-  for seed in range(4):
-    scene = synthetic.render_scene(seed, 256, 256)
-    brightness = scene.image.mean(-1)
-    roofs, _ = ndimage.label(scene.label == synthetic.BUILDING)
-    for ys, xs in ndimage.find_objects(roofs):
-      h, w = ys.stop - ys.start, xs.stop - xs.start
-      if min(h, w) < 12:
-        continue
-      roof, on_roof = brightness[ys, xs], scene.label[ys, xs] == synthetic.BUILDING
-      # The ridge runs along the longer side; the sun's component across it picks the lit half.
-      axis, across = (1, scene.sun[1]) if h > w else (0, scene.sun[0])
-      near, far = np.array_split(np.arange(roof.shape[axis]), [roof.shape[axis] // 2])
-      halves = [np.median(np.take(roof, i, axis)[np.take(on_roof, i, axis)]) for i in (near, far)]
-      lit, dark = halves if across < 0 else halves[::-1]
-      assert lit > dark, (seed, ys, xs, scene.sun)
 
 
 def test_colour_labels_use_isprs_colours(tmp_path):
