@@ -102,9 +102,15 @@ def _chunk_stats(element) -> tuple:
   return split, (chunk.stats, chunk.class_counts)
 
 
-def _merge_stats(parts) -> tuple[BandStatsAccumulator, np.ndarray]:
-  """Merges (band stats, class counts) pairs into new ones; Beam calls it on partial results too."""
-  parts = list(parts)
+def _merge_stats(parts) -> tuple[BandStatsAccumulator, np.ndarray] | None:
+  """Merges (band stats, class counts) pairs into new ones; Beam calls it on partial results too.
+
+  None stands for no parts: a runner may merge accumulators that saw no element, and
+  the band count of an empty merge is unknown.
+  """
+  parts = [part for part in parts if part is not None]
+  if not parts:
+    return None
   first = parts[0][0]
   stats, class_counts = BandStatsAccumulator(len(first.count), first.dtype), np.zeros(256, np.int64)
   for part_stats, part_counts in parts:

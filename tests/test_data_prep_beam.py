@@ -240,3 +240,24 @@ def test_bad_beam_flags_one_line_error(tmp_path, capsys, flags, message):
   err = capsys.readouterr().err.strip()
   assert len(err.splitlines()) == 1 and message in err
   assert _no_leftovers(tmp_path, "out") and not (tmp_path / "gs:").exists()
+
+
+def test_stats_merge_tolerates_accumulators_that_saw_nothing():
+  """Runners may merge empty accumulators (Beam's wrapper of a plain function then calls it
+  on an empty chain); the merge must give the same sums as the non-empty parts alone."""
+  from apache_beam.transforms.core import CallableWrapperCombineFn
+  from data_prep import beam_pipeline
+  from data_prep.stats import BandStatsAccumulator
+
+  def part(values, labels):
+    stats = BandStatsAccumulator(2, "uint8")
+    stats.add(np.asarray(values, np.uint8))
+    return stats, np.bincount(labels, minlength=256).astype(np.int64)
+
+  combine = CallableWrapperCombineFn(beam_pipeline._merge_stats)
+  empty = combine.merge_accumulators([combine.create_accumulator(), combine.create_accumulator()])
+  full = combine.add_input(combine.create_accumulator(), part([[1, 2], [3, 4]], [0, 1]))
+  full = combine.add_input(full, part([[5, 6]], [1]))
+  stats, class_counts = combine.extract_output(combine.merge_accumulators([empty, full, empty]))
+  assert stats.hist[0, [1, 3, 5]].tolist() == [1, 1, 1] and stats.hist.sum() == 6
+  assert class_counts[:2].tolist() == [1, 2] and class_counts.sum() == 3
