@@ -95,9 +95,10 @@ def _medium() -> ml_collections.ConfigDict:
       dict(epochs=6, model=model, data=dict(batch_size=32, num_workers=0),
            probe=dict(enabled=False)))
   # lr 5e-4 rather than the reference's 1e-4: at 1e-4 the 25% runs still improved at step
-  # 600 of 600 and trees stayed at ~1% IoU; at 5e-4 every seed-0 run peaked at step
-  # 330-435 and trees reached 33-54% IoU (measured, docs/benchmark_results.md). 64-pixel
-  # crops cost ~40% less per run than 96 at about the same 25% scores.
+  # 585 of 600 and trees stayed at 0.5-10% IoU; at 5e-4 the seed-0 runs peaked at steps
+  # 330-540 and trees reached 10-70% IoU (docs/benchmark_results.md, medium). 64-pixel
+  # crops instead of 96 make a run about 40% cheaper, which is what lets five seeds fit
+  # in a working session; they cost 1-4 OA points at 25% and 9-22 at 5% (seed 0).
   c.finetune = ml_collections.ConfigDict(
       dict(model=model, data=dict(batch_size=8, num_workers=0), input=dict(crop_size=64),
            optimizer=dict(lr=5e-4)))
