@@ -182,3 +182,25 @@ def test_dataset_errors_name_the_benchmark_keys(tmp_path):
   config.data.test_split = "tset"
   with pytest.raises(setup.ConfigError, match=r"^data\.test_split: "):
     runner.labelled_counts(config, data)
+
+
+def test_medium_variant_builds_every_stage_config_with_its_budgets():
+  """The medium matrix as the issue asks: every method and ablation plus random init, two
+  fractions, >= 5 seeds; each pretraining config builds, and fine-tuning validates every
+  15 steps with a 10-validation window at both fractions (24 and 120 labelled tiles at
+  batch 8: epochs of 3 and 15 steps)."""
+  config = matrix.load_config("benchmark", "medium")
+  matrix.check(config)
+  assert sorted(config.methods) == sorted([
+      "glcnet", "glcnet_nostyle", "glcnet_noglobal", "glcnet_nolocal", "simclr", "mocov2",
+      "inpainting", "jigsaw"])
+  assert len(config.seeds) >= 5 and len(config.fractions) == 2 and config.random_init
+  assert len(matrix.cells(config)) == (len(config.methods) + 1) * 2 * len(config.seeds)
+  for method in config.methods:
+    c = matrix.pretrain_config(config, method, 3, "/data")
+    assert (c.method, c.seed, c.model.depth, c.probe.enabled) == (method, 3, 18, False)
+  for num_labelled, steps_per_epoch in ((24, 3), (120, 15)):
+    c = matrix.finetune_config(config, matrix.Cell("glcnet", 0.05, 0), pathlib.Path("/w"), "/data",
+                               num_labelled)
+    assert c.validate_every_epochs * steps_per_epoch == 15 and c.early_stopping.patience == 10
+    assert c.epochs * steps_per_epoch == 600 and c.optimizer.lr == 5e-4
