@@ -9,9 +9,9 @@ Early stopping (fine-tuning, `patience` > 0): the run ends after `patience`
 validations in a row that do not give a new best state, with a checkpoint of
 the step it stopped at. The count is not kept in memory: validation runs
 every `validate_every` steps, so it is the number of multiples of
-`validate_every` after the best state's step, which best/ records. A run resumed after a kill therefore
-stops where the uninterrupted one did, and a rerun of a run that stopped does
-not train on.
+`validate_every` after the step of the best state, which best/ records. A run
+resumed after a kill therefore stops where the uninterrupted one did, and a
+rerun of a run that stopped does not train on.
 """
 from __future__ import annotations
 
