@@ -12,7 +12,10 @@ Phases, each with its own deadline inside --budget_s (the whole run ends by then
   2. compile: each case (method × dtype × per-device batch, plus GLCNet with
      the 'cpu' kernels) is lowered here and compiled by --compile_threads
      threads, most important first; the real initial state of each method is
-     built alongside. Cases not compiled by the deadline are listed as such.
+     built alongside. No compile starts after --compile_until; those started are
+     awaited until --settle_until, since a compile beside a timed step slows it
+     (host cores; on a GPU, autotuning runs kernels on the device). Cases not
+     compiled by then are listed as such; a step timed beside one is flagged.
   3. time: each compiled case runs --warmup untimed and --steps timed steps on
      one device; pairs/s, step time, MFU against the device's dense bf16 peak,
      XLA's per-device footprint and the allocator's peak so far.
@@ -76,6 +79,7 @@ class Jobs:
   def __init__(self, threads: int, on_done=None):
     self._queue: queue.Queue = queue.Queue()
     self.results: dict = {}
+    self._running: set = set()  # names; results can be popped, so they cannot tell
     self._done = threading.Condition()
     self._on_done = on_done
     for _ in range(threads):
@@ -87,12 +91,15 @@ class Jobs:
   def _work(self):
     while True:
       name, fn = self._queue.get()
+      with self._done:
+        self._running.add(name)
       start = time.perf_counter()
       try:
         value, error = fn(), None
       except Exception as e:  # pylint: disable=broad-except
         value, error = None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
       with self._done:
+        self._running.discard(name)
         self.results[name] = (value, error, time.perf_counter() - start)
         self._done.notify_all()
       if self._on_done is not None:
@@ -108,14 +115,24 @@ class Jobs:
         self._done.wait(min(left, 1.0))
       return self.results[name]
 
-  def drop_pending(self) -> int:
-    dropped = 0
+  def drop_pending(self, keep=lambda name: False) -> list:
+    """Takes the jobs no worker has started off the queue, except those `keep` names; returns
+    the names of those dropped."""
+    dropped, kept = [], []
     while True:
       try:
-        self._queue.get_nowait()
-        dropped += 1
+        job = self._queue.get_nowait()
       except queue.Empty:
-        return dropped
+        break
+      (kept if keep(job[0]) else dropped).append(job)
+    for job in kept:
+      self._queue.put(job)
+    return [name for name, _ in dropped]
+
+  def running(self) -> list:
+    """Names of the jobs a worker has started and not finished."""
+    with self._done:
+      return list(self._running)
 
 
 def host_pipeline_rate(args) -> tuple[float | None, str]:
@@ -161,7 +178,10 @@ def main() -> int:
   parser.add_argument("--pipeline_s", type=float, default=0.0,
                       help="host pipeline time box (default 8%% of the budget)")
   parser.add_argument("--compile_until", type=float, default=0.62,
-                      help="fraction of the budget by which compiling stops")
+                      help="fraction of the budget after which no compile starts")
+  parser.add_argument("--settle_until", type=float, default=0.85,
+                      help="fraction of the budget until which started compiles are awaited "
+                           "before any step is timed")
   parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
   parser.add_argument("--compile_threads", type=int, default=3)
   parser.add_argument("--warmup", type=int, default=2)
@@ -194,6 +214,7 @@ class Report:
     self.rows: list = []
     self.compiles: dict[Case, tuple[float, float | None, str | None]] = {}
     self.skipped: dict[Case, str] = {}
+    self.disturbed: dict[Case, int] = {}  # cases timed beside running compiles: how many
     self.pipeline: tuple[float | None, str] | None = None
 
   def tables(self) -> str:
@@ -201,11 +222,19 @@ class Report:
     parts = ["\n".join(self.header)]
     results = [r for _, r in self.rows]
     if results:
-      parts.append("### Throughput (one device)\n\n" + throughput.markdown_table(results))
+      parts.append("### Throughput (one device)\n\n" + throughput.markdown_table(results)
+                   + self._disturbed_note())
     parts.append(self._conv_table())
     parts.append(self._compile_table())
     parts.append(self._pipeline_line())
     return "\n\n".join(p for p in parts if p) + "\n"
+
+  def _disturbed_note(self) -> str:
+    if not self.disturbed:
+      return ""
+    cases = ", ".join(f"{c} (beside {n})" for c, n in self.disturbed.items())
+    return (f"\n\nTimed while compiles or state builds still ran, so slower than alone: "
+            f"{cases}. A larger --budget_s or fewer --dtypes/--batches gives clean figures.")
 
   def _conv_table(self) -> str:
     by_case = {case: r for case, r in self.rows}
@@ -335,18 +364,24 @@ def run(args, report: Report) -> None:
   # the N² loss terms) batch, so one count per method serves all its cases.
   flops_per_item = {m: throughput.step_flops(*args, 1) / b for m, (b, *args) in traced.items()}
 
+  # No compile starts after the compile deadline. Those started are awaited until the settle
+  # deadline because a compile running beside a timed step distorts it: it takes host cores,
+  # and on a GPU XLA autotunes by running candidate kernels on the device (a MoCo v2 step
+  # measured 3.2x slower beside three compiles than alone on an H200).
+  for case in lowered_at:
+    jobs.wait(("compile", case), compile_deadline)
+  dropped = set(jobs.drop_pending(keep=lambda name: name[0] == "init"))
+  settle_deadline = args.settle_until * budget
   for case, lower_s in lowered_at.items():
-    done = jobs.wait(("compile", case), compile_deadline)
+    done = None if ("compile", case) in dropped else jobs.wait(("compile", case), settle_deadline)
     if done is None:
       report.compiles[case] = (lower_s, None, "not compiled by the time box")
       continue
     _, error, seconds = done
     report.compiles[case] = (lower_s, seconds, error)
     report.write()
-  dropped = jobs.drop_pending()
-  running = sum(1 for c in lowered_at if ("compile", c) not in jobs.results) - dropped
-  if running > 0:
-    say(f"{running} compiles still running while timing (they share the host's cores)")
+  for method in traced:  # the initial states too: their builds run on the device
+    jobs.wait(("init", method), settle_deadline)
 
   states: dict = {}
   time_deadline = 0.96 * budget
@@ -367,6 +402,10 @@ def run(args, report: Report) -> None:
       state = done[0]
       jobs.results.pop(("init", case.method))
     compiled = jobs.results[("compile", case)][0]
+    beside = len(jobs.running())
+    if beside:
+      report.disturbed[case] = beside
+      say(f"{case}: timed beside {beside} running compiles or state builds")
     mesh = parallel.make_data_mesh(jax.local_devices()[:1])
     batch = parallel.shard_host_batch(hosts[(case.method, case.batch)], mesh)
     try:

@@ -42,6 +42,32 @@ def test_jobs_run_side_by_side_and_waiting_is_time_boxed():
   assert jobs.wait("blocked", check.elapsed() + 10)[1] is None
 
 
+def test_only_unstarted_jobs_are_dropped_and_kept_ones_still_run():
+  jobs = check.Jobs(1)
+  started, release = threading.Event(), threading.Event()
+  jobs.submit(("compile", "a"), lambda: (started.set(), release.wait()))
+  assert started.wait(10)
+  jobs.submit(("compile", "b"), lambda: 1)
+  jobs.submit(("init", "glcnet"), lambda: 2)
+  assert jobs.drop_pending(keep=lambda name: name[0] == "init") == [("compile", "b")]
+  assert jobs.running() == [("compile", "a")]
+  release.set()
+  assert jobs.wait(("init", "glcnet"), check.elapsed() + 10)[0] == 2
+  jobs.results.pop(("init", "glcnet"))  # as the timing phase takes a state
+  assert jobs.running() == []
+  assert ("compile", "b") not in jobs.results
+
+
+def test_report_flags_steps_timed_beside_running_compiles(tmp_path):
+  report = check.Report(str(tmp_path / "check.md"))
+  quiet, noisy = check.Case("glcnet", "bfloat16", 128), check.Case("mocov2", "bfloat16", 128)
+  report.rows = [(quiet, _result(quiet, 0.08)), (noisy, _result(noisy, 0.15))]
+  assert "slower than alone" not in report.tables()
+  report.disturbed[noisy] = 3
+  note = report.tables().split("slower than alone: ")[1].split(". ")[0]
+  assert note == "mocov2 bfloat16 ×128 conv=plain (beside 3)"
+
+
 def _result(case, step_s):
   return throughput.Result(case.method, 1, case.dtype, case.batch, step_s, case.batch / step_s,
                            131.7, None, None, None, 60.0, case.conv_impl)
