@@ -1,13 +1,41 @@
-"""Files written whole or not at all."""
+"""Files written whole or not at all: each output is written to a hidden sibling and renamed
+over its path only when complete, so a kill leaves the old file or the new one, never a part."""
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
+import secrets
+from typing import Iterator
+
+
+def temp_beside(path: str | os.PathLike) -> pathlib.Path:
+  """A new hidden path in `path`'s folder (so the final rename is atomic), not yet created:
+  the writer creates it, with the umask's permissions (a mkstemp file would be owner-only)."""
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
+def discard(temp: pathlib.Path, sidecars: tuple[str, ...] = ()) -> None:
+  """Removes a temporary output and the sidecar files a writer may have left beside it
+  (GDAL's '.aux.xml', say)."""
+  for leftover in (temp, *(temp.with_name(temp.name + s) for s in sidecars)):
+    leftover.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, sidecars: tuple[str, ...] = ()) -> Iterator[pathlib.Path]:
+  """Yields a temporary path to write; it becomes `path` if the block ends without an
+  exception and is removed otherwise."""
+  temp = temp_beside(path)
+  try:
+    yield temp
+    os.replace(temp, path)
+  finally:
+    discard(temp, sidecars)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-  """Writes `text` to `path` through a hidden sibling and a rename: a kill leaves the old file or the new one, whole."""
-  path = pathlib.Path(path)
-  tmp = path.with_name(f".{path.name}.tmp")
-  tmp.write_text(text)
-  os.replace(tmp, path)
+  with atomic_path(path) as temp:
+    temp.write_text(text)

@@ -12,14 +12,12 @@ RGB raster (3 bands, uint8; pixels without a prediction are black).
 from __future__ import annotations
 
 import collections
-import contextlib
 import hashlib
 import os
 import pathlib
 import re
-import tempfile
 import warnings
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import rasterio
@@ -29,39 +27,15 @@ from rasterio.crs import CRS
 from rasterio.transform import Affine
 from rasterio.windows import Window
 
+from glc_jax import files
+
 Transform = Affine | Sequence[float]
 
 _GTIFF_OPTIONS = dict(driver="GTiff", tiled=True, blockxsize=256,
                       blockysize=256, compress="deflate", bigtiff="IF_SAFER")
 
 
-def _temp_path(path: str) -> str:
-  """A fresh temporary file beside `path` (same folder, so rename is atomic)."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, temp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.",
-                              suffix=".tmp", dir=directory)
-  os.close(fd)
-  return temp
-
-
-def _discard(temp: str) -> None:
-  for leftover in (temp, temp + ".aux.xml"):
-    with contextlib.suppress(FileNotFoundError):
-      os.remove(leftover)
-
-
-@contextlib.contextmanager
-def _atomic_output(path: str | os.PathLike) -> Iterator[str]:
-  """Yields a temporary path; renames it to `path` if the block succeeds."""
-  path = os.fspath(path)
-  temp = _temp_path(path)
-  try:
-    yield temp
-  except BaseException:
-    _discard(temp)
-    raise
-  os.replace(temp, path)
+_GDAL_SIDECARS = (".aux.xml",)
 
 
 _SAFE_STEM = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
@@ -200,13 +174,13 @@ class PredictionWriter:
     if colour_path is not None:
       self._outputs.append((os.fspath(colour_path),
                             dict(profile, count=3, photometric="RGB")))
-    self._temps: list[str] = []
+    self._temps: list[pathlib.Path] = []
     self._datasets: list[rasterio.io.DatasetWriter] = []
 
   def __enter__(self) -> PredictionWriter:
     try:
       for path, profile in self._outputs:
-        self._temps.append(_temp_path(path))
+        self._temps.append(files.temp_beside(path))
         with warnings.catch_warnings():
           # An ungeoreferenced source (identity transform) gives an
           # ungeoreferenced prediction; that is faithful, not a fault.
@@ -247,7 +221,7 @@ class PredictionWriter:
       if commit:
         os.replace(temp, path)
       else:
-        _discard(temp)
+        files.discard(temp, _GDAL_SIDECARS)
     self._datasets, self._temps = [], []
 
   def __exit__(self, exc_type, exc, tb) -> None:
@@ -302,5 +276,5 @@ def write_confusion_matrix_png(path: str | os.PathLike, confusion: np.ndarray,
                 fontsize=8,
                 color="white" if fraction[t, p] > 0.5 else "black")
   fig.tight_layout()
-  with _atomic_output(path) as temp:
+  with files.atomic_path(path, _GDAL_SIDECARS) as temp:
     fig.savefig(temp, format="png", dpi=100)

@@ -8,7 +8,6 @@ written under a temporary name and renamed into place when complete.
 from __future__ import annotations
 
 import os
-import pathlib
 from typing import Sequence
 
 import numpy as np
@@ -17,7 +16,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from glc_jax import predictions
+from glc_jax import files, predictions
 from glc_jax.data.source import TileSource
 
 NODATA = 255  # the label value of unlabelled pixels and the predictions' nodata
@@ -80,10 +79,5 @@ def write_scene_preview(path: str | os.PathLike, image: np.ndarray, label: np.nd
                       for n, c in zip(class_names, colours)],
              loc="lower center", ncol=len(class_names), frameon=False)
   fig.tight_layout(rect=(0, 0.07, 1, 0.95))
-  path = pathlib.Path(path)
-  temp = path.with_name(f".{path.name}.tmp")
-  try:
+  with files.atomic_path(path) as temp:
     fig.savefig(temp, format="png", dpi=100)
-    os.replace(temp, path)
-  finally:
-    temp.unlink(missing_ok=True)

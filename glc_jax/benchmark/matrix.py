@@ -20,6 +20,8 @@ from typing import Any
 
 import ml_collections
 
+from glc_jax import files
+
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[2] / "configs"
 BASELINE_INITS = ("random", "imagenet")
 
@@ -198,6 +200,4 @@ def check_same_setup(config: ml_collections.ConfigDict, work: pathlib.Path) -> N
           "finished cells would not be comparable. Use a new --workdir")
     return
   work.mkdir(parents=True, exist_ok=True)
-  tmp = record.with_name(f".{record.name}.tmp")
-  tmp.write_text(json.dumps(setup, indent=2, sort_keys=True) + "\n")
-  tmp.replace(record)
+  files.write_text_atomic(record, json.dumps(setup, indent=2, sort_keys=True) + "\n")

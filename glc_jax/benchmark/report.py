@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 import pathlib
 from collections.abc import Mapping, Sequence
 
@@ -46,12 +45,10 @@ def cell_row(init: str, fraction: float, seed: int, metrics: Mapping,
 def write_csv(path: pathlib.Path, rows: Sequence[Mapping]) -> None:
   classes = dict.fromkeys(k for r in rows for k in r if k.startswith("iou_"))  # first-seen order
   fields = list(CSV_FIELDS) + list(classes)
-  tmp = path.with_name(f".{path.name}.tmp")
-  with open(tmp, "w", newline="") as f:
+  with files.atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
     writer = csv.DictWriter(f, fieldnames=fields, restval="")
     writer.writeheader()
     writer.writerows(rows)
-  os.replace(tmp, path)
 
 
 def read_csv(path: pathlib.Path) -> list[dict]:
