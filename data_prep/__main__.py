@@ -111,15 +111,6 @@ def _beam_settings(args) -> BeamSettings | None:
   return BeamSettings(args.runner or "DirectRunner", options)
 
 
-def _check_local_paths(args) -> None:
-  """Refuses object-store URLs, which would otherwise be taken as relative local paths."""
-  for flag, paths in (("--out", [args.out]), ("--images", args.images), ("--labels", args.labels or [])):
-    for path in paths:
-      if "://" in path:
-        raise DataPrepError(f"{flag} {path}: URLs are not supported; give a path on a file system "
-                            "that this machine (and every Beam worker) mounts")
-
-
 def main(argv: list[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="data_prep: %(message)s")
@@ -131,7 +122,6 @@ def main(argv: list[str] | None = None) -> int:
   from data_prep.convert import convert  # after parsing, so --help stays fast
   try:
     beam = _beam_settings(args)
-    _check_local_paths(args)
     out = convert(
         args.images, args.out, args.labels, tile=args.tile, stride=args.stride,
         keep_edge_tiles=not args.no_edge_tiles, class_map=args.class_map,

@@ -166,6 +166,15 @@ class SplitTally:
                   scene.image_path, self._nonfinite, tiling.nonfinite_fill(scene.nodata))
 
 
+def _refuse_urls(**paths) -> None:
+  """Object-store URLs would otherwise be taken as relative local paths (gs: a folder)."""
+  for name, values in paths.items():
+    for path in [values] if isinstance(values, (str, Path)) else values:
+      if "://" in str(path):
+        raise DataPrepError(f"{name} {path}: URLs are not supported; give a path on a file system "
+                            "that this machine (and every Beam worker) mounts")
+
+
 def convert(
     images: str | Sequence[str],
     out: str | Path,
@@ -229,6 +238,7 @@ def convert(
   Raises:
     DataPrepError: bad input; nothing is left at `out` or in a temporary folder.
   """
+  _refuse_urls(images=images, out=[out], labels=labels or [])
   out = Path(out).absolute()
   stride = stride or tile
   if tile <= 0 or stride <= 0:

@@ -230,7 +230,7 @@ def _write_like_scene(path):
     (["--beam", "--beam_pipeline_options", "runner=DataflowRunner"], "choose the runner with --runner"),
     (["--beam_pipeline_options", "direct_num_workers=2"], "needs --beam or --runner"),
     (["--beam", "--beam_pipeline_options", "direct_num_workers=2,,x=1"], "key=value"),
-    (["--beam", "--out", "gs://bucket/tiles"], "--out gs://bucket/tiles: URLs are not supported"),
+    (["--beam", "--out", "gs://bucket/tiles"], "out gs://bucket/tiles: URLs are not supported"),
 ])
 def test_bad_beam_flags_one_line_error(tmp_path, capsys, flags, message):
   _write_like_scene(tmp_path / "a.tif")

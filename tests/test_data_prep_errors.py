@@ -306,3 +306,15 @@ def test_scene_without_a_finite_pixel_is_one_line(tmp_path, capsys):
                              "--tile", "16", "--max-nodata-fraction", "1", "--out", str(tmp_path / "out")])
   assert f"{tmp_path / 'nan.tif'}: " in line and "NaN" in line
   assert no_leftovers(tmp_path)
+
+
+@pytest.mark.parametrize("where", ["out", "images", "labels"])
+def test_convert_called_from_python_refuses_urls_too(tmp_path, monkeypatch, scene, where):
+  """The CLI and the function share one check: a URL would otherwise become a relative
+  local folder (gs:/bucket/...) under the working directory."""
+  monkeypatch.chdir(tmp_path)
+  paths = {"images": [str(scene)], "out": str(tmp_path / "out"), "labels": None}
+  paths[where] = "gs://bucket/tiles" if where == "out" else ["s3://bucket/scene.tif"]
+  with pytest.raises(DataPrepError, match=f"^{where} (gs|s3)://bucket/.*: URLs are not supported"):
+    convert(paths["images"], paths["out"], paths["labels"], tile=16, progress=False)
+  assert not (tmp_path / "gs:").exists() and not (tmp_path / "out").exists()
