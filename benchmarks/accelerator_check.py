@@ -80,6 +80,7 @@ class Jobs:
     self._queue: queue.Queue = queue.Queue()
     self.results: dict = {}
     self._running: set = set()  # names; results can be popped, so they cannot tell
+    self._starts = 0
     self._done = threading.Condition()
     self._on_done = on_done
     for _ in range(threads):
@@ -93,17 +94,19 @@ class Jobs:
       name, fn = self._queue.get()
       with self._done:
         self._running.add(name)
+        self._starts += 1
       start = time.perf_counter()
       try:
         value, error = fn(), None
       except Exception as e:  # pylint: disable=broad-except
         value, error = None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+      result = (value, error, time.perf_counter() - start)
       with self._done:
         self._running.discard(name)
-        self.results[name] = (value, error, time.perf_counter() - start)
+        self.results[name] = result
         self._done.notify_all()
-      if self._on_done is not None:
-        self._on_done(name, *self.results[name])
+      if self._on_done is not None:  # the result itself: the main thread may pop it
+        self._on_done(name, *result)
 
   def wait(self, name, deadline: float):
     """(value, error, seconds) of a job, or None if it is not done by `deadline` (elapsed s)."""
@@ -129,10 +132,10 @@ class Jobs:
       self._queue.put(job)
     return [name for name, _ in dropped]
 
-  def running(self) -> list:
-    """Names of the jobs a worker has started and not finished."""
+  def activity(self) -> tuple[int, int]:
+    """(jobs running now, jobs started so far)."""
     with self._done:
-      return list(self._running)
+      return len(self._running), self._starts
 
 
 def host_pipeline_rate(args) -> tuple[float | None, str]:
@@ -371,6 +374,8 @@ def run(args, report: Report) -> None:
   for case in lowered_at:
     jobs.wait(("compile", case), compile_deadline)
   dropped = set(jobs.drop_pending(keep=lambda name: name[0] == "init"))
+  live = {c.method for c in lowered_at if ("compile", c) not in dropped}
+  jobs.drop_pending(keep=lambda name: name[1] in live)  # states no compiled case will use
   settle_deadline = args.settle_until * budget
   for case, lower_s in lowered_at.items():
     done = None if ("compile", case) in dropped else jobs.wait(("compile", case), settle_deadline)
@@ -380,7 +385,7 @@ def run(args, report: Report) -> None:
     _, error, seconds = done
     report.compiles[case] = (lower_s, seconds, error)
     report.write()
-  for method in traced:  # the initial states too: their builds run on the device
+  for method in live:  # the initial states too: their builds run on the device
     jobs.wait(("init", method), settle_deadline)
 
   states: dict = {}
@@ -402,19 +407,24 @@ def run(args, report: Report) -> None:
       state = done[0]
       jobs.results.pop(("init", case.method))
     compiled = jobs.results[("compile", case)][0]
-    beside = len(jobs.running())
-    if beside:
-      report.disturbed[case] = beside
-      say(f"{case}: timed beside {beside} running compiles or state builds")
     mesh = parallel.make_data_mesh(jax.local_devices()[:1])
-    batch = parallel.shard_host_batch(hosts[(case.method, case.batch)], mesh)
+    host = hosts[(case.method, case.batch)]
+    batch = parallel.shard_host_batch(host, mesh)
+    running, starts = jobs.activity()
     try:
       step_s, state = throughput.time_compiled(compiled, state, batch, jax.random.key(0),
                                                args.warmup, args.steps)
     except Exception as e:  # pylint: disable=broad-except
       report.skipped[case] = f"step failed: {type(e).__name__}: {str(e).splitlines()[0]}"
       say(f"{case}: {report.skipped[case]}")
+      # The step may have consumed the state (donated buffers); the method's next case,
+      # a smaller batch after an out-of-memory say, needs a fresh one.
+      jobs.submit(("init", case.method), _initial_state(throughput, case, size, host))
       continue
+    beside = running + jobs.activity()[1] - starts
+    if beside:
+      report.disturbed[case] = beside
+      say(f"{case}: timed beside {beside} compiles or state builds")
     states[case.method] = state
     total = flops_per_item[case.method] * case.batch
     result = throughput.Result(
