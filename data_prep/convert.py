@@ -16,6 +16,7 @@ import json
 import logging
 import multiprocessing
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -166,11 +167,16 @@ class SplitTally:
                   scene.image_path, self._nonfinite, tiling.nonfinite_fill(scene.nodata))
 
 
+# A scheme of two or more letters, so that Windows drive letters (C:/) pass; one slash, since
+# pathlib turns gs://b into gs:/b.
+_URL = re.compile(r"^@?[A-Za-z][A-Za-z0-9+.-]+:/")
+
+
 def _refuse_urls(**paths) -> None:
   """Object-store URLs would otherwise be taken as relative local paths (gs: a folder)."""
   for name, values in paths.items():
     for path in [values] if isinstance(values, (str, Path)) else values:
-      if "://" in str(path):
+      if _URL.match(str(path)):
         raise DataPrepError(f"{name} {path}: URLs are not supported; give a path on a file system "
                             "that this machine (and every Beam worker) mounts")
 

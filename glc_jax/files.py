@@ -5,16 +5,18 @@ from __future__ import annotations
 import contextlib
 import os
 import pathlib
-import secrets
 from typing import Iterator
 
 
 def temp_beside(path: str | os.PathLike) -> pathlib.Path:
-  """A new hidden path in `path`'s folder (so the final rename is atomic), not yet created:
-  the writer creates it, with the umask's permissions (a mkstemp file would be owner-only)."""
+  """The hidden path in `path`'s folder (so the final rename is atomic) that `path` is
+  written to first. It is not created here: the writer creates it, with the umask's
+  permissions (a mkstemp file would be owner-only). The name is fixed, so a write killed
+  midway leaves one leftover that the next write of `path` replaces; one writer per file at a
+  time, which the workdir lock sees to."""
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+  return path.with_name(f".{path.name}.tmp")
 
 
 def discard(temp: pathlib.Path, sidecars: tuple[str, ...] = ()) -> None:

@@ -215,14 +215,23 @@ class PredictionWriter:
       self._datasets[1].write(np.moveaxis(rgb, -1, 0), window=where)
 
   def _close(self, commit: bool) -> None:
-    for dataset in self._datasets:
-      dataset.close()
-    for (path, _), temp in zip(self._outputs, self._temps):
-      if commit:
-        os.replace(temp, path)
-      else:
-        files.discard(temp, _GDAL_SIDECARS)
+    datasets, temps = self._datasets, self._temps
     self._datasets, self._temps = [], []
+    try:
+      errors = []
+      for dataset in datasets:  # every one, even after a failed flush (a full disk, say)
+        try:
+          dataset.close()
+        except Exception as e:  # pylint: disable=broad-except
+          errors.append(e)
+      if errors and commit:  # else the block's own exception is the one to see
+        raise errors[0]
+      if commit:
+        for (path, _), temp in zip(self._outputs, temps):
+          os.replace(temp, path)
+    finally:
+      for temp in temps:  # after a commit only GDAL's sidecars of the temporaries are left
+        files.discard(temp, _GDAL_SIDECARS)
 
   def __exit__(self, exc_type, exc, tb) -> None:
     self._close(commit=exc_type is None)
@@ -276,5 +285,5 @@ def write_confusion_matrix_png(path: str | os.PathLike, confusion: np.ndarray,
                 fontsize=8,
                 color="white" if fraction[t, p] > 0.5 else "black")
   fig.tight_layout()
-  with files.atomic_path(path, _GDAL_SIDECARS) as temp:
+  with files.atomic_path(path) as temp:
     fig.savefig(temp, format="png", dpi=100)

@@ -7,6 +7,7 @@ of `python -m data_prep` (one line, naming the file or option, nothing left behi
 """
 import errno
 import os
+import pathlib
 import signal
 import subprocess
 import sys
@@ -314,7 +315,7 @@ def test_convert_called_from_python_refuses_urls_too(tmp_path, monkeypatch, scen
   local folder (gs:/bucket/...) under the working directory."""
   monkeypatch.chdir(tmp_path)
   paths = {"images": [str(scene)], "out": str(tmp_path / "out"), "labels": None}
-  paths[where] = "gs://bucket/tiles" if where == "out" else ["s3://bucket/scene.tif"]
-  with pytest.raises(DataPrepError, match=f"^{where} (gs|s3)://bucket/.*: URLs are not supported"):
+  paths[where] = pathlib.Path("gs://bucket/tiles") if where == "out" else ["s3://bucket/scene.tif"]
+  with pytest.raises(DataPrepError, match=f"^{where} (gs|s3):/+bucket/.*: URLs are not supported"):
     convert(paths["images"], paths["out"], paths["labels"], tile=16, progress=False)
   assert not (tmp_path / "gs:").exists() and not (tmp_path / "out").exists()

@@ -24,7 +24,7 @@ def test_a_completed_block_replaces_the_file_and_leaves_no_temporary(tmp_path, u
   target = tmp_path / "sub" / "out.txt"
   files.write_text_atomic(target, "old")
   with files.atomic_path(target) as temp:
-    assert temp.parent == target.parent and temp.name.startswith(".out.txt.")
+    assert temp.parent == target.parent and temp.name.startswith(".out.txt")
     temp.write_text("new")
     assert target.read_text() == "old"  # not replaced before the block ends
   assert target.read_text() == "new"
@@ -43,8 +43,10 @@ def test_a_failed_block_keeps_the_old_file_and_removes_the_temporary_and_its_sid
   assert sorted(p.name for p in tmp_path.iterdir()) == ["scene.tif"]
 
 
-def test_two_writers_of_one_file_get_different_temporaries(tmp_path):
-  assert files.temp_beside(tmp_path / "a.json") != files.temp_beside(tmp_path / "a.json")
+def test_the_leftover_of_a_killed_write_is_replaced_not_accumulated(tmp_path):
+  files.temp_beside(tmp_path / "log.txt").write_text("cut sh")  # as SIGKILL mid-write leaves it
+  files.write_text_atomic(tmp_path / "log.txt", "whole")
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["log.txt"]
 
 
 def test_prediction_rasters_and_figures_get_the_umask_permissions(tmp_path, umask_022):
@@ -58,3 +60,24 @@ def test_prediction_rasters_and_figures_get_the_umask_permissions(tmp_path, umas
   written = sorted(p.name for p in tmp_path.iterdir())
   assert written == ["cm.png", "pred.tif", "pred_rgb.tif"]
   assert {_mode(tmp_path / name) for name in written} == {umask_022}
+
+
+class _FullDisk:
+  """A dataset whose close flushes and then fails, as GDAL's does when the disk fills."""
+
+  def __init__(self, dataset):
+    self._dataset = dataset
+
+  def close(self):
+    self._dataset.close()
+    raise OSError(28, "No space left on device")
+
+
+def test_a_prediction_whose_flush_fails_leaves_nothing(tmp_path):
+  writer = predictions.PredictionWriter(
+      tmp_path / "pred.tif", tmp_path / "pred_rgb.tif", height=2, width=2, crs="EPSG:32633",
+      transform=(0.05, 0, 368000, 0, -0.05, 5808000), colours=[(255, 255, 255), (0, 0, 255)])
+  with pytest.raises(OSError, match="No space left"), writer:
+    writer.write(np.array([[0, 1], [1, 0]], np.uint8))
+    writer._datasets[0] = _FullDisk(writer._datasets[0])  # pylint: disable=protected-access
+  assert list(tmp_path.iterdir()) == []
