@@ -18,19 +18,25 @@ Phases, each with its own deadline inside --budget_s (the whole run ends by then
      compiled by then are listed as such; a step timed beside one is flagged.
   3. time: each compiled case runs --warmup untimed and --steps timed steps on
      one device; pairs/s, step time, MFU against the device's dense bf16 peak,
-     XLA's per-device footprint and the allocator's peak so far.
+     XLA's per-device footprint and the allocator's peak so far. Right after the
+     first case, --profile_steps of it run under jax.profiler: the device's time
+     by thread and op goes into the report, the Perfetto trace to $OUT.
 Then the tables: throughput, conv paths (plain vs cpu), compile times, host
-pipeline next to the step. Every line is printed as soon as it is known, and
+pipeline next to the step, the profile. Every line is printed as soon as it is known, and
 the tables also go to --out (default $OUT/accelerator_check.md when OUT is set).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import gzip
+import json
 import os
 import pathlib
 import platform
 import queue
+import re
+import shutil
 import sys
 import threading
 import time
@@ -189,6 +195,8 @@ def main() -> int:
   parser.add_argument("--compile_threads", type=int, default=3)
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--steps", type=int, default=5)
+  parser.add_argument("--profile_steps", type=int, default=3,
+                      help="steps of the first case traced with jax.profiler (0: none)")
   parser.add_argument("--out", default="")
   args = parser.parse_args()
   args.pipeline_s = args.pipeline_s or 0.08 * args.budget_s
@@ -218,6 +226,7 @@ class Report:
     self.compiles: dict[Case, tuple[float, float | None, str | None]] = {}
     self.skipped: dict[Case, str] = {}
     self.disturbed: dict[Case, int] = {}  # cases timed beside running compiles: how many
+    self.profile: str = ""  # where the first case's device time goes
     self.pipeline: tuple[float | None, str] | None = None
 
   def tables(self) -> str:
@@ -230,6 +239,7 @@ class Report:
     parts.append(self._conv_table())
     parts.append(self._compile_table())
     parts.append(self._pipeline_line())
+    parts.append(self.profile)
     return "\n\n".join(p for p in parts if p) + "\n"
 
   def _disturbed_note(self) -> str:
@@ -435,7 +445,74 @@ def run(args, report: Report) -> None:
     report.rows.append((case, result))
     mfu = "" if result.mfu is None else f", MFU {100 * result.mfu:.1f}%"
     say(f"{case}: {step_s:.4f} s/step, {result.items_per_s:.1f} items/s{mfu}")
+    if case == cases[0] and args.profile_steps and elapsed() < time_deadline - 20:
+      try:
+        states[case.method] = _profile(args, report, case, compiled, state, batch)
+      except Exception as e:  # pylint: disable=broad-except
+        states.pop(case.method)  # the traced steps may have consumed it
+        jobs.submit(("init", case.method), _initial_state(throughput, case, size, host))
+        report.profile = f"### Profile of {case}\n\nfailed: {type(e).__name__}: {e}"
+        say(report.profile.splitlines()[-1])
     report.write()
+
+
+def _profile(args, report: Report, case: Case, compiled, state, batch):
+  """Traces --profile_steps steps of `case`; its device time by thread and op goes into the
+  report, and the trace itself (Perfetto's JSON) to $OUT when it fits. Returns the state."""
+  import jax  # pylint: disable=import-outside-toplevel
+  folder = pathlib.Path("runs/accelerator_check/profile")
+  shutil.rmtree(folder, ignore_errors=True)
+  with jax.profiler.trace(str(folder), create_perfetto_trace=True):
+    for _ in range(args.profile_steps):
+      state, metrics = compiled(state, batch, jax.random.key(0))
+      jax.block_until_ready(metrics["loss"])
+  traces = sorted(folder.rglob("perfetto_trace.json.gz"))
+  if not traces:
+    report.profile = f"### Profile of {case}\n\nno Perfetto trace was written under {folder}"
+    return state
+  with gzip.open(traces[-1], "rt") as f:
+    events = json.load(f)
+  events = events["traceEvents"] if isinstance(events, dict) else events
+  report.profile = (f"### Profile of {case}: {args.profile_steps} steps, device time by "
+                    f"thread and op\n\n" + profile_tables(events))
+  if os.environ.get("OUT") and traces[-1].stat().st_size <= 16 << 20:
+    shutil.copy(traces[-1], pathlib.Path(os.environ["OUT"]) / "profile_trace.json.gz")
+  say(f"profile of {case} written ({traces[-1].stat().st_size >> 10} KiB trace)")
+  return state
+
+
+def profile_tables(events: list, top: int = 12, threads: int = 3) -> str:
+  """Markdown: for the busiest `threads` threads of the device processes ('/device:GPU…',
+  '/device:TPU…'; the host's when there are none, as on a CPU), the total duration of
+  complete events and the `top` op kinds (names less a trailing instance number: every
+  'fusion.N' is one kind) by summed duration with their share. Per thread, because one
+  device's threads (streams, XLA ops, modules) can hold the same time twice."""
+  names = {e["pid"]: e.get("args", {}).get("name", "") for e in events
+           if e.get("ph") == "M" and e.get("name") == "process_name"}
+  thread_names = {(e["pid"], e["tid"]): e.get("args", {}).get("name", "") for e in events
+                  if e.get("ph") == "M" and e.get("name") == "thread_name"}
+  device = {pid for pid, n in names.items() if n.startswith(("/device:GPU", "/device:TPU"))}
+  if not device:
+    device = {pid for pid, n in names.items() if n.startswith("/host")}
+  by_thread: dict = {}
+  for e in events:
+    if e.get("ph") == "X" and e.get("pid") in device:
+      ops = by_thread.setdefault((e["pid"], e.get("tid")), {})
+      kind = re.sub(r"[._]\d+$", "", e.get("name", "?"))
+      ops[kind] = ops.get(kind, 0.0) + float(e.get("dur", 0.0))
+  if not by_thread:
+    return "no device events in the trace"
+  busiest = sorted(by_thread, key=lambda k: -sum(by_thread[k].values()))[:threads]
+  parts = []
+  for key in busiest:
+    ops = by_thread[key]
+    total = sum(ops.values())
+    label = f"{names.get(key[0], key[0])} / {thread_names.get(key, key[1])}"
+    lines = [f"| {name[:80]} | {us / 1e3:.2f} | {100 * us / total:.1f}% |"
+             for name, us in sorted(ops.items(), key=lambda kv: -kv[1])[:top]]
+    parts.append(f"{label}: {total / 1e3:.1f} ms in {len(ops)} op kinds\n\n"
+                 "| op kind | ms | share |\n|---|---|---|\n" + "\n".join(lines))
+  return "\n\n".join(parts)
 
 
 def _initial_state(throughput, case: Case, size: str, host):

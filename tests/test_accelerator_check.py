@@ -90,3 +90,22 @@ def test_report_sets_the_host_pipeline_beside_the_fastest_glcnet_step(tmp_path):
   assert "the host keeps up" in report.tables()
   report.pipeline = (None, "not measured: No module named 'grain'")
   assert "host pipeline: not measured: No module named 'grain'" in report.tables()
+
+
+def test_profile_tables_sum_device_time_per_thread_and_op():
+  meta = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/host:CPU"}},
+          {"ph": "M", "name": "process_name", "pid": 7, "args": {"name": "/device:GPU:0"}},
+          {"ph": "M", "name": "thread_name", "pid": 7, "tid": 1, "args": {"name": "XLA Ops"}},
+          {"ph": "M", "name": "thread_name", "pid": 7, "tid": 2, "args": {"name": "Stream #13"}}]
+  ops = [(7, 1, "convolution.3", 600.0), (7, 1, "convolution.12", 300.0), (7, 1, "fusion_1", 100.0),
+         (7, 2, "sm90_gemm", 200.0), (1, 5, "PjitFunction", 5000.0)]
+  events = meta + [{"ph": "X", "pid": p, "tid": t, "name": n, "dur": d, "ts": 0} for p, t, n, d in ops]
+  text = check.profile_tables(events)
+  # The host's 5 ms are left out while a device process exists; threads busiest first.
+  assert "PjitFunction" not in text
+  first, second = text.split("\n\n/device:GPU:0 / Stream #13")
+  assert first.startswith("/device:GPU:0 / XLA Ops: 1.0 ms in 2 op kinds")
+  assert "| convolution | 0.90 | 90.0% |" in first and "| fusion | 0.10 | 10.0% |" in first
+  assert "| sm90_gemm | 0.20 | 100.0% |" in second
+  # Without device processes (a CPU run) the host's threads are summarised instead.
+  assert "| PjitFunction | 5.00 | 100.0% |" in check.profile_tables(meta[:1] + events[-1:])
