@@ -8,7 +8,8 @@ benchmarks/accelerator_check.sh, which installs the carried wheels first.
 Phases, each with its own deadline inside --budget_s (the whole run ends by then):
   1. host pipeline: GLCNet pairs (224² views of 256² 4-band tiles, 4 patches of
      48) through the Grain pipeline with --workers processes (default: every
-     core), pairs/s; skipped with the reason when grain cannot be imported.
+     core), pairs/s, then in this process on one core; skipped with the reason
+     when grain cannot be imported.
   2. compile: each case (method × dtype × per-device batch, plus GLCNet with
      the 'cpu' kernels) is lowered here and compiled by --compile_threads
      threads, most important first; the real initial state of each method is
@@ -144,8 +145,8 @@ class Jobs:
       return len(self._running), self._starts
 
 
-def host_pipeline_rate(args) -> tuple[float | None, str]:
-  """(pairs/s of the Grain pipeline with args.workers processes, note)."""
+def host_pipeline_rate(args, workers: int, seconds: float) -> tuple[float | None, str]:
+  """(pairs/s of the Grain pipeline with `workers` processes, 0: in this process, note)."""
   try:
     from glc_jax.data import pipelines  # pylint: disable=import-outside-toplevel
   except ImportError as e:
@@ -158,14 +159,14 @@ def host_pipeline_rate(args) -> tuple[float | None, str]:
   batch = 32
   ds = pipelines.train_dataset(tiles, example_fn, batch_size=batch, seed=0, process_index=0,
                                process_count=1)
-  it = pipelines.make_iterator(ds, num_workers=args.workers)
-  deadline = elapsed() + args.pipeline_s
+  it = pipelines.make_iterator(ds, num_workers=workers)
+  deadline = elapsed() + seconds
   try:
     # The first batches pay for the workers' start; time from the second round on.
-    for _ in range(max(2, args.workers)):
+    for _ in range(max(2, workers)):
       next(it)
     if elapsed() > deadline:
-      return None, f"not measured: the {args.workers} workers took the whole time box to start"
+      return None, f"not measured: the {workers} workers took the whole time box to start"
     start, pairs = time.perf_counter(), 0
     while elapsed() < deadline:
       next(it)
@@ -173,7 +174,8 @@ def host_pipeline_rate(args) -> tuple[float | None, str]:
     rate = pairs / (time.perf_counter() - start)
   finally:
     it.close()
-  return rate, f"{args.workers} workers, {view}² views, 4 patches of {patch}, batch {batch}"
+  who = f"{workers} workers" if workers else "in-process, one core"
+  return rate, f"{who}, {view}² views, 4 patches of {patch}, batch {batch}"
 
 
 def main() -> int:
@@ -228,6 +230,7 @@ class Report:
     self.disturbed: dict[Case, int] = {}  # cases timed beside running compiles: how many
     self.profile: str = ""  # where the first case's device time goes
     self.pipeline: tuple[float | None, str] | None = None
+    self.pipeline_one_core: tuple[float | None, str] | None = None
 
   def tables(self) -> str:
     from glc_jax.benchmark import throughput  # pylint: disable=import-outside-toplevel
@@ -293,6 +296,11 @@ class Report:
         verdict = ("the host keeps up" if rate >= best.items_per_s else
                    f"the host feeds {rate / best.items_per_s:.0%} of what the step takes")
         line += f": {verdict}"
+    one, _ = self.pipeline_one_core or (None, "")
+    if one is not None:
+      line += f"\n\nin-process, one core: {one:.0f} pairs/s"
+      if rate is not None:
+        line += f"; the workers give {rate / one:.1f}× that"
     return line
 
   def write(self, final: bool = False) -> None:
@@ -316,13 +324,21 @@ def run(args, report: Report) -> None:
                        f"{platform.python_version()}")
   say(report.header[-1])
   # Before jax touches the device: the workers are forked from a process without it.
-  say(f"host pipeline: up to {args.pipeline_s:.0f} s with {args.workers} workers")
-  try:
-    report.pipeline = host_pipeline_rate(args)
-  except Exception as e:  # pylint: disable=broad-except
-    report.pipeline = (None, f"failed: {type(e).__name__}: {e}")
-  say("host pipeline:", report.pipeline[1] if report.pipeline[0] is None
-      else f"{report.pipeline[0]:.0f} pairs/s ({report.pipeline[1]})")
+  # Then in-process: one core's rate tells the workers' scaling apart from the host's
+  # per-core speed (on an H200's host 16 workers gave half a development core's rate). The
+  # workers go first, forked before this process has started any pipeline threads.
+  runs = [(args.workers, 0.7), (0, 0.3)] if args.workers > 1 else [(args.workers, 1.0)]
+  for workers, share in runs:
+    say(f"host pipeline: up to {share * args.pipeline_s:.0f} s with {workers} workers")
+    try:
+      result = host_pipeline_rate(args, workers, share * args.pipeline_s)
+    except Exception as e:  # pylint: disable=broad-except
+      result = (None, f"failed: {type(e).__name__}: {e}")
+    say("host pipeline:", result[1] if result[0] is None else f"{result[0]:.0f} pairs/s ({result[1]})")
+    if workers == 0 and len(runs) > 1:
+      report.pipeline_one_core = result
+    else:
+      report.pipeline = result
 
   import jax  # pylint: disable=import-outside-toplevel
   cache = pathlib.Path("runs/accelerator_check/jax_cache").resolve()

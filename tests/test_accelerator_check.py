@@ -90,6 +90,8 @@ def test_report_sets_the_host_pipeline_beside_the_fastest_glcnet_step(tmp_path):
   assert "the host keeps up" in report.tables()
   report.pipeline = (None, "not measured: No module named 'grain'")
   assert "host pipeline: not measured: No module named 'grain'" in report.tables()
+  report.pipeline, report.pipeline_one_core = (1280.0, "16 workers"), (160.0, "in-process")
+  assert "in-process, one core: 160 pairs/s; the workers give 8.0× that" in report.tables()
 
 
 def test_profile_tables_sum_device_time_per_thread_and_op():
