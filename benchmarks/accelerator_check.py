@@ -19,9 +19,10 @@ Phases, each with its own deadline inside --budget_s (the whole run ends by then
      compiled by then are listed as such; a step timed beside one is flagged.
   3. time: each compiled case runs --warmup untimed and --steps timed steps on
      one device; pairs/s, step time, MFU against the device's dense bf16 peak,
-     XLA's per-device footprint and the allocator's peak so far. Right after the
-     first case, --profile_steps of it run under jax.profiler: the device's time
-     by thread and op goes into the report, the Perfetto trace to $OUT.
+     XLA's per-device footprint and the allocator's peak so far.
+  4. profile: --profile_steps of the first case run under jax.profiler, after
+     every timing; its device time by thread (busy vs span) and op kind goes
+     into the report, the trace (Chrome/Perfetto JSON) to $OUT.
 Then the tables: throughput, conv paths (plain vs cpu), compile times, host
 pipeline next to the step, the profile. Every line is printed as soon as it is known, and
 the tables also go to --out (default $OUT/accelerator_check.md when OUT is set).
@@ -296,11 +297,13 @@ class Report:
         verdict = ("the host keeps up" if rate >= best.items_per_s else
                    f"the host feeds {rate / best.items_per_s:.0%} of what the step takes")
         line += f": {verdict}"
-    one, _ = self.pipeline_one_core or (None, "")
+    one, one_note = self.pipeline_one_core or (None, "")
     if one is not None:
       line += f"\n\nin-process, one core: {one:.0f} pairs/s"
       if rate is not None:
         line += f"; the workers give {rate / one:.1f}× that"
+    elif one_note:
+      line += f"\n\nin-process, one core: {one_note}"
     return line
 
   def write(self, final: bool = False) -> None:
@@ -326,10 +329,12 @@ def run(args, report: Report) -> None:
   # Before jax touches the device: the workers are forked from a process without it.
   # Then in-process: one core's rate tells the workers' scaling apart from the host's
   # per-core speed (on an H200's host 16 workers gave half a development core's rate). The
-  # workers go first, forked before this process has started any pipeline threads.
+  # in-process run tunes this process's malloc (augment.tune_allocator), which then holds
+  # for the compile and time phases too; steps run on the device, so their times do not move.
   runs = [(args.workers, 0.7), (0, 0.3)] if args.workers > 1 else [(args.workers, 1.0)]
   for workers, share in runs:
-    say(f"host pipeline: up to {share * args.pipeline_s:.0f} s with {workers} workers")
+    who = f"{workers} workers" if workers else "in-process, one core"
+    say(f"host pipeline: up to {share * args.pipeline_s:.0f} s, {who}")
     try:
       result = host_pipeline_rate(args, workers, share * args.pipeline_s)
     except Exception as e:  # pylint: disable=broad-except
@@ -416,6 +421,7 @@ def run(args, report: Report) -> None:
 
   states: dict = {}
   time_deadline = 0.96 * budget
+  mesh = parallel.make_data_mesh(jax.local_devices()[:1])
   for case in cases:
     if case not in report.compiles or report.compiles[case][1] is None:
       continue
@@ -433,7 +439,6 @@ def run(args, report: Report) -> None:
       state = done[0]
       jobs.results.pop(("init", case.method))
     compiled = jobs.results[("compile", case)][0]
-    mesh = parallel.make_data_mesh(jax.local_devices()[:1])
     host = hosts[(case.method, case.batch)]
     batch = parallel.shard_host_batch(host, mesh)
     running, starts = jobs.activity()
@@ -461,43 +466,65 @@ def run(args, report: Report) -> None:
     report.rows.append((case, result))
     mfu = "" if result.mfu is None else f", MFU {100 * result.mfu:.1f}%"
     say(f"{case}: {step_s:.4f} s/step, {result.items_per_s:.1f} items/s{mfu}")
-    if case == cases[0] and args.profile_steps and elapsed() < time_deadline - 20:
-      try:
-        states[case.method] = _profile(args, report, case, compiled, state, batch)
-      except Exception as e:  # pylint: disable=broad-except
-        states.pop(case.method)  # the traced steps may have consumed it
-        jobs.submit(("init", case.method), _initial_state(throughput, case, size, host))
-        report.profile = f"### Profile of {case}\n\nfailed: {type(e).__name__}: {e}"
-        say(report.profile.splitlines()[-1])
     report.write()
 
+  # Last, so that tracing (which runs XLA's command buffers op by op) touches no timed step.
+  first = cases[0]
+  if args.profile_steps:
+    state = states.get(first.method)
+    if not any(c == first for c, _ in report.rows) or state is None:
+      report.profile = f"### Profile of {first}\n\nnot taken: the case was not timed"
+    elif elapsed() > budget - 30:
+      report.profile = f"### Profile of {first}\n\nnot taken: under 30 s of the budget left"
+    else:
+      batch = parallel.shard_host_batch(hosts[(first.method, first.batch)], mesh)
+      report.profile = _profile(args, first, jobs.results[("compile", first)][0], state, batch)
+    say(report.profile.splitlines()[-1] if "not taken" in report.profile else "profile done")
 
-def _profile(args, report: Report, case: Case, compiled, state, batch):
-  """Traces --profile_steps steps of `case`; its device time by thread and op goes into the
-  report, and the trace itself (Perfetto's JSON) to $OUT when it fits. Returns the state."""
+
+def _profile(args, case: Case, compiled, state, batch) -> str:
+  """Traces --profile_steps steps of `case` with jax.profiler; returns the report's section
+  (device time by thread and op kind) and copies the trace to $OUT when it fits. Without HLO
+  protos or Python tracing: they would serialise every compiled step at the trace's end."""
   import jax  # pylint: disable=import-outside-toplevel
+  title = f"### Profile of {case}: {args.profile_steps} steps"
   folder = pathlib.Path("runs/accelerator_check/profile")
   shutil.rmtree(folder, ignore_errors=True)
-  with jax.profiler.trace(str(folder), create_perfetto_trace=True):
+  options = jax.profiler.ProfileOptions()
+  options.enable_hlo_proto, options.python_tracer_level = False, 0
+  try:
+    jax.profiler.start_trace(str(folder), profiler_options=options)
+  except Exception as e:  # pylint: disable=broad-except
+    return f"{title}\n\nnot taken: start_trace failed: {type(e).__name__}: {e}"
+  start = time.perf_counter()
+  try:
     for _ in range(args.profile_steps):
       state, metrics = compiled(state, batch, jax.random.key(0))
       jax.block_until_ready(metrics["loss"])
-  traces = sorted(folder.rglob("perfetto_trace.json.gz"))
+    traced_s = (time.perf_counter() - start) / args.profile_steps
+  finally:
+    jax.profiler.stop_trace()
+  traces = sorted(folder.rglob("*.trace.json.gz"))
   if not traces:
-    report.profile = f"### Profile of {case}\n\nno Perfetto trace was written under {folder}"
-    return state
-  with gzip.open(traces[-1], "rt") as f:
-    events = json.load(f)
-  events = events["traceEvents"] if isinstance(events, dict) else events
-  report.profile = (f"### Profile of {case}: {args.profile_steps} steps, device time by "
-                    f"thread and op\n\n" + profile_tables(events))
-  if os.environ.get("OUT") and traces[-1].stat().st_size <= 16 << 20:
-    shutil.copy(traces[-1], pathlib.Path(os.environ["OUT"]) / "profile_trace.json.gz")
-  say(f"profile of {case} written ({traces[-1].stat().st_size >> 10} KiB trace)")
-  return state
+    return f"{title}\n\nno trace was written under {folder}"
+  title += f", {traced_s:.4f} s per step while traced"
+  try:
+    if os.environ.get("OUT") and traces[-1].stat().st_size <= 16 << 20:
+      shutil.copy(traces[-1], pathlib.Path(os.environ["OUT"]) / "profile_trace.json.gz")
+  except OSError as e:
+    title += f" (trace not copied: {e})"
+  try:
+    with gzip.open(traces[-1], "rt") as f:
+      events = json.load(f)
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    return (f"{title}; device time by thread and op kind\n\n"
+            + profile_tables(events, host_fallback=jax.default_backend() == "cpu"))
+  except Exception as e:  # pylint: disable=broad-except
+    return f"{title}\n\nthe trace could not be read: {type(e).__name__}: {e}"
 
 
-def profile_tables(events: list, top: int = 12, threads: int = 3) -> str:
+def profile_tables(events: list, top: int = 12, threads: int = 3,
+                   host_fallback: bool = True) -> str:
   """Markdown: for the busiest `threads` threads of the device processes ('/device:GPU…',
   '/device:TPU…'; the host's when there are none, as on a CPU), the total duration of
   complete events and the `top` op kinds (names less a trailing instance number: every
@@ -508,27 +535,46 @@ def profile_tables(events: list, top: int = 12, threads: int = 3) -> str:
   thread_names = {(e["pid"], e["tid"]): e.get("args", {}).get("name", "") for e in events
                   if e.get("ph") == "M" and e.get("name") == "thread_name"}
   device = {pid for pid, n in names.items() if n.startswith(("/device:GPU", "/device:TPU"))}
-  if not device:
+  if not device and host_fallback:
     device = {pid for pid, n in names.items() if n.startswith("/host")}
   by_thread: dict = {}
+  spans: dict = {}
   for e in events:
-    if e.get("ph") == "X" and e.get("pid") in device:
-      ops = by_thread.setdefault((e["pid"], e.get("tid")), {})
+    if e.get("ph") == "X" and e.get("pid") in device and float(e.get("dur", 0.0)) > 0:
+      key = (e["pid"], e.get("tid"))
+      ops = by_thread.setdefault(key, {})
       kind = re.sub(r"[._]\d+$", "", e.get("name", "?"))
-      ops[kind] = ops.get(kind, 0.0) + float(e.get("dur", 0.0))
+      ops[kind] = ops.get(kind, 0.0) + float(e["dur"])
+      spans.setdefault(key, []).append((float(e.get("ts", 0.0)), float(e["dur"])))
   if not by_thread:
-    return "no device events in the trace"
+    return ("no device events in the trace (no GPU/TPU plane: was the device profiler, "
+            "CUPTI on a GPU, available?)")
   busiest = sorted(by_thread, key=lambda k: -sum(by_thread[k].values()))[:threads]
   parts = []
   for key in busiest:
     ops = by_thread[key]
     total = sum(ops.values())
+    busy, span = _busy_and_span(spans[key])
     label = f"{names.get(key[0], key[0])} / {thread_names.get(key, key[1])}"
     lines = [f"| {name[:80]} | {us / 1e3:.2f} | {100 * us / total:.1f}% |"
              for name, us in sorted(ops.items(), key=lambda kv: -kv[1])[:top]]
-    parts.append(f"{label}: {total / 1e3:.1f} ms in {len(ops)} op kinds\n\n"
+    parts.append(f"{label}: busy {busy / 1e3:.1f} of {span / 1e3:.1f} ms "
+                 f"({100 * busy / span:.0f}%); {total / 1e3:.1f} ms of events in "
+                 f"{len(ops)} op kinds\n\n"
                  "| op kind | ms | share |\n|---|---|---|\n" + "\n".join(lines))
   return "\n\n".join(parts)
+
+
+def _busy_and_span(intervals: list[tuple[float, float]]) -> tuple[float, float]:
+  """(time covered by the union of (start, duration) intervals, first start to last end):
+  idle gaps between a device's kernels are time the step spends on neither."""
+  intervals = sorted(intervals)
+  busy, end = 0.0, -float("inf")
+  for start, dur in intervals:
+    if start + dur > end:
+      busy += start + dur - max(start, end)
+      end = start + dur
+  return busy, max(s + d for s, d in intervals) - intervals[0][0]
 
 
 def _initial_state(throughput, case: Case, size: str, host):

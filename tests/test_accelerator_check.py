@@ -97,17 +97,24 @@ def test_report_sets_the_host_pipeline_beside_the_fastest_glcnet_step(tmp_path):
 def test_profile_tables_sum_device_time_per_thread_and_op():
   meta = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/host:CPU"}},
           {"ph": "M", "name": "process_name", "pid": 7, "args": {"name": "/device:GPU:0"}},
-          {"ph": "M", "name": "thread_name", "pid": 7, "tid": 1, "args": {"name": "XLA Ops"}},
-          {"ph": "M", "name": "thread_name", "pid": 7, "tid": 2, "args": {"name": "Stream #13"}}]
-  ops = [(7, 1, "convolution.3", 600.0), (7, 1, "convolution.12", 300.0), (7, 1, "fusion_1", 100.0),
-         (7, 2, "sm90_gemm", 200.0), (1, 5, "PjitFunction", 5000.0)]
-  events = meta + [{"ph": "X", "pid": p, "tid": t, "name": n, "dur": d, "ts": 0} for p, t, n, d in ops]
+          {"ph": "M", "name": "thread_name", "pid": 7, "tid": 1, "args": {"name": "Stream #13"}},
+          {"ph": "M", "name": "thread_name", "pid": 7, "tid": 2, "args": {"name": "Stream #14"}}]
+  # (pid, tid, name, start µs, duration µs); fusion_1 overlaps convolution.12 by 100 µs.
+  ops = [(7, 1, "convolution.3", 0, 600.0), (7, 1, "convolution.12", 1000, 300.0),
+         (7, 1, "fusion_1", 1200, 100.0), (7, 1, "empty", 1250, 0.0),
+         (7, 2, "sm90_gemm", 0, 200.0), (1, 5, "PjitFunction", 0, 5000.0)]
+  events = meta + [{"ph": "X", "pid": p, "tid": t, "name": n, "ts": ts, "dur": d}
+                   for p, t, n, ts, d in ops]
   text = check.profile_tables(events)
   # The host's 5 ms are left out while a device process exists; threads busiest first.
-  assert "PjitFunction" not in text
-  first, second = text.split("\n\n/device:GPU:0 / Stream #13")
-  assert first.startswith("/device:GPU:0 / XLA Ops: 1.0 ms in 2 op kinds")
+  assert "PjitFunction" not in text and "empty" not in text
+  first, second = text.split("\n\n/device:GPU:0 / Stream #14")
+  # Busy is the union [0, 600] + [1000, 1300] = 900 µs of the span 0..1300 µs.
+  assert first.startswith("/device:GPU:0 / Stream #13: busy 0.9 of 1.3 ms (69%); "
+                          "1.0 ms of events in 2 op kinds")
   assert "| convolution | 0.90 | 90.0% |" in first and "| fusion | 0.10 | 10.0% |" in first
   assert "| sm90_gemm | 0.20 | 100.0% |" in second
-  # Without device processes (a CPU run) the host's threads are summarised instead.
+  # Without device processes the host's threads stand in on a CPU run, and not on a GPU's.
   assert "| PjitFunction | 5.00 | 100.0% |" in check.profile_tables(meta[:1] + events[-1:])
+  assert check.profile_tables(meta[:1] + events[-1:], host_fallback=False).startswith(
+      "no device events")
