@@ -244,7 +244,7 @@ def convert(
   Raises:
     DataPrepError: bad input; nothing is left at `out` or in a temporary folder.
   """
-  _refuse_urls(images=images, out=[out], labels=labels or [])
+  _refuse_urls(images=images, out=out, labels=labels or [])
   out = Path(out).absolute()
   stride = stride or tile
   if tile <= 0 or stride <= 0:

@@ -352,7 +352,7 @@ def render_scene(seed: int, height: int = 1024, width: int = 1024, bands: int = 
   picks += list(rng.choice(len(kinds), size=max(len(blocks) - len(picks), 0), p=weights))
   for block, pick in zip(rng.permutation(len(blocks)), picks):
     kinds[pick](cv, *blocks[block])
-  # Street trees along some road edges.
+  # Tree clusters anywhere but on roofs: over roads, lots and yards.
   for _ in range(int(height * width / 40_000)):
     _tree_cluster(cv, rng.uniform(0, height), rng.uniform(0, width), 30, int(rng.integers(2, 6)))
 

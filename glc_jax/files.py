@@ -10,7 +10,7 @@ from typing import Iterator
 
 def temp_beside(path: str | os.PathLike) -> pathlib.Path:
   """The hidden path in `path`'s folder (so the final rename is atomic) that `path` is
-  written to first. It is not created here: the writer creates it, with the umask's
+  written to first; the folder is made if missing. The file is not created here: the writer creates it, with the umask's
   permissions (a mkstemp file would be owner-only). The name is fixed, so a write killed
   midway leaves one leftover that the next write of `path` replaces; one writer per file at a
   time, which the workdir lock sees to."""
