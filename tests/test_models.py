@@ -150,6 +150,20 @@ def test_align_corners_resize_matches_numpy(src, dst):
                              rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype, rtol", [(jnp.float32, 1e-6), (jnp.bfloat16, 1e-2)])
+def test_align_corners_resize_gradient_is_the_transposed_interpolation(dtype, rtol):
+  x = RNG.normal(size=(2, 5, 7, 3))
+  g = RNG.normal(size=(2, 9, 13, 3))
+  grad_fn = jax.grad(lambda x: jnp.sum(
+      models.resize_bilinear_align_corners(x, (9, 13)).astype(jnp.float32) * g))
+  got = np.asarray(jax.jit(grad_fn)(jnp.asarray(x, dtype)), np.float64)
+  ah, aw = layers.align_corners_matrix(5, 9), layers.align_corners_matrix(7, 13)
+  want = np.einsum("bhwc,hi,wj->bijc", g, ah.astype(np.float64), aw.astype(np.float64))
+  assert np.abs(got - want).max() <= rtol * np.abs(want).max()
+  # Autodiff's transpose of the gathers, scatter-adds, is what it replaces.
+  assert "scatter" not in str(jax.make_jaxpr(grad_fn)(jnp.asarray(x, dtype)))
+
+
 def test_nearest_resize_and_adaptive_pool_follow_torch_rules():
   x = RNG.normal(size=(1, 27, 5, 2)).astype(np.float32)
   y = np.asarray(models.resize_nearest_torch(jnp.asarray(x), (14, 10)))
@@ -201,6 +215,52 @@ def test_batchnorm_torch_semantics_and_groups():
   ye = layers.BatchNorm(train=False).apply({"params": variables["params"], **upd}, jnp.asarray(x))
   rm, rv = np.asarray(upd["batch_stats"]["mean"]), np.asarray(upd["batch_stats"]["var"])
   np.testing.assert_allclose(np.asarray(ye), (x - rm) / np.sqrt(rv + 1e-5), rtol=1e-4, atol=1e-5)
+
+
+def _two_pass_batchnorm(x, scale, bias, groups, eps=1e-5):
+  """Training BatchNorm by its definition, for autodiff in float64."""
+  xg = x.reshape((groups, -1) + x.shape[1:])
+  axes = tuple(range(1, xg.ndim - 1))
+  mean = jnp.mean(xg, axes, keepdims=True)
+  var = jnp.mean(jnp.square(xg - mean), axes, keepdims=True)
+  return ((xg - mean) * jax.lax.rsqrt(var + eps) * scale + bias).reshape(x.shape)
+
+
+@pytest.mark.parametrize("dtype, rtol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+def test_batchnorm_gradient_matches_float64_autodiff(dtype, rtol):
+  # An offset mean (3 against a std of 2) would expose a backward pass that
+  # subtracts uncentred sums.
+  x = RNG.normal(3.0, 2.0, size=(8, 5, 6, 7))
+  w = RNG.normal(size=x.shape)
+  scale, bias = RNG.uniform(0.5, 1.5, 7), RNG.normal(size=7)
+  bn = layers.BatchNorm(train=True, groups=2, dtype=dtype)
+
+  def ours(x, params):
+    y, _ = bn.apply({"params": params, "batch_stats": {"mean": jnp.zeros(7), "var": jnp.ones(7)}},
+                    x, mutable=["batch_stats"])
+    return jnp.sum(jnp.sin(y.astype(jnp.float32)) * w.astype(np.float32))
+
+  params = {"scale": jnp.asarray(scale, jnp.float32), "bias": jnp.asarray(bias, jnp.float32)}
+  got = jax.jit(jax.grad(ours, argnums=(0, 1)))(jnp.asarray(x, dtype), params)
+  with jax.enable_x64(True):
+    want = jax.grad(lambda x, p: jnp.sum(jnp.sin(_two_pass_batchnorm(x, p["scale"], p["bias"], 2)) * w),
+                    argnums=(0, 1))(jnp.asarray(x), {k: jnp.asarray(v) for k, v in
+                                                      (("scale", scale), ("bias", bias))})
+    want = jax.tree.map(np.asarray, want)
+  for name, g, ref in (("x", got[0], want[0]), ("scale", got[1]["scale"], want[1]["scale"]),
+                       ("bias", got[1]["bias"], want[1]["bias"])):
+    err = np.abs(np.asarray(g, np.float64) - ref).max() / np.abs(ref).max()
+    assert err <= rtol, f"d/d{name}: relative error {err:.1e}"
+
+
+def test_batchnorm_backward_keeps_only_the_compute_dtype_input():
+  # Autodiff of the statistics kept a float32 copy of every bfloat16 input.
+  x = jnp.asarray(RNG.normal(size=(4, 8, 8, 16)), jnp.bfloat16)
+  bn = layers.BatchNorm(train=True, groups=2, dtype=jnp.bfloat16)
+  variables = bn.init(jax.random.key(0), x)
+  _, vjp = jax.vjp(lambda x: bn.apply(variables, x, mutable=["batch_stats"])[0], x)
+  big = [(r.dtype, r.shape) for r in jax.tree.leaves(vjp) if r.size >= x.size]
+  assert big and all(dt == jnp.bfloat16 for dt, _ in big), big
 
 
 def test_synchronised_batchnorm_8_devices_equals_1_device(devices):

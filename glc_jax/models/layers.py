@@ -277,39 +277,97 @@ class BatchNorm(nn.Module):
     if x.shape[0] % g:
       raise ValueError(f"BatchNorm: batch {x.shape[0]} does not split into {g} groups")
     xg = x.reshape((g, x.shape[0] // g) + x.shape[1:])
-    stat_shape = (g,) + (1,) * (x.ndim - 1) + (c,)
     if self.train:
-      xf = xg.astype(jnp.float32)
-      axes = tuple(range(1, xg.ndim - 1))
-      n = jnp.asarray(np.prod([xg.shape[a] for a in axes]), jnp.float32)
-      total = jnp.sum(xf, axes)
-      if self.axis_name is not None:
-        n = jax.lax.psum(n, self.axis_name)
-        total = jax.lax.psum(total, self.axis_name)
-      mean = total / n
-      # Two passes (mean, then centred squares) for float32 accuracy.
-      sq = jnp.sum(jnp.square(xf - mean.reshape(stat_shape)), axes)
-      if self.axis_name is not None:
-        sq = jax.lax.psum(sq, self.axis_name)
-      var = sq / n
+      y, mean, var, n = _batch_norm_train(xg, scale, bias, self.epsilon, self.axis_name,
+                                          self.dtype)
       if not self.is_initializing():
         m = self.torch_momentum
         unbiased = var * (n / jnp.maximum(n - 1.0, 1.0))
         for i in range(g):
           ra_mean.value = (1.0 - m) * ra_mean.value + m * mean[i]
           ra_var.value = (1.0 - m) * ra_var.value + m * unbiased[i]
-      if self.axis_name is not None:
-        # Synced statistics are device-invariant. Made varying here, in float32,
-        # the backward pass sums their cotangents over devices in float32; left
-        # to shard_map, the sum would follow the mean's cast to the compute dtype.
-        mean, var = (jax.lax.pcast(v, self.axis_name, to="varying") for v in (mean, var))
-    else:
-      mean = jnp.broadcast_to(ra_mean.value, (g, c))
-      var = jnp.broadcast_to(ra_var.value, (g, c))
-    mul = jax.lax.rsqrt(var + self.epsilon) * scale
-    y = ((xg - mean.reshape(stat_shape).astype(self.dtype))
-         * mul.reshape(stat_shape).astype(self.dtype) + bias.astype(self.dtype))
+      return y.reshape(x.shape)
+    y = _normalise(xg, jnp.broadcast_to(ra_mean.value, (g, c)),
+                   jnp.broadcast_to(ra_var.value, (g, c)), scale, bias, self.epsilon, self.dtype)
     return y.reshape(x.shape)
+
+
+def _normalise(xg, mean, var, scale, bias, epsilon, dtype):
+  """(x − mean)·rsqrt(var + ε)·scale + bias in `dtype`; statistics (g, C) in float32."""
+  stat_shape = (xg.shape[0],) + (1,) * (xg.ndim - 2) + (xg.shape[-1],)
+  mul = jax.lax.rsqrt(var + epsilon) * scale
+  return ((xg - mean.reshape(stat_shape).astype(dtype))
+          * mul.reshape(stat_shape).astype(dtype) + bias.astype(dtype))
+
+
+def _group_sums(v: jax.Array, axis_name: str | None) -> jax.Array:
+  """Per-group, per-channel sums of (g, b, H, W, C) over (b, H, W) and the mesh axis."""
+  total = jnp.sum(v, tuple(range(1, v.ndim - 1)))
+  return total if axis_name is None else jax.lax.psum(total, axis_name)
+
+
+def _group_count(xg: jax.Array, axis_name: str | None) -> jax.Array:
+  n = jnp.asarray(np.prod(xg.shape[1:-1]), jnp.float32)
+  return n if axis_name is None else jax.lax.psum(n, axis_name)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _batch_norm_train(xg, scale, bias, epsilon, axis_name, dtype):
+  """Training BatchNorm of grouped input xg (g, b, H, W, C).
+
+  Returns (y, mean, var, n): the output in `dtype`, the groups' batch mean and
+  biased variance (g, C) in float32, two passes (mean, then centred squares)
+  for float32 accuracy, and the count n per group, all summed over
+  `axis_name` when set. The statistics feed only the running averages.
+
+  The gradient is written out (a custom VJP) rather than left to autodiff,
+  which differentiates both statistics passes and keeps a float32 copy of the
+  input: here the backward pass is one pair of sums over (gy, x̂) and one
+  elementwise pass, and only x in the compute dtype is kept. On an H200
+  BatchNorm's reductions were a quarter of GLCNet's step (docs/benchmarks.md).
+  """
+  return _batch_norm_train_fwd(xg, scale, bias, epsilon, axis_name, dtype)[0]
+
+
+def _batch_norm_train_fwd(xg, scale, bias, epsilon, axis_name, dtype):
+  xf = xg.astype(jnp.float32)
+  n = _group_count(xg, axis_name)
+  mean = _group_sums(xf, axis_name) / n
+  stat_shape = mean.shape[:1] + (1,) * (xg.ndim - 2) + mean.shape[1:]
+  var = _group_sums(jnp.square(xf - mean.reshape(stat_shape)), axis_name) / n
+  y = _normalise(xg, mean, var, scale, bias, epsilon, dtype)
+  return (y, mean, var, n), (xg, mean, var, scale)
+
+
+def _batch_norm_train_bwd(epsilon, axis_name, dtype, residuals, cotangents):
+  del dtype
+  xg, mean, var, scale = residuals
+  # Only y's cotangent counts: the statistics go to the running averages, which
+  # the loss never reads, so theirs are zero.
+  gy = cotangents[0].astype(jnp.float32)
+  stat_shape = mean.shape[:1] + (1,) * (xg.ndim - 2) + mean.shape[1:]
+  per = lambda v: v.reshape(stat_shape)  # noqa: E731
+  axes = tuple(range(1, xg.ndim - 1))
+  xc = xg.astype(jnp.float32) - per(mean)  # centred, so no sum below cancels
+  rstd = jax.lax.rsqrt(var + epsilon)
+  local_gy = jnp.sum(gy, axes)
+  local_gy_xc = jnp.sum(gy * xc, axes)
+  if axis_name is None:
+    sum_gy, sum_gy_xc = local_gy, local_gy_xc
+  else:
+    sum_gy, sum_gy_xc = jax.lax.psum((local_gy, local_gy_xc), axis_name)
+  n = _group_count(xg, axis_name)
+  # gx = rstd·scale·(gy − Σgy/n − x̂·Σ(gy·x̂)/n) with x̂ = xc·rstd, as a·gy + b·xc + c.
+  a = rstd * scale
+  b = -a * jnp.square(rstd) * sum_gy_xc / n
+  c = -a * sum_gy / n
+  gx = per(a) * gy + per(b) * xc + per(c)
+  # This device's share of the parameter gradients: scale and bias arrive
+  # device-varying (methods.common), and their cast's transpose sums the shares.
+  return gx.astype(xg.dtype), jnp.sum(local_gy_xc * rstd, 0), jnp.sum(local_gy, 0)
+
+
+_batch_norm_train.defvjp(_batch_norm_train_fwd, _batch_norm_train_bwd)
 
 
 def _align_corners_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -339,19 +397,43 @@ def resize_bilinear_align_corners(x: jax.Array, size: Sequence[int]) -> jax.Arra
   x: (B, h, w, C) → (B, H, W, C), same dtype. Separable gather + lerp (rows,
   then columns), exact in the compute dtype; no matmul precision involved.
   """
-  out_h, out_w = size
-  for axis, n_out in ((1, out_h), (2, out_w)):
-    n_in = x.shape[axis]
-    if n_in == n_out:
-      continue
-    i0, i1, w = _align_corners_taps(n_in, n_out)
-    shape = [1] * x.ndim
-    shape[axis] = n_out
-    w = jnp.asarray(w, x.dtype).reshape(shape)
-    x0 = jnp.take(x, jnp.asarray(i0), axis=axis)
-    x1 = jnp.take(x, jnp.asarray(i1), axis=axis)
-    x = x0 + (x1 - x0) * w
+  for axis, n_out in ((1, size[0]), (2, size[1])):
+    if x.shape[axis] != n_out:
+      x = _resize_axis(x, axis, x.shape[axis], n_out)
   return x
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _resize_axis(x: jax.Array, axis: int, n_in: int, n_out: int) -> jax.Array:
+  """The align-corners resize of `x` along `axis`, from n_in (its size) to n_out.
+
+  Its gradient is written out because autodiff's, the transpose of the two
+  gathers, is two scatter-adds, which a GPU runs with atomics in the compute
+  dtype (4.1 ms of GLCNet's 82-ms step on an H200, docs/benchmarks.md). The
+  transpose of the (n_out, n_in) interpolation matrix is a small matmul
+  instead, summed in float32.
+  """
+  i0, i1, w = _align_corners_taps(n_in, n_out)
+  shape = [1] * x.ndim
+  shape[axis] = n_out
+  w = jnp.asarray(w, x.dtype).reshape(shape)
+  x0 = jnp.take(x, jnp.asarray(i0), axis=axis)
+  x1 = jnp.take(x, jnp.asarray(i1), axis=axis)
+  return x0 + (x1 - x0) * w
+
+
+def _resize_axis_fwd(x, axis, n_in, n_out):
+  return _resize_axis(x, axis, n_in, n_out), None
+
+
+def _resize_axis_bwd(axis, n_in, n_out, _, g):
+  a = jnp.asarray(align_corners_matrix(n_in, n_out))
+  gx = jnp.moveaxis(jnp.tensordot(g.astype(jnp.float32), a, axes=((axis,), (0,)),
+                                  precision=jax.lax.Precision.HIGHEST), -1, axis)
+  return (gx.astype(g.dtype),)
+
+
+_resize_axis.defvjp(_resize_axis_fwd, _resize_axis_bwd)
 
 
 def resize_nearest_torch(x: jax.Array, size: Sequence[int]) -> jax.Array:
