@@ -9,6 +9,8 @@
 #
 # Arguments go to benchmarks/accelerator_check.py (its docstring lists the phases). The tables
 # are printed at the end and written to $OUT/accelerator_check.md when OUT is set.
+# ACCELERATOR_CHECK_SCRIPT runs another benchmark the same way, with the same wheels, e.g.
+#   ACCELERATOR_CHECK_SCRIPT=benchmarks/bench_backward_paths.py bash benchmarks/accelerator_check.sh
 set -u
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -28,4 +30,4 @@ fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 # The script keeps its own deadlines (--budget_s, 450 s by default); this is the backstop, and
 # SIGINT still prints the tables. A longer --budget_s needs ACCELERATOR_CHECK_TIMEOUT_S too.
-exec timeout --signal=INT --kill-after=15 "${ACCELERATOR_CHECK_TIMEOUT_S:-470}" "$PY" benchmarks/accelerator_check.py "$@"
+exec timeout --signal=INT --kill-after=15 "${ACCELERATOR_CHECK_TIMEOUT_S:-470}" "$PY" "${ACCELERATOR_CHECK_SCRIPT:-benchmarks/accelerator_check.py}" "$@"

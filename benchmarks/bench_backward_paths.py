@@ -4,10 +4,16 @@
   python benchmarks/bench_backward_paths.py --size tiny --dtype float32 --batch 8 \
       --variants autodiff,bn,resize,ours                         # a CPU, with attribution
 
-On a GPU lease run it alone, with output to a file or `tee` (not through a
-filter such as grep, which holds its output back until the end), and a
-`--budget_s` under the call's limit: at the budget the table holds what was
-measured and the process exits without waiting for unfinished compiles.
+On a GPU machine without grain or ml_collections, through the accelerator
+check's wrapper, which installs the carried wheels first:
+
+  ACCELERATOR_CHECK_SCRIPT=benchmarks/bench_backward_paths.py \
+      bash benchmarks/accelerator_check.sh --budget_s 300 2>&1 | tee $OUT/bench.log
+
+with output to a file or `tee` (not through a filter such as grep, which
+holds its output back until the end) and a `--budget_s` under the call's
+limit: at the budget the table holds what was measured and the process exits
+without waiting for unfinished compiles.
 
 Two layers have hand-written VJPs (glc_jax/models/layers.py): training
 BatchNorm (`_batch_norm_train`) and the align-corners resize

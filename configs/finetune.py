@@ -39,8 +39,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.input = dict(crop_size=128 if tiny else 256, label_warp="nearest")
   # Compute (glc_jax/models/compute.py): "auto" = bfloat16 and plain convolutions on GPU/TPU,
   # float32 and the CPU kernels on CPU; remat: a jax.checkpoint policy name to save memory.
+  # bn_momentum: BatchNorm's running-average momentum (torch's convention), the reference's 0.9;
+  # evaluation reads the running statistics, and with batches of a few tiles 0.1 steadies them.
   c.model = dict(depth=50, output_stride=16, width=0.25 if tiny else 1.0, dtype="auto",
-                 conv_impl="auto", remat="", stem_init="kaiming")
+                 conv_impl="auto", remat="", stem_init="kaiming", bn_momentum=0.9)
   c.optimizer = dict(name="adam", lr=1e-4, lr_scaling="batch", reference_batch=16, b1=0.9, b2=0.99, eps=1e-8,
                      weight_decay=1e-5, schedule="exponential", decay_rate=0.98, per_epoch=True,
                      warmup_epochs=0.0, grad_clip_norm=0.0)

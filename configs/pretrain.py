@@ -70,7 +70,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Compute (glc_jax/models/compute.py): "auto" = bfloat16 and plain convolutions on GPU/TPU,
   # float32 and the CPU kernels on CPU; remat: a jax.checkpoint policy name to save memory.
   c.model = dict(depth=50, output_stride=16, width=0.25 if tiny else 1.0, dtype="auto",
-                 conv_impl="auto", remat="", stem_init="kaiming")
+                 conv_impl="auto", remat="", stem_init="kaiming", bn_momentum=0.9)
   if method not in ("inpainting", "jigsaw"):
     c.model.embed_dim = 64
   if method == "jigsaw":

@@ -203,6 +203,18 @@ def test_keys_that_change_the_run_are_refused(dataset, tmp_path, key, value):
       pass
 
 
+def test_a_run_stored_before_a_key_was_added_resumes_at_its_old_value(dataset, tmp_path):
+  work = tmp_path / "work"
+  older = _pretrain_config(dataset)
+  del older.model["bn_momentum"]
+  _trained_workdir(work, older)
+  config = _pretrain_config(dataset)
+  assert run_dir.config_changes(work, config) == {}
+  config.model.bn_momentum = 0.1
+  with pytest.raises(run_dir.ConfigChangedError, match=r": model.bn_momentum 0.9 → 0.1; "):
+    run_dir.config_changes(work, config)
+
+
 def test_a_resumable_change_is_recorded_and_config_json_kept(dataset, tmp_path, monkeypatch):
   """The run goes on with the new num_steps; config.json keeps the original, the change is logged."""
   fit_lengths = []

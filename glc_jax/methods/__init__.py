@@ -12,6 +12,10 @@ Config keys read here (ml_collections.ConfigDict):
            jax.checkpoint_policies name), see glc_jax/models/compute.py;
            stem_init ('kaiming' | 'reference': torch's default init of the
            first conv when the band count is not 3, as the reference);
+           bn_momentum (0.9, the reference's; BatchNorm's running-average
+           momentum in torch's convention, which evaluation reads: with
+           batches of a few tiles, 0.9 makes the running statistics those of
+           the last batch, and torch's default 0.1 averages over about ten);
            num_permutations (jigsaw, 1000), num_classes (segmentation,
            required).
   loss     optional overrides of the method's loss settings:
@@ -62,7 +66,7 @@ _GLCNET_ABLATIONS = {
 METHOD_NAMES = tuple(_GLCNET_ABLATIONS) + ("simclr", "mocov2", "inpainting",
                                            "jigsaw", "segmentation")
 _MODEL_KEYS = ("depth", "output_stride", "width", "embed_dim", "dtype", "conv_impl",
-               "remat", "stem_init", "num_permutations", "num_classes")
+               "remat", "stem_init", "bn_momentum", "num_permutations", "num_classes")
 
 
 def model_kwargs(config: ml_collections.ConfigDict, embed: bool = False) -> dict:

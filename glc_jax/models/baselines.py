@@ -54,12 +54,15 @@ class SimCLR(nn.Module):
   conv_impl: str = "plain"
   remat: str = ""
   stem_init: str = "kaiming"
+  bn_momentum: float = 0.9
 
   def setup(self):
-    self.backbone = ResNet(self.depth, self.output_stride, self.width,
-                           self.axis_name, self.dtype, self.conv_impl, self.remat, self.stem_init)
+    self.backbone = ResNet(self.depth, self.output_stride, self.width, self.axis_name,
+                           self.dtype, self.conv_impl, self.remat, self.stem_init,
+                           self.bn_momentum)
     self.encoder = Encoder(self.output_stride, self.width, axis_name=self.axis_name,
-                           dtype=self.dtype, conv_impl=self.conv_impl)
+                           dtype=self.dtype, conv_impl=self.conv_impl,
+                           bn_momentum=self.bn_momentum)
     self.head = ProjectionHead(scaled(256, self.width), self.embed_dim, self.dtype)
 
   def embed(self, images: jax.Array, train: bool, bn_groups: int = 1) -> jax.Array:
@@ -104,14 +107,16 @@ class Inpainting(nn.Module):
   conv_impl: str = "plain"
   remat: str = ""
   stem_init: str = "kaiming"
+  bn_momentum: float = 0.9
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool) -> jax.Array:
     feats = ResNet(self.depth, self.output_stride, self.width, self.axis_name,
-                   self.dtype, self.conv_impl, self.remat, self.stem_init,
+                   self.dtype, self.conv_impl, self.remat, self.stem_init, self.bn_momentum,
                    name="backbone")(images, train)
     x = Encoder(self.output_stride, self.width, axis_name=self.axis_name,
-                dtype=self.dtype, conv_impl=self.conv_impl, name="encoder")(feats["layer4"], train)
+                dtype=self.dtype, conv_impl=self.conv_impl, bn_momentum=self.bn_momentum,
+                name="encoder")(feats["layer4"], train)
     norm = functools.partial(BatchNorm, train=train, torch_momentum=0.1,
                              axis_name=self.axis_name, dtype=self.dtype)
     c256, c64 = scaled(256, self.width), scaled(64, self.width)
@@ -150,6 +155,7 @@ class Jigsaw(nn.Module):
   conv_impl: str = "plain"
   remat: str = ""
   stem_init: str = "kaiming"
+  bn_momentum: float = 0.9
 
   @nn.compact
   def __call__(self, tiles: jax.Array, train: bool) -> jax.Array:
@@ -157,10 +163,11 @@ class Jigsaw(nn.Module):
     # Tile-position-major batch, so group i holds every sample's i-th tile.
     x = jnp.swapaxes(tiles, 0, 1).reshape((t * b,) + tiles.shape[2:])
     feats = ResNet(self.depth, self.output_stride, self.width, self.axis_name,
-                   self.dtype, self.conv_impl, self.remat, self.stem_init,
+                   self.dtype, self.conv_impl, self.remat, self.stem_init, self.bn_momentum,
                    name="backbone")(x, train, bn_groups=t)
     x = Encoder(self.output_stride, self.width, axis_name=self.axis_name, dtype=self.dtype,
-                conv_impl=self.conv_impl, name="encoder")(feats["layer4"], train, bn_groups=t)
+                conv_impl=self.conv_impl, bn_momentum=self.bn_momentum,
+                name="encoder")(feats["layer4"], train, bn_groups=t)
     x = adaptive_avg_pool(x, 3)
     # torch flattens (N, C, 3, 3): channel-major.
     x = jnp.transpose(x, (0, 3, 1, 2)).reshape(t * b, -1)

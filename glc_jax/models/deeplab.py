@@ -40,11 +40,13 @@ class ASPP(nn.Module):
   axis_name: str | None = None
   dtype: Any = jnp.float32
   conv_impl: str = "plain"
+  bn_momentum: float = 0.9
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool, bn_groups: int = 1) -> jax.Array:
     norm = functools.partial(BatchNorm, train=train, groups=bn_groups,
-                             axis_name=self.axis_name, dtype=self.dtype)
+                             torch_momentum=self.bn_momentum, axis_name=self.axis_name,
+                             dtype=self.dtype)
     conv = functools.partial(Conv2d, self.channels, dtype=self.dtype, conv_impl=self.conv_impl)
     outs = [nn.relu(norm(name="bn1")(conv(1, name="conv1")(x)))]
     for i, rate in enumerate(ATROUS_RATES[self.output_stride], start=2):
@@ -68,14 +70,15 @@ class Encoder(nn.Module):
   axis_name: str | None = None
   dtype: Any = jnp.float32
   conv_impl: str = "plain"
+  bn_momentum: float = 0.9
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool, bn_groups: int = 1) -> jax.Array:
     c = scaled(256, self.width)
-    x = ASPP(c, self.output_stride, self.axis_name, self.dtype, self.conv_impl, name="aspp")(
-        x, train, bn_groups)
+    x = ASPP(c, self.output_stride, self.axis_name, self.dtype, self.conv_impl,
+             self.bn_momentum, name="aspp")(x, train, bn_groups)
     x = Conv2d(c, 1, dtype=self.dtype, conv_impl=self.conv_impl, name="conv1")(x)
-    x = BatchNorm(train, groups=bn_groups, axis_name=self.axis_name,
+    x = BatchNorm(train, self.bn_momentum, groups=bn_groups, axis_name=self.axis_name,
                   dtype=self.dtype, name="bn1")(x)
     x = nn.relu(x)
     return nn.Dropout(self.dropout_rate, deterministic=not train)(x)
@@ -94,12 +97,14 @@ class Decoder(nn.Module):
   axis_name: str | None = None
   dtype: Any = jnp.float32
   conv_impl: str = "plain"
+  bn_momentum: float = 0.9
 
   @nn.compact
   def __call__(self, x: jax.Array, low_level: jax.Array, train: bool,
                bn_groups: int = 1) -> jax.Array:
     norm = functools.partial(BatchNorm, train=train, groups=bn_groups,
-                             axis_name=self.axis_name, dtype=self.dtype)
+                             torch_momentum=self.bn_momentum, axis_name=self.axis_name,
+                             dtype=self.dtype)
     conv = functools.partial(Conv2d, dtype=self.dtype, conv_impl=self.conv_impl)
     low = nn.relu(norm(name="bn1")(conv(scaled(48, self.width), 1, name="conv1")(low_level)))
     x = resize_bilinear_align_corners(x, low.shape[1:3])
@@ -117,8 +122,8 @@ class DeepLabV3Plus(nn.Module):
 
   Attributes: num_classes; depth (18/34/50/101); output_stride (16/8); width;
   axis_name (synchronised BN); dtype (compute dtype); conv_impl ('plain' /
-  'cpu' kernels); remat (backbone rematerialisation policy or ''); see
-  glc_jax/models/compute.py.
+  'cpu' kernels); remat (backbone rematerialisation policy or ''), see
+  glc_jax/models/compute.py; stem_init; bn_momentum (ResNet).
 
   __call__(image, train) with image (B, H, W, bands) float32 → logits
   (B, H, W, num_classes) float32, upsampled align-corners to the input size.
@@ -135,14 +140,17 @@ class DeepLabV3Plus(nn.Module):
   conv_impl: str = "plain"
   remat: str = ""
   stem_init: str = "kaiming"
+  bn_momentum: float = 0.9
 
   @nn.compact
   def __call__(self, image: jax.Array, train: bool) -> jax.Array:
     feats = ResNet(self.depth, self.output_stride, self.width, self.axis_name,
-                   self.dtype, self.conv_impl, self.remat, self.stem_init,
+                   self.dtype, self.conv_impl, self.remat, self.stem_init, self.bn_momentum,
                    name="backbone")(image, train)
     x = Encoder(self.output_stride, self.width, axis_name=self.axis_name,
-                dtype=self.dtype, conv_impl=self.conv_impl, name="encoder")(feats["layer4"], train)
+                dtype=self.dtype, conv_impl=self.conv_impl, bn_momentum=self.bn_momentum,
+                name="encoder")(feats["layer4"], train)
     logits = Decoder(self.num_classes, self.width, (0.5, 0.1), self.axis_name,
-                     self.dtype, self.conv_impl, name="decoder")(x, feats["layer1"], train)
+                     self.dtype, self.conv_impl, self.bn_momentum,
+                     name="decoder")(x, feats["layer1"], train)
     return resize_bilinear_align_corners(logits, image.shape[1:3]).astype(jnp.float32)

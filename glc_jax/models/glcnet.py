@@ -52,17 +52,21 @@ class GLCNet(nn.Module):
   conv_impl: str = "plain"
   remat: str = ""
   stem_init: str = "kaiming"
+  bn_momentum: float = 0.9
 
   def setup(self):
     if self.no_global and self.no_local:
       raise ValueError("GLCNet: no_global and no_local together leave no loss")
-    self.backbone = ResNet(self.depth, self.output_stride, self.width,
-                           self.axis_name, self.dtype, self.conv_impl, self.remat, self.stem_init)
+    self.backbone = ResNet(self.depth, self.output_stride, self.width, self.axis_name,
+                           self.dtype, self.conv_impl, self.remat, self.stem_init,
+                           self.bn_momentum)
     self.encoder = Encoder(self.output_stride, self.width, self.encoder_dropout,
-                           axis_name=self.axis_name, dtype=self.dtype, conv_impl=self.conv_impl)
+                           axis_name=self.axis_name, dtype=self.dtype, conv_impl=self.conv_impl,
+                           bn_momentum=self.bn_momentum)
     if not self.no_local:
       self.decoder = Decoder(self.embed_dim, self.width, axis_name=self.axis_name,
-                             dtype=self.dtype, conv_impl=self.conv_impl)
+                             dtype=self.dtype, conv_impl=self.conv_impl,
+                             bn_momentum=self.bn_momentum)
       self.local_head = ProjectionHead(self.embed_dim, self.embed_dim, self.dtype)
     if not self.no_global:
       self.global_head = ProjectionHead(scaled(256, self.width), self.embed_dim,

@@ -46,20 +46,23 @@ class ProbeSegmenter(nn.Module):
   conv_impl: str = "plain"
   remat: str = ""
   stem_init: str = "kaiming"
+  bn_momentum: float = 0.9
 
   def setup(self):
     if self.head_type not in PROBE_HEADS:
       raise ValueError(f"probe head {self.head_type!r}; expected one of {PROBE_HEADS}")
     self.backbone = ResNet(self.depth, self.output_stride, self.width, self.axis_name,
-                           self.dtype, self.conv_impl, self.remat, self.stem_init)
+                           self.dtype, self.conv_impl, self.remat, self.stem_init,
+                           self.bn_momentum)
     self.encoder = Encoder(self.output_stride, self.width, axis_name=self.axis_name,
-                           dtype=self.dtype, conv_impl=self.conv_impl)
+                           dtype=self.dtype, conv_impl=self.conv_impl,
+                           bn_momentum=self.bn_momentum)
     if self.head_type == "linear":
       self.head = Conv2d(self.num_classes, 1, use_bias=True, dtype=self.dtype,
                          conv_impl=self.conv_impl)
     else:
       self.head = Decoder(self.num_classes, self.width, (0.5, 0.1), self.axis_name, self.dtype,
-                          self.conv_impl)
+                          self.conv_impl, self.bn_momentum)
 
   def features(self, image: jax.Array) -> dict[str, jax.Array]:
     feats = self.backbone(image, False)

@@ -103,6 +103,8 @@ class ResNet(nn.Module):
     stem_init: 'kaiming' (conv1 kaiming-normal like every conv) or
       'reference' (torch's default U(±1/sqrt(fan_in)) for conv1 when the
       band count is not 3, as the reference's replaced first conv).
+    bn_momentum: BatchNorm's running-average momentum, torch's convention
+      (running = (1 − m)·running + m·batch); the reference's 0.9 by default.
 
   __call__(x, train, bn_groups=1) with x (B, H, W, bands) float → dict of
   NHWC features (bn_groups: see BatchNorm.groups):
@@ -119,6 +121,7 @@ class ResNet(nn.Module):
   conv_impl: str = "plain"
   remat: str = ""
   stem_init: str = "kaiming"
+  bn_momentum: float = 0.9
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool,
@@ -132,7 +135,8 @@ class ResNet(nn.Module):
       block_cls = nn.remat(block_cls, policy=remat_policy(self.remat))
     strides, dilations = STRIDES_DILATIONS[self.output_stride]
     norm = functools.partial(BatchNorm, train=train, groups=bn_groups,
-                             axis_name=self.axis_name, dtype=self.dtype)
+                             torch_momentum=self.bn_momentum, axis_name=self.axis_name,
+                             dtype=self.dtype)
     if self.stem_init not in STEM_INITS:
       raise ValueError(f"stem_init must be one of {STEM_INITS}, got {self.stem_init!r}")
     # The reference replaces conv1 when the band count is not 3 and leaves

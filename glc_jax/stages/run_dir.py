@@ -49,6 +49,10 @@ RESUMABLE_KEYS = frozenset({"num_steps", "epochs", "log_every", "checkpoint_ever
                             "keep_checkpoints", "probe.every_steps", "early_stopping.patience",
                             "validate_every_epochs"})
 
+# Keys added to the configs after runs may have started, each with the value that computes
+# what the code did before it: a run stored without one resumes when it has that value.
+ADDED_KEYS = {"model.bn_momentum": 0.9}
+
 _ABSENT = "<absent>"
 _MESSAGE_BYTES = 4096  # a refusal broadcast from process 0 to the others
 
@@ -108,6 +112,7 @@ def config_changes(work: pathlib.Path, config: ml_collections.ConfigDict) -> dic
   if not holds_checkpoint(work):
     return {}
   old, new = stored_config(work), _flatten(_json_tree(config))
+  old = {**{k: v for k, v in ADDED_KEYS.items() if k in new}, **old}
   changes = {k: (old.get(k, _ABSENT), new.get(k, _ABSENT)) for k in sorted(set(old) | set(new))
              if old.get(k, _ABSENT) != new.get(k, _ABSENT)}
   refused = [k for k in changes if k not in RESUMABLE_KEYS]
