@@ -19,7 +19,10 @@ Two layers have hand-written VJPs (glc_jax/models/layers.py): training
 BatchNorm (`_batch_norm_train`) and the align-corners resize
 (`_resize_axis`). Each variant (`--variants`, default autodiff,ours) below traces the same step with some of them
 replaced by their undecorated forward (`custom_vjp.fun`), which jax then
-differentiates itself, as the code did before 2026-11-28:
+differentiates itself, as the code did before 2026-11-28 on one device (on
+several, the old code also cast the synchronised statistics to
+device-varying so that their gradient summed in float32, which `.fun` does
+not; time the variants on one device):
 
   autodiff   both by autodiff
   bn         our BatchNorm gradient, autodiff's resize
@@ -30,8 +33,9 @@ The variants are lowered one after another (the swap is process-wide), then
 compiled side by side, and timed only once every compile has finished, in
 interleaved rounds (autodiff, bn, resize, ours, autodiff, ...), so that load
 that drifts falls on all of them alike. Before timing, each variant takes one
-step from the same state: the loss must agree exactly (the forward passes are
-the same) and the gradient norm to rounding. Prints a markdown table (median
+step from the same state and prints its loss, which should agree exactly
+(the forward passes are the same), and its gradient norm, which should agree
+to rounding. Prints a markdown table (median
 step time over the rounds, items/s, XLA's memory estimate, that first step's
 gradient norm) and writes it to $OUT/bench_backward_paths.md when OUT is set.
 """

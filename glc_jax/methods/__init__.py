@@ -12,8 +12,10 @@ Config keys read here (ml_collections.ConfigDict):
            jax.checkpoint_policies name), see glc_jax/models/compute.py;
            stem_init ('kaiming' | 'reference': torch's default init of the
            first conv when the band count is not 3, as the reference);
-           bn_momentum (0.9, the reference's; BatchNorm's running-average
-           momentum in torch's convention, which evaluation reads: with
+           bn_momentum (0.9, the reference's; the running-average momentum, in
+           torch's convention, of every BatchNorm but the inpainting
+           decoder's, which keeps the reference's 0.1; evaluation reads the
+           running statistics: with
            batches of a few tiles, 0.9 makes the running statistics those of
            the last batch, and torch's default 0.1 averages over about ten);
            num_permutations (jigsaw, 1000), num_classes (segmentation,

@@ -123,7 +123,7 @@ class DeepLabV3Plus(nn.Module):
   Attributes: num_classes; depth (18/34/50/101); output_stride (16/8); width;
   axis_name (synchronised BN); dtype (compute dtype); conv_impl ('plain' /
   'cpu' kernels); remat (backbone rematerialisation policy or ''), see
-  glc_jax/models/compute.py; stem_init; bn_momentum (ResNet).
+  glc_jax/models/compute.py; stem_init (ResNet); bn_momentum (every BatchNorm).
 
   __call__(image, train) with image (B, H, W, bands) float32 → logits
   (B, H, W, num_classes) float32, upsampled align-corners to the input size.

@@ -318,13 +318,14 @@ def _batch_norm_train(xg, scale, bias, epsilon, axis_name, dtype):
   Returns (y, mean, var, n): the output in `dtype`, the groups' batch mean and
   biased variance (g, C) in float32, two passes (mean, then centred squares)
   for float32 accuracy, and the count n per group, all summed over
-  `axis_name` when set. The statistics feed only the running averages.
+  `axis_name` when set.
 
   The gradient is written out (a custom VJP) rather than left to autodiff,
   which differentiates both statistics passes and keeps a float32 copy of the
-  input: here the backward pass is one pair of sums over (gy, x̂) and one
-  elementwise pass, and only x in the compute dtype is kept. On an H200
-  BatchNorm's reductions were a quarter of GLCNet's step (docs/benchmarks.md).
+  input: here the backward pass is one pair of sums over (gy, x − mean) and
+  one elementwise pass, summed over the mesh in float32, and only x in the
+  compute dtype is kept. On an H200 BatchNorm's reductions were a quarter of
+  GLCNet's step (docs/benchmarks.md).
   """
   return _batch_norm_train_fwd(xg, scale, bias, epsilon, axis_name, dtype)[0]
 
@@ -336,15 +337,27 @@ def _batch_norm_train_fwd(xg, scale, bias, epsilon, axis_name, dtype):
   stat_shape = mean.shape[:1] + (1,) * (xg.ndim - 2) + mean.shape[1:]
   var = _group_sums(jnp.square(xf - mean.reshape(stat_shape)), axis_name) / n
   y = _normalise(xg, mean, var, scale, bias, epsilon, dtype)
-  return (y, mean, var, n), (xg, mean, var, scale)
+  return (y, mean, var, n), (xg, mean, var, n, scale)
+
+
+def _varies(x: jax.Array, axis_name: str | None) -> bool:
+  """Whether `x` differs between the devices of `axis_name` (shard_map's type of it)."""
+  if axis_name is None:
+    return False
+  aval = jax.typeof(x)
+  # The set is `manual_axis_type.varying` in jax 0.10 (the version pinned); `vma` in the
+  # versions documented at the time of writing.
+  varying = getattr(aval, "vma", None)
+  if varying is None:
+    varying = aval.manual_axis_type.varying
+  return axis_name in varying
 
 
 def _batch_norm_train_bwd(epsilon, axis_name, dtype, residuals, cotangents):
   del dtype
-  xg, mean, var, scale = residuals
-  # Only y's cotangent counts: the statistics go to the running averages, which
-  # the loss never reads, so theirs are zero.
-  gy = cotangents[0].astype(jnp.float32)
+  xg, mean, var, n, scale = residuals
+  gy, g_mean, g_var, _ = cotangents
+  gy = gy.astype(jnp.float32)
   stat_shape = mean.shape[:1] + (1,) * (xg.ndim - 2) + mean.shape[1:]
   per = lambda v: v.reshape(stat_shape)  # noqa: E731
   axes = tuple(range(1, xg.ndim - 1))
@@ -352,19 +365,23 @@ def _batch_norm_train_bwd(epsilon, axis_name, dtype, residuals, cotangents):
   rstd = jax.lax.rsqrt(var + epsilon)
   local_gy = jnp.sum(gy, axes)
   local_gy_xc = jnp.sum(gy * xc, axes)
-  if axis_name is None:
-    sum_gy, sum_gy_xc = local_gy, local_gy_xc
-  else:
-    sum_gy, sum_gy_xc = jax.lax.psum((local_gy, local_gy_xc), axis_name)
-  n = _group_count(xg, axis_name)
-  # gx = rstd·scale·(gy − Σgy/n − x̂·Σ(gy·x̂)/n) with x̂ = xc·rstd, as a·gy + b·xc + c.
+  total = lambda v: v if axis_name is None else jax.lax.psum(v, axis_name)  # noqa: E731
+  sum_gy, sum_gy_xc = total((local_gy, local_gy_xc))
+  # The statistics' own cotangents (zero when, as in training, they only feed the running
+  # averages) are summed over the devices whose inputs they depend on.
+  g_mean, g_var = (total(g) if _varies(g, axis_name) else g for g in (g_mean, g_var))
+  # gx = rstd·scale·(gy − Σgy/n − x̂·Σ(gy·x̂)/n) + g_mean/n + 2·xc·g_var/n with
+  # x̂ = xc·rstd, as a·gy + b·xc + c per channel.
   a = rstd * scale
-  b = -a * jnp.square(rstd) * sum_gy_xc / n
-  c = -a * sum_gy / n
+  b = (2.0 * g_var - a * jnp.square(rstd) * sum_gy_xc) / n
+  c = (g_mean - a * sum_gy) / n
   gx = per(a) * gy + per(b) * xc + per(c)
-  # This device's share of the parameter gradients: scale and bias arrive
-  # device-varying (methods.common), and their cast's transpose sums the shares.
-  return gx.astype(xg.dtype), jnp.sum(local_gy_xc * rstd, 0), jnp.sum(local_gy, 0)
+  g_scale, g_bias = jnp.sum(local_gy_xc * rstd, 0), jnp.sum(local_gy, 0)
+  if axis_name is not None and not _varies(scale, axis_name):
+    # Parameters replicated rather than cast to device-varying (methods.common casts them, so
+    # that the cast's transpose sums the devices' shares) need the summed gradient here.
+    g_scale, g_bias = total((g_scale, g_bias))
+  return gx.astype(xg.dtype), g_scale, g_bias
 
 
 _batch_norm_train.defvjp(_batch_norm_train_fwd, _batch_norm_train_bwd)
