@@ -68,6 +68,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       dict(data=dict(batch_size=8, num_workers=0), input=dict(crop_size=128)) if small else
       dict(epochs=150))
   c.finetune_steps = 150 if small else 0
+  # > 0: validate every this many steps and stop after this many without improvement, each
+  # rounded to whole epochs of a cell's subset; 0 keeps the stage config's
+  # validate_every_epochs and early_stopping.patience.
+  c.finetune_validate_steps = 0
+  c.finetune_patience_steps = 0
   c.imagenet_transfer = "backbone"
   # Overrides of configs/evaluate.py.
   c.evaluate = ml_collections.ConfigDict(

@@ -83,6 +83,23 @@ def test_bad_keys_fail_in_one_line(tmp_path):
   config.finetune_steps = 7
   with pytest.raises(matrix.BenchmarkConfigError, match="finetune_steps"):
     matrix.check_same_setup(config, tmp_path)
+  config = _small_config()
+  config.finetune_steps = -1
+  with pytest.raises(matrix.BenchmarkConfigError, match="^config key finetune_steps is -1; "):
+    matrix.check(config)
+
+
+def test_a_workdir_set_up_before_the_step_keys_existed_reruns(tmp_path):
+  config = _small_config()
+  matrix.check_same_setup(config, tmp_path)
+  path = tmp_path / "benchmark_config.json"
+  record = json.loads(path.read_text())
+  del record["finetune_validate_steps"], record["finetune_patience_steps"]
+  path.write_text(json.dumps(record))
+  matrix.check_same_setup(config, tmp_path)
+  config.finetune_validate_steps = 15
+  with pytest.raises(matrix.BenchmarkConfigError, match="finetune_validate_steps"):
+    matrix.check_same_setup(config, tmp_path)
 
 
 # The matrix runs in a subprocess with the stages replaced by fakes that take

@@ -21,6 +21,7 @@ from typing import Any
 import ml_collections
 
 from glc_jax import files
+from glc_jax.stages import setup as stage_setup
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[2] / "configs"
 BASELINE_INITS = ("random", "imagenet")
@@ -108,10 +109,11 @@ def check(config: ml_collections.ConfigDict) -> None:
     raise BenchmarkConfigError(f"config key size is {config.size!r}; expected 'tiny' or 'full'")
   if config.imagenet_path and not pathlib.Path(config.imagenet_path).exists():
     raise BenchmarkConfigError(f"config key imagenet_path: {config.imagenet_path} does not exist")
-  for key in ("finetune_patience_steps", "finetune_validate_steps"):
-    value = config.get(key, 0)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-      raise BenchmarkConfigError(f"config key {key} is {value!r}; expected an integer >= 0")
+  try:
+    stage_setup.check_counts(config, {"finetune_steps": 0, "finetune_validate_steps": 0,
+                                      "finetune_patience_steps": 0})
+  except stage_setup.ConfigError as e:
+    raise BenchmarkConfigError(str(e)) from None
 
 
 def override(base: ml_collections.ConfigDict, overrides: Any, where: str) -> None:
@@ -165,9 +167,9 @@ def finetune_config(config, cell: Cell, work: pathlib.Path, data_path: str,
   steps_per_epoch = subset_steps_per_epoch(num_labelled, c.data.batch_size)
   if config.finetune_steps:
     c.epochs = math.ceil(config.finetune_steps / steps_per_epoch)
-  if config.get("finetune_validate_steps", 0):
+  if config.finetune_validate_steps:
     c.validate_every_epochs = max(round(config.finetune_validate_steps / steps_per_epoch), 1)
-  if config.get("finetune_patience_steps", 0):
+  if config.finetune_patience_steps:
     c.early_stopping.patience = math.ceil(
         config.finetune_patience_steps / (steps_per_epoch * c.validate_every_epochs))
   return c
@@ -185,6 +187,8 @@ def evaluate_config(config, cell: Cell, work: pathlib.Path, data_path: str) -> m
 # Keys that change what a finished cell means; the matrix keys (methods,
 # fractions, seeds, ...) may grow between runs of the same workdir.
 _MATRIX_KEYS = ("methods", "random_init", "imagenet_path", "fractions", "seeds", "compilation_cache")
+# Keys added after workdirs may have been set up, with the value they had there.
+_ADDED_KEYS = {"finetune_validate_steps": 0, "finetune_patience_steps": 0}
 
 
 def check_same_setup(config: ml_collections.ConfigDict, work: pathlib.Path) -> None:
@@ -192,7 +196,7 @@ def check_same_setup(config: ml_collections.ConfigDict, work: pathlib.Path) -> N
   record = work / "benchmark_config.json"
   setup = {k: v for k, v in json.loads(config.to_json()).items() if k not in _MATRIX_KEYS}
   if record.is_file():
-    saved = json.loads(record.read_text())
+    saved = {**_ADDED_KEYS, **json.loads(record.read_text())}
     changed = sorted(k for k in set(saved) | set(setup) if saved.get(k) != setup.get(k))
     if changed:
       raise BenchmarkConfigError(
