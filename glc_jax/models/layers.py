@@ -340,17 +340,18 @@ def _batch_norm_train_fwd(xg, scale, bias, epsilon, axis_name, dtype):
   return (y, mean, var, n), (xg, mean, var, n, scale)
 
 
-def _varies(x: jax.Array, axis_name: str | None) -> bool:
-  """Whether `x` differs between the devices of `axis_name` (shard_map's type of it)."""
+def _varies(x: jax.Array, axis_name: str | None, unknown: bool) -> bool:
+  """Whether `x` differs between the devices of `axis_name` (shard_map's type of it);
+  `unknown` where this jax names that type in neither way known here."""
   if axis_name is None:
     return False
   aval = jax.typeof(x)
-  # The set is `manual_axis_type.varying` in jax 0.10 (the version pinned); `vma` in the
-  # versions documented at the time of writing.
-  varying = getattr(aval, "vma", None)
+  # jax 0.10 (the version pinned) keeps the set in `manual_axis_type.varying`; the
+  # documentation of other versions calls it `vma`.
+  varying = getattr(getattr(aval, "manual_axis_type", None), "varying", None)
   if varying is None:
-    varying = aval.manual_axis_type.varying
-  return axis_name in varying
+    varying = getattr(aval, "vma", None)
+  return unknown if varying is None else axis_name in varying
 
 
 def _batch_norm_train_bwd(epsilon, axis_name, dtype, residuals, cotangents):
@@ -368,8 +369,9 @@ def _batch_norm_train_bwd(epsilon, axis_name, dtype, residuals, cotangents):
   total = lambda v: v if axis_name is None else jax.lax.psum(v, axis_name)  # noqa: E731
   sum_gy, sum_gy_xc = total((local_gy, local_gy_xc))
   # The statistics' own cotangents (zero when, as in training, they only feed the running
-  # averages) are summed over the devices whose inputs they depend on.
-  g_mean, g_var = (total(g) if _varies(g, axis_name) else g for g in (g_mean, g_var))
+  # averages, hence unknown=False) are summed over the devices whose inputs they depend on.
+  g_mean, g_var = (total(g) if _varies(g, axis_name, unknown=False) else g
+                   for g in (g_mean, g_var))
   # gx = rstd·scale·(gy − Σgy/n − x̂·Σ(gy·x̂)/n) + g_mean/n + 2·xc·g_var/n with
   # x̂ = xc·rstd, as a·gy + b·xc + c per channel.
   a = rstd * scale
@@ -377,9 +379,10 @@ def _batch_norm_train_bwd(epsilon, axis_name, dtype, residuals, cotangents):
   c = (g_mean - a * sum_gy) / n
   gx = per(a) * gy + per(b) * xc + per(c)
   g_scale, g_bias = jnp.sum(local_gy_xc * rstd, 0), jnp.sum(local_gy, 0)
-  if axis_name is not None and not _varies(scale, axis_name):
+  if axis_name is not None and not _varies(scale, axis_name, unknown=True):
     # Parameters replicated rather than cast to device-varying (methods.common casts them, so
-    # that the cast's transpose sums the devices' shares) need the summed gradient here.
+    # that the cast's transpose sums the devices' shares, hence unknown=True) need the summed
+    # gradient here.
     g_scale, g_bias = total((g_scale, g_bias))
   return gx.astype(xg.dtype), g_scale, g_bias
 
