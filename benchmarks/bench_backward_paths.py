@@ -16,11 +16,11 @@ limit: at the budget the table holds what was measured and the process exits
 without waiting for unfinished compiles.
 
 Two layers have hand-written VJPs (glc_jax/models/layers.py): training
-BatchNorm (`_batch_norm_train`) and the align-corners resize
-(`_resize_axis`). Each variant (`--variants`, default autodiff,ours) below traces the same step with some of them
-replaced by their undecorated forward (`custom_vjp.fun`), which jax then
-differentiates itself, as the code did before 2026-11-28 on one device (on
-several, the old code also cast the synchronised statistics to
+BatchNorm (`_batch_norm_train`) and the align-corners resize (`_resize_axis`).
+Each variant (`--variants`, default autodiff,ours) below traces the same step
+with some of them replaced by their undecorated forward (`custom_vjp.fun`),
+which jax then differentiates itself, as the code did before 2026-11-28 on one
+device (on several, the old code also cast the synchronised statistics to
 device-varying so that their gradient summed in float32, which `.fun` does
 not; time the variants on one device):
 

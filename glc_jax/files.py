@@ -10,10 +10,10 @@ from typing import Iterator
 
 def temp_beside(path: str | os.PathLike) -> pathlib.Path:
   """The hidden path in `path`'s folder (so the final rename is atomic) that `path` is
-  written to first; the folder is made if missing. The file is not created here: the writer creates it, with the umask's
-  permissions (a mkstemp file would be owner-only). The name is fixed, so a write killed
-  midway leaves one leftover that the next write of `path` replaces; one writer per file at a
-  time, which the workdir lock sees to."""
+  written to first; the folder is made if missing. The file is not created here: the writer
+  creates it, with the umask's permissions (a mkstemp file would be owner-only). The name is
+  fixed, so a write killed midway leaves one leftover that the next write of `path` replaces;
+  one writer per file at a time, which the workdir lock sees to."""
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   return path.with_name(f".{path.name}.tmp")
