@@ -246,9 +246,11 @@ def convert(
   """
   _refuse_urls(images=images, out=out, labels=labels or [])
   out = Path(out).absolute()
-  stride = stride or tile
-  if tile <= 0 or stride <= 0:
-    raise DataPrepError(f"tile ({tile}) and stride ({stride}) must be positive")
+  # `stride or tile` would turn an explicit stride of 0 into the tile size.
+  stride = tile if stride is None else stride
+  for name, value in (("tile", tile), ("stride", stride)):
+    if value <= 0:
+      raise DataPrepError(f"{name} {value} must be a positive number of pixels")
   if split_lists and split_fractions:
     raise DataPrepError("give split lists or split fractions, not both")
   if not 0.0 <= max_nodata_fraction <= 1.0:

@@ -319,3 +319,11 @@ def test_convert_called_from_python_refuses_urls_too(tmp_path, monkeypatch, scen
   with pytest.raises(DataPrepError, match=f"^{where} (gs|s3):/+bucket/.*: URLs are not supported"):
     convert(paths["images"], paths["out"], paths["labels"], tile=16, progress=False)
   assert not (tmp_path / "gs:").exists() and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flag,value", [("--stride", "0"), ("--stride", "-5"), ("--tile", "0")])
+def test_zero_or_negative_tile_or_stride_is_one_line(tmp_path, capsys, scene, flag, value):
+  """An explicit --stride 0 is refused, not read as 'default to the tile size'."""
+  args = ["--images", str(scene), "--tile", "16", "--out", str(tmp_path / "out")]
+  line = _cli_error(capsys, args + [flag, value])
+  assert f"{flag[2:]} {value} must be" in line and no_leftovers(tmp_path)
