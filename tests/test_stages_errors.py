@@ -155,3 +155,32 @@ def test_finetune_from_an_empty_init_path(labelled, tmp_path, no_compute):
       r"^config key init.path is empty: set it to a pretraining run's workdir or an imported "
       r"checkpoint, or use configs/finetune.py:random$")):
     finetune.run(config, str(tmp_path / "w"))
+
+
+def test_finetune_batch_larger_than_the_labelled_subset_names_the_fraction(labelled, tmp_path, no_compute):
+  """The 8-record train split holds 8 tiles, its stored 1% subset 1: it is the fraction that
+  leaves too few records for a batch of 8, so the message must name data.label_fraction."""
+  config = _finetune_config(labelled, **{"data.label_fraction": 0.01, "data.batch_size": 8})
+  with pytest.raises(setup.ConfigError, match=(
+      r"^data.batch_size 8 is larger than the 1 records that data.label_fraction 0.01 keeps of "
+      r"split 'train' \(8 records\); raise data.label_fraction or lower data.batch_size$")):
+    finetune.run(config, str(tmp_path / "w"))
+  assert not (tmp_path / "w").exists()
+
+
+def test_finetune_batch_larger_than_the_whole_split_names_the_split(labelled, tmp_path, no_compute):
+  config = _finetune_config(labelled, **{"data.label_fraction": 1.0, "data.batch_size": 16})
+  with pytest.raises(setup.ConfigError,
+                     match=r"^data.batch_size 16 is larger than the 8 records of split 'train'$"):
+    finetune.run(config, str(tmp_path / "w"))
+
+
+def test_finetune_random_init_refuses_a_set_init_path(labelled, tmp_path, no_compute):
+  """init.kind=random would otherwise train from scratch while the user believes the
+  weights at init.path were loaded."""
+  config = _finetune_config(labelled, **{"data.label_fraction": 1.0, "init.path": "runs/glcnet"})
+  with pytest.raises(setup.ConfigError, match=(
+      r"^config key init.path is 'runs/glcnet' but init.kind is 'random', which loads nothing; "
+      r"clear init.path or use configs/finetune.py:checkpoint$")):
+    finetune.run(config, str(tmp_path / "w"))
+  assert not (tmp_path / "w").exists()

@@ -56,6 +56,9 @@ def load_pretrained(config: ml_collections.ConfigDict, num_bands: int) -> dict |
   if config.init.kind not in INIT_KINDS:
     raise setup.ConfigError(f"config key init.kind is {config.init.kind!r}; expected one of {INIT_KINDS}")
   if config.init.kind == "random":
+    if config.init.path:
+      raise setup.ConfigError(f"config key init.path is {config.init.path!r} but init.kind is 'random', "
+                              "which loads nothing; clear init.path or use configs/finetune.py:checkpoint")
     return None
   if not config.init.path:
     raise setup.ConfigError("config key init.path is empty: set it to a pretraining run's workdir "
@@ -169,7 +172,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
                             "expected val_oa, val_kappa or val_miou")
   pretrained = load_pretrained(config, info.num_bands)
   mesh = parallel.make_data_mesh()
-  global_batch = setup.checked_batch(config.data.batch_size, mesh, len(source))
+  global_batch = setup.checked_batch(config.data.batch_size, mesh, len(source), info=info)
   model = build_model(config, info.num_classes)
   method = SegmentationMethod(model=model, ignore_index=info.ignore_index)
   data_config = pipelines.dataset_data_config(info, norm_mode=config.data.norm)

@@ -45,14 +45,28 @@ def check_counts(config: ml_collections.ConfigDict, minimums: dict[str, int]) ->
 
 
 def checked_batch(global_batch: int, mesh: jax.sharding.Mesh, num_records: int,
-                  key: str = "data.batch_size") -> int:
+                  key: str = "data.batch_size", info: DatasetInfo | None = None,
+                  fraction_key: str = "data.label_fraction") -> int:
+  """`global_batch`, checked against the devices and the `num_records` it draws from.
+
+  info: the opened split (open_split); given, a batch too large for its labelled
+  subset names `fraction_key`, since raising the fraction is as much a fix as a
+  smaller batch.
+  """
   try:
     parallel.check_global_batch(global_batch, mesh, what=f"{key}")
   except ValueError as e:
     raise ConfigError(str(e)) from None
-  if num_records < global_batch:
+  if num_records >= global_batch:
+    return global_batch
+  if info is None:
     raise ConfigError(f"{key} {global_batch} is larger than the {num_records} records of the split")
-  return global_batch
+  split_records = info.splits[info.split]
+  if info.subset_fraction is not None and num_records < split_records:
+    raise ConfigError(f"{key} {global_batch} is larger than the {num_records} records that "
+                      f"{fraction_key} {info.subset_fraction:g} keeps of split {info.split!r} "
+                      f"({split_records} records); raise {fraction_key} or lower {key}")
+  raise ConfigError(f"{key} {global_batch} is larger than the {num_records} records of split {info.split!r}")
 
 
 def example_shapes(dataset) -> dict[str, jax.ShapeDtypeStruct]:
