@@ -193,3 +193,22 @@ def test_reads_torch_checkpoints(tmp_path):
   read = import_torch.read_state_dict(str(tmp_path / "m.pth"))
   assert set(read) == set(sd)
   np.testing.assert_array_equal(read["proj.0.weight"], sd["proj.0.weight"])
+
+
+@pytest.mark.parametrize("name", ["nothere.pth", "nothere.npz", "folder.pth"])
+def test_missing_or_directory_source_is_one_line_naming_it(tmp_path, capsys, name):
+  """A wrong path is reported as such, before (and whether or not) torch is asked for."""
+  (tmp_path / "folder.pth").mkdir()
+  src = tmp_path / name
+  assert import_torch.main([str(src), str(tmp_path / "out")]) == 1
+  why = "is a directory, not a checkpoint file" if name == "folder.pth" else "does not exist"
+  assert capsys.readouterr().err.splitlines() == [f"{src}: {why}"]
+  assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("content", [b"", b"not an archive\n"])
+def test_npz_that_is_not_an_archive_is_one_line(tmp_path, capsys, content):
+  (tmp_path / "bad.npz").write_bytes(content)
+  with pytest.raises(SystemExit, match=r"bad.npz: not an .npz archive of arrays \(numpy.savez\)$"):
+    import_torch.main([str(tmp_path / "bad.npz"), str(tmp_path / "out")])
+  assert not (tmp_path / "out").exists()

@@ -40,6 +40,7 @@ out of OUT, so a consumer keeps its own init for them).
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import re
 import sys
@@ -212,9 +213,23 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], kind: str, *,
 
 
 def read_state_dict(src: str) -> dict[str, np.ndarray]:
-  """A state_dict from .npz, or from a torch file (requires torch)."""
+  """A state_dict from .npz, or from a torch file (requires torch).
+
+  Raises OSError (strerror says why) for a path that is not a readable file,
+  checked first so that a typo is not reported as a missing torch.
+  """
+  if os.path.isdir(src):
+    raise IsADirectoryError(errno.EISDIR, "is a directory, not a checkpoint file", src)
+  if not os.path.exists(src):
+    raise FileNotFoundError(errno.ENOENT, "does not exist", src)
   if src.endswith(".npz"):
-    with np.load(src) as data:
+    try:
+      data = np.load(src)
+    except (ValueError, EOFError):  # pickled or empty: allow_pickle=False refuses both
+      data = None
+    if not isinstance(data, np.lib.npyio.NpzFile):
+      raise SystemExit(f"{src}: not an .npz archive of arrays (numpy.savez)")
+    with data:
       return {k: data[k] for k in data.files}
   try:
     import torch  # pylint: disable=import-outside-toplevel
@@ -262,6 +277,9 @@ def main(argv: list[str] | None = None) -> int:
     variables, report = convert_state_dict(read_state_dict(args.src), args.kind,
                                            bands=args.bands, depth=args.depth,
                                            allow_missing=args.allow_missing)
+  except OSError as e:
+    print(f"{args.src}: {e.strerror}", file=sys.stderr)
+    return 1
   except ValueError as e:
     print(f"{args.src}: cannot import:\n{e}", file=sys.stderr)
     return 1
