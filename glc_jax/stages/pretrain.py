@@ -30,7 +30,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   setup.check_counts(config, COUNTS if config.num_steps else dict(COUNTS, epochs=1))
   source, info = setup.open_split(config.data.path, config.data.split)
   mesh = parallel.make_data_mesh()
-  global_batch = setup.checked_batch(config.data.batch_size, mesh, len(source))
+  global_batch = setup.checked_batch(config.data.batch_size, mesh, len(source), info=info)
   method = methods.create_method(config)
   permutations = None
   if config.method == "jigsaw":
