@@ -184,3 +184,10 @@ def test_finetune_random_init_refuses_a_set_init_path(labelled, tmp_path, no_com
       r"clear init.path or use configs/finetune.py:checkpoint$")):
     finetune.run(config, str(tmp_path / "w"))
   assert not (tmp_path / "w").exists()
+
+
+def test_pretrain_batch_larger_than_the_split_names_the_split(dataset, tmp_path, no_compute):
+  with pytest.raises(setup.ConfigError,
+                     match=r"^data.batch_size 16 is larger than the 8 records of split 'train'$"):
+    pretrain.run(_config(dataset, **{"data.batch_size": 16}), str(tmp_path / "work"))
+  assert not (tmp_path / "work").exists()
