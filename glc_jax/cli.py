@@ -1,4 +1,5 @@
 """What train.py and `python -m glc_jax.benchmark` share: config-flag errors in one line."""
+import re
 import sys
 
 import ml_collections
@@ -14,13 +15,34 @@ def parse_flags(argv: list[str]) -> list[str]:
     lines = [line.strip() for line in str(e).strip().splitlines()]
     sys.exit(f"error: {lines[0]}" + (f" {lines[-1]}" if len(lines) > 1 else ""))
   except (AttributeError, KeyError) as e:
-    bad = str(e).strip("\"'")
-    flag = next((a.split("=")[0] for a in argv if a.startswith("--config.")
-                 and a.split("=")[0].endswith("." + bad)), f"--config.{bad}")
-    sys.exit(f"error: unknown config key {flag[len('--config.'):]!r} (from {flag}); "
-             "see the config file for valid keys")
+    sys.exit(f"error: {_unknown_key(e, argv)}")
   except (ValueError, TypeError) as e:
     sys.exit(f"error: bad config override: {e}")
+
+
+def _unknown_key(error: Exception, argv: list[str]) -> str:
+  """'unknown config key data.batchsize (did you mean data.batch_size?)' from ml_collections' error.
+
+  ml_collections names only the unknown part of the path (or, for a path
+  through a plain value, the whole path), nested in a KeyError inside an
+  AttributeError, with its own suggestion on a second line; the full key is
+  the --config override in `argv` that holds that part.
+  """
+  cause = error
+  while isinstance(cause, BaseException) and cause.args:
+    cause = cause.args[0]
+  text = str(cause)
+  suggestion = re.search(r'Did you mean "([^"]+)" instead of "([^"]+)"\?', text)
+  whole = re.search(r"(?:Attempting to lookup: |\(in: )([^\s)]+)", text)
+  name = suggestion.group(2) if suggestion else text.partition("\n")[0].strip("\"'")
+  keys = [a.split("=")[0][len("--config."):] for a in argv if a.startswith("--config.")]
+  key = whole.group(1) if whole else next((k for k in keys if name in k.split(".")), name)
+  parts = key.split(".")
+  if suggestion and name in parts:
+    at = parts.index(name)
+    meant = ".".join(parts[:at] + [suggestion.group(1)] + parts[at + 1:])
+    return f"unknown config key {key} (did you mean {meant}?)"
+  return f"unknown config key {key}; see the config file for valid keys"
 
 
 def config_value(holder: flags.FlagHolder) -> ml_collections.ConfigDict:

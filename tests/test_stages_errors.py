@@ -54,13 +54,19 @@ def test_finetune_needs_distinct_validation_split(dataset, tmp_path):
     finetune.run(config, str(tmp_path / "work"))
 
 
-def test_train_py_unknown_key_is_one_line(tmp_path):
+@pytest.mark.parametrize("override, message", [
+    ("data.nope=1", "unknown config key data.nope; see the config file for valid keys"),
+    ("data.batchsize=4", "unknown config key data.batchsize (did you mean data.batch_size?)"),
+    ("dat.batch_size=4", "unknown config key dat.batch_size (did you mean data.batch_size?)"),
+    ("data.batch_size.x=1", "unknown config key data.batch_size.x; see the config file for valid keys"),
+])
+def test_train_py_unknown_key_is_one_line(tmp_path, override, message):
   result = subprocess.run([sys.executable, "train.py", "--config=configs/pretrain.py:glcnet,tiny",
-                           f"--workdir={tmp_path}", "--config.data.nope=1"],
+                           f"--workdir={tmp_path}/w", "--config.seed=3", f"--config.{override}"],
                           capture_output=True, text=True, timeout=120)
   assert result.returncode != 0
-  assert result.stderr.strip().splitlines()[-1] == (
-      "error: unknown config key 'data.nope' (from --config.data.nope); see the config file for valid keys")
+  assert result.stderr.strip().splitlines() == [f"error: {message}"]
+  assert not (tmp_path / "w").exists()
 
 
 @pytest.mark.parametrize("entry", [["train.py"], ["-m", "glc_jax.benchmark"]])
