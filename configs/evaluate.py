@@ -17,7 +17,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     raise ValueError(f"configs/evaluate.py: unknown variant {arg!r}; use none or 'reference'")
   c = ml_collections.ConfigDict()
   c.stage = "evaluate"
-  c.data = dict(path="", split="test", norm="reference")
+  # norm "": the checkpoint run's data.norm (its config.json); another value is refused.
+  c.data = dict(path="", split="test", norm="")
   c.checkpoint = ""
   c.model_from_checkpoint = True
   # Compute (glc_jax/models/compute.py): "auto" = bfloat16 and plain convolutions on GPU/TPU,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import unicodedata
 from typing import Sequence
 
 import jax
@@ -257,20 +258,31 @@ def reference_tile_miou(tile_ious: np.ndarray) -> float:
   return float(np.mean(np.mean(np.asarray(tile_ious, np.float64), axis=0)))
 
 
+def text_width(text: str) -> int:
+  """Terminal columns `text` takes: East Asian wide characters take two, combining marks none."""
+  return sum(0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1
+             for c in text)
+
+
+def pad(text: str, width: int) -> str:
+  """`text` followed by spaces up to `width` terminal columns (str.ljust counts characters)."""
+  return text + " " * (width - text_width(text))
+
+
 def format_table(scores: SegmentationScores) -> str:
   """Plain-text table: one row per class, then the summary scores (in %)."""
 
   def pct(x: float) -> str:
     return "     -" if math.isnan(x) else f"{100.0 * x:6.2f}"
 
-  width = max(8, *(len(n) for n in scores.class_names))
+  width = max(8, *(text_width(n) for n in scores.class_names))
   support = scores.confusion.sum(axis=1)
   header = (f"{'class':<{width}}  {'IoU':>6}  {'prec':>6}  {'recall':>6}  "
             f"{'F1':>6}  {'pixels':>12}")
   lines = [header, "-" * len(header)]
   for k, name in enumerate(scores.class_names):
     lines.append(
-        f"{name:<{width}}  {pct(scores.iou[k])}  {pct(scores.precision[k])}  "
+        f"{pad(name, width)}  {pct(scores.iou[k])}  {pct(scores.precision[k])}  "
         f"{pct(scores.recall[k])}  {pct(scores.f1[k])}  {support[k]:>12d}")
   lines.append("-" * len(header))
   unscored = [n for n, s in zip(scores.class_names, scores.scored) if not s]

@@ -21,8 +21,10 @@ from typing import Sequence
 
 import numpy as np
 import rasterio
+from matplotlib import font_manager
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ft2font import FT2Font
 from rasterio.crs import CRS
 from rasterio.transform import Affine
 from rasterio.windows import Window
@@ -30,6 +32,8 @@ from rasterio.windows import Window
 from glc_jax import files
 
 Transform = Affine | Sequence[float]
+
+NODATA = 255  # the class raster's value for pixels without a prediction
 
 _GTIFF_OPTIONS = dict(driver="GTiff", tiled=True, blockxsize=256,
                       blockysize=256, compress="deflate", bigtiff="IF_SAFER")
@@ -159,7 +163,7 @@ class PredictionWriter:
                colour_path: str | os.PathLike | None = None, *,
                height: int, width: int, crs: str | CRS | None,
                transform: Transform, colours: Sequence[Sequence[int]],
-               nodata: int | None = 255):
+               nodata: int | None = NODATA):
     self._colours = _colour_table(colours)
     if nodata is not None and not len(self._colours) <= nodata <= 255:
       raise ValueError(f"predictions: nodata {nodata} must lie in "
@@ -241,7 +245,7 @@ def write_prediction(index_path: str | os.PathLike,
                      colour_path: str | os.PathLike | None,
                      classes: np.ndarray, *, crs: str | CRS | None,
                      transform: Transform, colours: Sequence[Sequence[int]],
-                     nodata: int | None = 255) -> None:
+                     nodata: int | None = NODATA) -> None:
   """Writes a whole (H, W) class map as index (and colour) GeoTIFFs."""
   classes = np.asarray(classes)
   if classes.ndim != 2:
@@ -253,11 +257,21 @@ def write_prediction(index_path: str | os.PathLike,
     writer.write(classes)
 
 
+def class_labels(class_names: Sequence[str]) -> list[str]:
+  """'<index> <name>' for each class, or '<index>' alone where matplotlib's default font has
+  no glyph for a character of the name (the reference's Chinese names, say), which would
+  otherwise be drawn as a box with a warning."""
+  font = FT2Font(font_manager.findfont(font_manager.FontProperties()))
+  return [f"{k} {name}" if all(font.get_char_index(ord(c)) for c in name) else str(k)
+          for k, name in enumerate(class_names)]
+
+
 def write_confusion_matrix_png(path: str | os.PathLike, confusion: np.ndarray,
                                class_names: Sequence[str],
                                title: str | None = None) -> None:
   """Confusion-matrix heat map, rows = truth normalised to sum 1 (recall),
-  each cell annotated with its row fraction; written atomically as PNG."""
+  each cell annotated with its row fraction, classes labelled by class_labels;
+  written atomically as PNG."""
   cm = np.asarray(confusion, np.float64)
   k = cm.shape[0]
   if cm.shape != (k, k) or len(class_names) != k:
@@ -272,8 +286,9 @@ def write_confusion_matrix_png(path: str | os.PathLike, confusion: np.ndarray,
   ax = fig.add_subplot()
   image = ax.imshow(fraction, vmin=0.0, vmax=1.0, cmap="Blues")
   fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
-  ax.set_xticks(range(k), labels=class_names, rotation=45, ha="right")
-  ax.set_yticks(range(k), labels=class_names)
+  labels = class_labels(class_names)
+  ax.set_xticks(range(k), labels=labels, rotation=45, ha="right")
+  ax.set_yticks(range(k), labels=labels)
   ax.set_xlabel("prediction")
   ax.set_ylabel("truth")
   if title:

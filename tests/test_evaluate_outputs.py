@@ -8,6 +8,7 @@ scene assembly and the GeoTIFF writing are real.
 import importlib.util
 import json
 import re
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -114,17 +115,26 @@ def test_scene_file_stems_are_safe_readable_and_distinct():
     assert re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._~-]*", stem) and len(stem) <= 100, stem
 
 
-def test_an_output_that_resolves_outside_is_refused(dataset, fine_tuned, tmp_path, monkeypatch):
+def test_outputs_never_follow_links_out_of_the_workdir(dataset, fine_tuned, tmp_path, monkeypatch):
   _rename_scenes(monkeypatch, ["s0", "s1"])
-  outside = tmp_path / "outside.tif"
-  outside.write_text("not yours")
+  config = _evaluate_config(dataset, tmp_path / "ft")
   work = tmp_path / "eval"
-  (work / "predictions").mkdir(parents=True)
-  (work / "predictions" / "s0_class.tif").symlink_to(outside)
-  with pytest.raises(setup.ConfigError, match=r"^scene 's0': .*s0_class.tif resolves to .*outside.tif, "
-                                              r"outside .*predictions; refusing to write it$"):
-    evaluate.run(_evaluate_config(dataset, tmp_path / "ft"), str(work))
-  assert outside.read_text() == "not yours"
+  evaluate.run(config, str(work))
+  # Links planted where the outputs go: the previous predictions/ and the folder the next
+  # run's predictions are first written to.
+  for name in ("outside_old", "outside_partial"):
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "s0_class.tif").write_text("not yours")
+  shutil.rmtree(work / "predictions")
+  (work / "predictions").symlink_to(tmp_path / "outside_old")
+  (work / ".predictions.partial").symlink_to(tmp_path / "outside_partial")
+  evaluate.run(config, str(work))
+  for name in ("outside_old", "outside_partial"):
+    assert [p.name for p in (tmp_path / name).iterdir()] == ["s0_class.tif"]
+    assert (tmp_path / name / "s0_class.tif").read_text() == "not yours"
+  assert not (work / "predictions").is_symlink()
+  assert sorted(p.name for p in (work / "predictions").iterdir()) == [
+      "s0_class.tif", "s0_colour.tif", "s1_class.tif", "s1_colour.tif"]
 
 
 def test_evaluate_on_a_busy_workdir_is_refused(dataset, fine_tuned, tmp_path):
@@ -165,3 +175,141 @@ def test_evaluating_a_pretraining_workdir_says_so(dataset, pretrained, tmp_path)
       r"'pretrain'\); fine-tune it first \(configs/finetune.py with init.path set to it\) and "
       r"evaluate the fine-tuning workdir$")):
     evaluate.run(_evaluate_config(dataset, tmp_path / "pre"), str(tmp_path / "eval"))
+
+
+def _outputs(work):
+  """{path under work: bytes} of the evaluation's outputs (not the lock or the cache)."""
+  return {str(p.relative_to(work)): p.read_bytes() for p in sorted(work.rglob("*")) if p.is_file()}
+
+
+def test_a_workdir_holds_one_evaluation(dataset, fine_tuned, tmp_path, monkeypatch):
+  _rename_scenes(monkeypatch, ["s0", "s1"])
+  config = _evaluate_config(dataset, tmp_path / "ft")
+  work = tmp_path / "eval"
+  evaluate.run(config, str(work))
+  assert json.loads((work / "config.json").read_text()) == json.loads(
+      json.dumps(config.to_dict(), default=str))
+  first = _outputs(work)
+
+  other = _evaluate_config(dataset, tmp_path / "ft2")
+  with pytest.raises(setup.ConfigError, match=(
+      r"^workdir .*/eval holds an evaluation with another config: checkpoint '.*/ft' → "
+      r"'.*/ft2'; use another --workdir$")):
+    evaluate.run(other, str(work))
+  assert _outputs(work) == first
+
+  # The same config (a batch size is no change) evaluates again; without predictions it
+  # leaves none of the earlier run's.
+  config.eval.batch_size, config.write_predictions = 3, False
+  evaluate.run(config, str(work))
+  assert not (work / "predictions").exists()
+  assert sorted(_outputs(work)) == ["config.json", "confusion_matrix.png", "metrics.json"]
+
+
+@pytest.mark.parametrize("stage", ["finetune", "pretrain"])
+def test_another_stages_workdir_is_refused(dataset, fine_tuned, tmp_path, stage):
+  work = tmp_path / "run"
+  work.mkdir()
+  (work / "config.json").write_text(json.dumps({"stage": stage, "model": MODEL}))
+  with pytest.raises(setup.ConfigError, match=rf"^workdir .*/run holds a {stage} run; use another --workdir$"):
+    evaluate.run(_evaluate_config(dataset, tmp_path / "ft"), str(work))
+  assert [p.name for p in work.iterdir()] == ["config.json"]
+
+
+def test_an_interrupted_evaluation_leaves_no_outputs(dataset, fine_tuned, tmp_path, monkeypatch):
+  _rename_scenes(monkeypatch, ["s0", "s1"])
+  written = []
+  real_write = predictions.write_prediction
+
+  def write_then_interrupt(*args, **kwargs):
+    if written:
+      raise KeyboardInterrupt
+    real_write(*args, **kwargs)
+    written.append(args[0])
+
+  monkeypatch.setattr(evaluate.predictions, "write_prediction", write_then_interrupt)
+  work = tmp_path / "eval"
+  with pytest.raises(KeyboardInterrupt):
+    evaluate.run(_evaluate_config(dataset, tmp_path / "ft"), str(work))
+  assert len(written) == 1
+  assert not work.exists()  # made by the run, left empty, so removed
+  monkeypatch.setattr(evaluate.predictions, "write_prediction", real_write)
+  evaluate.run(_evaluate_config(dataset, tmp_path / "ft"), str(work))
+  assert len(list((work / "predictions").iterdir())) == 4
+
+
+def test_unscored_pixels_are_nodata_in_the_predictions(dataset, fine_tuned, tmp_path, monkeypatch):
+  """Label pixels set to 255 (a nodata strip of the image, as data_prep marks it) are nodata in
+  the class GeoTIFF, black in the colour GeoTIFF, and not counted by the metrics."""
+  real_open = setup.open_split
+
+  class Strip:
+    """Scene 0's tiles at column 0 with their first 20 label columns ignored."""
+    def __init__(self, source):
+      self.source = source
+      self.first = str(source[0]["scene_id"])
+
+    def __len__(self):
+      return len(self.source)
+
+    def __getitem__(self, i):
+      record = dict(self.source[i])
+      if str(record["scene_id"]) == self.first and record["window"][1] == 0:
+        record["label"] = record["label"].copy()
+        record["label"][:, :20] = 255
+      return record
+
+  monkeypatch.setattr(evaluate.setup, "open_split",
+                      lambda *a, **k: (lambda s, i: (Strip(s), i))(*real_open(*a, **k)))
+  work = tmp_path / "eval"
+  result = evaluate.run(_evaluate_config(dataset, tmp_path / "ft"), str(work))
+  first = str(real_open(str(dataset), "train")[0][0]["scene_id"])
+  colour_of_class_0 = np.asarray(fine_tuned.class_colours[0], np.uint8)
+  for path in sorted((work / "predictions").glob("*_class.tif")):
+    with rasterio.open(path) as f:
+      classes, nodata = f.read(1), f.nodata
+    with rasterio.open(str(path).replace("_class.tif", "_colour.tif")) as f:
+      rgb = np.moveaxis(f.read(), 0, -1)
+    expected = np.zeros((128, 128), np.uint8)
+    if path.name.startswith(first):
+      expected[:, :20] = 255
+    assert nodata == 255
+    np.testing.assert_array_equal(classes, expected)
+    np.testing.assert_array_equal(rgb, np.where((expected == 255)[..., None], 0, colour_of_class_0))
+  assert result["num_pixels"] == 2 * 128 * 128 - 128 * 20
+
+
+def _trained_with(tmp_path, norm):
+  """A fine-tuning workdir whose config.json says it was trained with data.norm `norm`."""
+  ft = tmp_path / "ft"
+  ft.mkdir()
+  (ft / "config.json").write_text(json.dumps(
+      {"stage": "finetune", "data": {"norm": norm}, "model": dict(MODEL, output_stride=16)}))
+  return ft
+
+
+def test_evaluation_normalises_as_the_checkpoint_was_trained(dataset, fine_tuned, tmp_path, monkeypatch):
+  seen = []
+  monkeypatch.setattr(evaluate.inference, "sliding_window_logits", lambda image, *a, **k: (
+      seen.append(image), np.zeros(image.shape[:2] + (fine_tuned.num_classes,), np.float32))[1])
+  evaluate.run(_evaluate_config(dataset, _trained_with(tmp_path, "stats")), str(tmp_path / "eval"))
+  # The oracle: the training split's band statistics as data_prep recorded them.
+  stats = json.loads((dataset / "metadata.json").read_text())["splits"]["train"]["band_stats"]
+  source, _ = setup.open_split(str(dataset), "train")
+  scene = [source[i] for i in range(len(source)) if source[i]["scene_id"] == source[0]["scene_id"]]
+  image = np.zeros((128, 128, fine_tuned.num_bands), np.float64)
+  for record in scene:
+    row, col, h, w = record["window"]
+    image[row:row + h, col:col + w] = record["image"]
+  expected = (image - np.asarray(stats["mean"])) / np.asarray(stats["std"])
+  np.testing.assert_allclose(seen[0], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_another_norm_than_the_checkpoints_is_refused(dataset, fine_tuned, tmp_path):
+  config = _evaluate_config(dataset, _trained_with(tmp_path, "reference"))
+  config.data.norm = "stats"
+  with pytest.raises(setup.ConfigError, match=(
+      r"^data.norm is 'stats', but .*/ft was trained with 'reference'; leave data.norm unset to "
+      r"use the checkpoint's$")):
+    evaluate.run(config, str(tmp_path / "eval"))
+  assert not (tmp_path / "eval").exists()

@@ -1,5 +1,6 @@
 """GeoTIFF predictions and the confusion-matrix PNG: exact read-back checks."""
 import os
+import warnings
 
 import matplotlib.image
 import numpy as np
@@ -144,3 +145,18 @@ def test_confusion_matrix_png(tmp_path):
   assert pixels.ndim == 3 and pixels.shape[0] > 100 and pixels.shape[1] > 100
   with pytest.raises(ValueError, match="class names"):
     predictions.write_confusion_matrix_png(tmp_path / "x.png", cm, ["a"])
+
+
+REFERENCE_NAMES = ["0", "低矮植被", "其它", "树木", "建筑物", "不透水面", "汽车"]  # its class_dict.txt
+
+
+def test_confusion_matrix_png_labels_are_drawable(tmp_path):
+  """Class names the default font cannot draw (the reference's Chinese ones, in DejaVu Sans)
+  are labelled by their index alone, with no missing-glyph warning; others by index and name."""
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    predictions.write_confusion_matrix_png(tmp_path / "cm.png", np.eye(7, dtype=np.int64),
+                                           REFERENCE_NAMES, title="val")
+  labels = predictions.class_labels(["imp_surf", "car"] + REFERENCE_NAMES[1:3])
+  assert labels[:2] == ["0 imp_surf", "1 car"]
+  assert labels[2] in ("2", "2 低矮植被") and labels[3] in ("3", "3 其它")

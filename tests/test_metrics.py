@@ -154,3 +154,16 @@ def test_confusion_matrix_jnp_psum_over_devices(devices):
   assert out.shape == (8, k, k)
   for d in range(8):
     np.testing.assert_array_equal(out[d], expected)
+
+
+def test_format_table_aligns_wide_characters():
+  # Each CJK character takes two terminal columns, so '低矮植被' (4 characters) is 8 columns
+  # wide and '不透水面汽车' 12, the width of the name column.
+  names = ("0", "低矮植被", "不透水面汽车")
+  table = metrics.format_table(metrics.compute_scores(np.eye(3, dtype=np.int64), names))
+  lines = table.splitlines()
+  assert lines[0].startswith("class" + " " * 7 + "     IoU")
+  assert lines[2].startswith("0" + " " * 11 + "  100.00")
+  assert lines[3].startswith("低矮植被" + " " * 4 + "  100.00")
+  assert lines[4].startswith("不透水面汽车" + "  100.00")
+  assert lines[6].startswith("OA" + " " * 10 + "  100.00")

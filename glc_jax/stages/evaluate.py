@@ -3,26 +3,39 @@
 Tiles are put back into their scenes (by scene_id and window), each scene is
 predicted with overlapping sliding windows whose logits are averaged, and every
 pixel of the split enters one confusion matrix. Writes to the workdir:
-metrics.json, confusion_matrix.png and, per scene, predictions/<scene>_class.tif
-(class indices) and predictions/<scene>_colour.tif, both carrying the scene's
-CRS and geotransform. Scene ids become file names through
-predictions.scene_file_stems (an id that is no safe file name gets a readable,
-unique replacement), and no file is written outside predictions/.
+config.json, metrics.json, confusion_matrix.png and, per scene,
+predictions/<scene>_class.tif (class indices; 255, nodata, where the label is
+ignored: image nodata, outside every tile, an ignored class) and
+predictions/<scene>_colour.tif (black there), both carrying the scene's CRS and
+geotransform. Scene ids become file names through predictions.scene_file_stems
+(an id that is no safe file name gets a readable, unique replacement), and no
+prediction is written outside predictions/.
 
-Config keys (configs/evaluate.py): data.path, data.split, data.norm;
-checkpoint (a fine-tuning workdir: its best state); model (depth,
-output_stride, width, dtype), taken from the checkpoint run's config.json
-when model_from_checkpoint is True; eval.crop, eval.stride, eval.batch_size;
-write_predictions; metrics_mode: 'ours' (one global confusion matrix) or
-'reference' (also the reference's mIoU: per-class IoU on each tile of the
-split, a class absent from a tile scoring 0, averaged over tiles then classes;
-metrics.json key "reference", printed under ours and named as such).
+The predictions are written to a hidden folder that replaces predictions/ whole
+at the end, just before metrics.json is written: an interrupted run leaves the
+previous outputs as they were, or none and no metrics.json if it had begun
+replacing them.
+A workdir holds one evaluation: a rerun with another config (other than
+RERUN_KEYS) or into another stage's workdir is refused; the same config
+evaluates again and replaces the outputs.
+
+Config keys (configs/evaluate.py): data.path, data.split; data.norm, empty to
+take the checkpoint run's (its config.json; 'reference' without one), and
+refused when it differs from it; checkpoint (a fine-tuning workdir: its best
+state); model (depth, output_stride, width, dtype), taken from the checkpoint
+run's config.json when model_from_checkpoint is True; eval.crop, eval.stride,
+eval.batch_size; write_predictions; metrics_mode: 'ours' (one global confusion
+matrix) or 'reference' (also the reference's mIoU: per-class IoU on each tile
+of the split, a class absent from a tile scoring 0, averaged over tiles then
+classes; metrics.json key "reference", printed under ours and named as such).
 """
 from __future__ import annotations
 
 import collections
 import json
+import os
 import pathlib
+import shutil
 
 import jax
 import ml_collections
@@ -34,36 +47,53 @@ from glc_jax.data import pipelines, recipes
 from glc_jax.stages import finetune, run_dir, setup
 
 
-def _model_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  run_config = pathlib.Path(config.checkpoint) / "config.json"
-  if config.model_from_checkpoint and run_config.is_file():
-    saved = json.loads(run_config.read_text()).get("model")
-    if saved:
-      return ml_collections.ConfigDict({"model": saved})
+def _run_config(checkpoint_path: str) -> dict:
+  """The checkpoint run's config.json, or {} where there is none (an imported checkpoint)."""
+  path = pathlib.Path(checkpoint_path) / run_dir.CONFIG_FILE
+  if not path.is_file():
+    return {}
+  try:
+    saved = json.loads(path.read_text())
+  except (OSError, ValueError) as e:
+    raise setup.ConfigError(f"checkpoint: {path}: unreadable ({e})") from None
+  if not isinstance(saved, dict):
+    raise setup.ConfigError(f"checkpoint: {path}: not a config (a JSON object)")
+  return saved
+
+
+def _model_config(config: ml_collections.ConfigDict, run_config: dict) -> ml_collections.ConfigDict:
+  saved = run_config.get("model")
+  if config.model_from_checkpoint and saved:
+    return ml_collections.ConfigDict({"model": saved})
   return ml_collections.ConfigDict({"model": config.model.to_dict()})
 
 
-def _pretraining_checkpoint(checkpoint_path: str, variables, expected) -> str | None:
+def _norm_mode(config: ml_collections.ConfigDict, run_config: dict) -> str:
+  """The input normalisation the checkpoint was trained with: evaluating with another one
+  silently scores a model on inputs it never saw."""
+  trained = (run_config.get("data") or {}).get("norm")
+  if config.data.norm and trained and config.data.norm != trained:
+    raise setup.ConfigError(f"data.norm is {config.data.norm!r}, but {config.checkpoint} was "
+                            f"trained with {trained!r}; leave data.norm unset to use the checkpoint's")
+  return config.data.norm or trained or "reference"
+
+
+def _pretraining_checkpoint(run_config: dict, variables, expected) -> str | None:
   """Why `variables` look like a pretraining checkpoint (its config.json, or pretext heads), or None."""
-  run_config = pathlib.Path(checkpoint_path) / "config.json"
-  if run_config.is_file():
-    try:
-      stage = json.loads(run_config.read_text()).get("stage")
-    except ValueError:
-      stage = None
-    if stage == "pretrain":
-      return "its run's config.json says stage 'pretrain'"
+  if run_config.get("stage") == "pretrain":
+    return "its run's config.json says stage 'pretrain'"
   extra = sorted(set(variables["params"]) - set(expected["params"]))
   if extra and "backbone" in variables["params"]:
     return f"it has pretext layers a fine-tuned model lacks: {', '.join(extra)}"
   return None
 
 
-def _check_compatible(variables, model, num_bands: int, where: str, checkpoint_path: str):
+def _check_compatible(variables, model, num_bands: int, where: str, checkpoint_path: str,
+                      run_config: dict):
   """One-line error if the checkpoint does not fit the model and dataset."""
   expected = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False),
                             jax.ShapeDtypeStruct((1, 64, 64, num_bands), np.float32))
-  why = _pretraining_checkpoint(checkpoint_path, variables, expected)
+  why = _pretraining_checkpoint(run_config, variables, expected)
   if why:
     raise setup.ConfigError(f"{where}: {checkpoint_path} is a pretraining checkpoint ({why}); "
                             "fine-tune it first (configs/finetune.py with init.path set to it) "
@@ -114,6 +144,57 @@ def _write_json(path: pathlib.Path, obj) -> None:
 
 METRICS_MODES = ("ours", "reference")
 
+# Keys a rerun may change: they change neither the scores nor which outputs stay (the run
+# replaces predictions/ whole, or removes it when write_predictions is off).
+RERUN_KEYS = frozenset({"eval.batch_size", "write_predictions"})
+PREDICTIONS = "predictions"
+_PARTIAL = ".predictions.partial"  # the run's predictions until they are complete
+_REPLACED = ".predictions.replaced"  # the previous run's, while they are being replaced
+
+
+def _leaves(tree: dict, prefix: str = ""):
+  for key, value in tree.items():
+    if isinstance(value, dict) and value:
+      yield from _leaves(value, f"{prefix}{key}.")
+    else:
+      yield f"{prefix}{key}", value
+
+
+def _check_rerun(work: pathlib.Path, config: ml_collections.ConfigDict) -> None:
+  """One-line refusal unless `work` is new or holds an evaluation with the same config."""
+  path = work / run_dir.CONFIG_FILE
+  if not path.is_file():
+    return
+  try:
+    stored = json.loads(path.read_text())
+    stage = stored["stage"]
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise setup.ConfigError(f"{path}: unreadable ({type(e).__name__}: {e}); use another "
+                            "--workdir") from None
+  if stage != "evaluate":
+    raise setup.ConfigError(f"workdir {work} holds a {stage} run; use another --workdir")
+  old = dict(_leaves(stored))
+  new = dict(_leaves(json.loads(json.dumps(config.to_dict(), default=str))))
+  absent = "<absent>"
+  changed = [k for k in sorted(set(old) | set(new))
+             if k not in RERUN_KEYS and old.get(k, absent) != new.get(k, absent)]
+  if changed:
+    listed = ", ".join(f"{k} {old.get(k, absent)!r} → {new.get(k, absent)!r}" for k in changed)
+    raise setup.ConfigError(f"workdir {work} holds an evaluation with another config: {listed}; "
+                            "use another --workdir")
+
+
+def _remove(path: pathlib.Path) -> None:
+  if path.is_symlink() or path.is_file():
+    path.unlink()
+  elif path.is_dir():
+    shutil.rmtree(path)
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   setup.check_counts(config, {"eval.crop": 1, "eval.stride": 1, "eval.batch_size": 1})
@@ -125,29 +206,46 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     raise setup.ConfigError(f"data.path: split {config.data.split!r} has no labels to evaluate against")
   if not config.checkpoint:
     raise setup.ConfigError("config key checkpoint is empty: set it to a fine-tuning run's workdir")
-  model = finetune.build_model(_model_config(config), info.num_classes)
+  run_config = _run_config(config.checkpoint)
+  norm_mode = _norm_mode(config, run_config)
+  model = finetune.build_model(_model_config(config, run_config), info.num_classes)
   try:
     variables = checkpoint.load_variables(config.checkpoint)
   except (FileNotFoundError, checkpoint.CheckpointError) as e:
     raise setup.ConfigError(f"checkpoint: {e}") from None
-  _check_compatible(variables, model, info.num_bands, "checkpoint", config.checkpoint)
-  with run_dir.claim(workdir):
-    return _evaluate(config, pathlib.Path(workdir), source, info, model, variables)
+  _check_compatible(variables, model, info.num_bands, "checkpoint", config.checkpoint, run_config)
+  with run_dir.claim(workdir, config) as claim:
+    _check_rerun(claim.path, config)
+    partial = claim.path / _PARTIAL
+    if jax.process_index() == 0:
+      _remove(partial)  # left by a run that was killed
+      _remove(claim.path / _REPLACED)
+      if config.write_predictions:
+        partial.mkdir()
+    _sync("evaluate: predictions folder made")
+    try:
+      confusion, num_scenes, tile_iou = _predict(config, partial, source, info, model, variables,
+                                                 norm_mode)
+    except BaseException:
+      shutil.rmtree(partial, ignore_errors=True)
+      raise
+    return _report(config, claim, info, confusion, num_scenes, tile_iou)
 
 
-def _evaluate(config, work: pathlib.Path, source, info, model, variables) -> dict:
+def _predict(config, partial: pathlib.Path, source, info, model, variables, norm_mode: str):
+  """(the split's confusion matrix, its scene count, and for metrics_mode 'reference' (sum of
+  per-tile IoUs, tile count), else None); writes this process's scenes' predictions into
+  `partial`."""
   local = parallel.make_data_mesh(jax.local_devices())
   batch = -(-config.eval.batch_size // local.size) * local.size
   variables = jax.device_put(variables, parallel.replicated_sharding(local))
   forward = jax.jit(lambda v, x: model.apply(v, x, train=False),
                     in_shardings=(parallel.replicated_sharding(local), parallel.batch_sharding(local)))
-  norm = pipelines.dataset_data_config(info, norm_mode=config.data.norm)["norm"]
+  norm = pipelines.dataset_data_config(info, norm_mode=norm_mode)["norm"]
   eval_cfg = recipes.config_from_dict(recipes.EvalConfig, {"norm": norm}, "eval")
 
-  out = work / "predictions"
   scenes = list(_scenes(source).items())
   file_stems = predictions.scene_file_stems([scene_id for scene_id, _ in scenes])
-  out.mkdir(parents=True, exist_ok=True)
   mine = scenes[jax.process_index()::jax.process_count()]
   confusion = np.zeros((info.num_classes,) * 2, np.int64)
   per_tile = config.get("metrics_mode", "ours") == "reference"
@@ -171,40 +269,62 @@ def _evaluate(config, work: pathlib.Path, source, info, model, variables) -> dic
         num_tiles += 1
     if config.write_predictions:
       try:
-        paths = [predictions.inside(out, f"{file_stems[scene_id]}_{kind}.tif")
+        paths = [predictions.inside(partial, f"{file_stems[scene_id]}_{kind}.tif")
                  for kind in ("class", "colour")]
       except ValueError as e:
         raise setup.ConfigError(f"scene {scene_id!r}: {e}") from None
-      predictions.write_prediction(*paths, classes, crs=crs or None, transform=transform,
-                                   colours=info.class_colours)
+      # Pixels the metrics do not score (image nodata, outside every tile, an ignored class)
+      # get no prediction either.
+      unscored = np.where(label == info.ignore_index, predictions.NODATA, classes)
+      predictions.write_prediction(*paths, unscored, crs=crs or None, transform=transform,
+                                   colours=info.class_colours, nodata=predictions.NODATA)
   if jax.process_count() > 1:
     confusion = np.asarray(multihost_utils.process_allgather(confusion)).sum(axis=0)
     tile_iou_sum = np.asarray(multihost_utils.process_allgather(tile_iou_sum)).sum(axis=0)
     num_tiles = int(np.asarray(multihost_utils.process_allgather(np.int64(num_tiles))).sum())
+  _sync("evaluate: predictions written")
+  return confusion, len(scenes), (tile_iou_sum, num_tiles) if per_tile else None
+
+
+def _report(config, claim: run_dir.Claim, info, confusion: np.ndarray, num_scenes: int,
+            tile_iou) -> dict:
+  """metrics.json, confusion_matrix.png and predictions/ replaced by this run's (process 0);
+  metrics.json goes last and marks the outputs complete."""
   scores = metrics.compute_scores(confusion, info.class_names)
   result = scores.as_dict()
-  result.update(split=config.data.split, checkpoint=str(config.checkpoint), num_scenes=len(scenes))
-  if per_tile:
-    tile_iou = tile_iou_sum / num_tiles
+  result.update(split=config.data.split, checkpoint=str(config.checkpoint), num_scenes=num_scenes)
+  if tile_iou is not None:
+    tile_iou_sum, num_tiles = tile_iou
+    mean = tile_iou_sum / num_tiles
     result["reference"] = {
-        "miou_tile_mean": metrics.reference_tile_miou(tile_iou[None]),
-        "iou_tile_mean": dict(zip(info.class_names, tile_iou.tolist())),
+        "miou_tile_mean": metrics.reference_tile_miou(mean[None]),
+        "iou_tile_mean": dict(zip(info.class_names, mean.tolist())),
         "num_tiles": num_tiles}
   if jax.process_index() == 0:
-    _write_json(work / "metrics.json", result)
+    work = claim.path
+    (work / "metrics.json").unlink(missing_ok=True)
+    claim.record_config("evaluate")
+    out, replaced = work / PREDICTIONS, work / _REPLACED
+    if out.exists() or out.is_symlink():
+      os.replace(out, replaced)
+    if config.write_predictions:
+      os.replace(work / _PARTIAL, out)
+    _remove(replaced)
     predictions.write_confusion_matrix_png(work / "confusion_matrix.png", confusion, info.class_names,
                                            title=f"{config.data.split}: {config.checkpoint}")
+    _write_json(work / "metrics.json", result)
     print(metrics.format_table(scores))
-    if per_tile:
+    if tile_iou is not None:
       print(_reference_lines(result["reference"]))
   return result
 
 
 def _reference_lines(reference: dict) -> str:
-  width = max(8, *(len(n) for n in reference["iou_tile_mean"]))
+  width = max(len("mIoU (reference)"), *(metrics.text_width(n) for n in reference["iou_tile_mean"]))
   lines = [f"the reference's scores (IoU per tile, a class absent from a tile scoring 0, "
            f"mean over {reference['num_tiles']} tiles):"]
-  lines += [f"{name:<{width}}  {100 * iou:6.2f}" for name, iou in reference["iou_tile_mean"].items()]
+  lines += [f"{metrics.pad(name, width)}  {100 * iou:6.2f}"
+            for name, iou in reference["iou_tile_mean"].items()]
   lines.append(f"{'mIoU (reference)':<{width}}  {100 * reference['miou_tile_mean']:6.2f}   "
                "(ours, from the global matrix, is the mIoU above)")
   return "\n".join(lines)
