@@ -313,3 +313,14 @@ def test_another_norm_than_the_checkpoints_is_refused(dataset, fine_tuned, tmp_p
       r"use the checkpoint's$")):
     evaluate.run(config, str(tmp_path / "eval"))
   assert not (tmp_path / "eval").exists()
+
+
+@pytest.mark.parametrize("stage", ["finetune", "pretrain"])
+def test_training_in_an_evaluation_workdir_is_refused(dataset, fine_tuned, tmp_path, stage):
+  work = tmp_path / "eval"
+  evaluate.run(_evaluate_config(dataset, tmp_path / "ft"), str(work))
+  recorded = (work / "config.json").read_text()
+  with pytest.raises(setup.ConfigError, match=rf"^workdir .*/eval holds an evaluate run; use another --workdir$"):
+    with run_dir.claim(work, ml_collections.ConfigDict({"stage": stage})):
+      pass
+  assert (work / "config.json").read_text() == recorded

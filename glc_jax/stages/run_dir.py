@@ -107,8 +107,16 @@ def stored_config(work: pathlib.Path) -> dict[str, Any]:
 def config_changes(work: pathlib.Path, config: ml_collections.ConfigDict) -> dict[str, tuple]:
   """{dotted key: (stored, new)} of a resumed run; {} for a fresh one.
 
-  Raises ConfigChangedError naming every changed key outside RESUMABLE_KEYS.
+  Raises ConfigChangedError naming every changed key outside RESUMABLE_KEYS, or the stage
+  alone when config.json is another stage's (with or without checkpoints: an evaluation's has none).
   """
+  try:
+    stage = json.loads((work / CONFIG_FILE).read_text()).get("stage")
+  except (OSError, ValueError, AttributeError):
+    stage = None  # no config.json, or one stored_config names as unreadable below
+  if stage is not None and stage != config.get("stage"):
+    raise ConfigChangedError(f"workdir {work} holds {'an' if str(stage)[:1] in 'aeiou' else 'a'} "
+                             f"{stage} run; use another --workdir")
   if not holds_checkpoint(work):
     return {}
   old, new = stored_config(work), _flatten(_json_tree(config))
