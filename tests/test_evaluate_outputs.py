@@ -216,26 +216,42 @@ def test_another_stages_workdir_is_refused(dataset, fine_tuned, tmp_path, stage)
   assert [p.name for p in work.iterdir()] == ["config.json"]
 
 
-def test_an_interrupted_evaluation_leaves_no_outputs(dataset, fine_tuned, tmp_path, monkeypatch):
-  _rename_scenes(monkeypatch, ["s0", "s1"])
-  written = []
-  real_write = predictions.write_prediction
+def _interrupt_at(monkeypatch, where: str, calls: int):
+  """KeyboardInterrupt at the `calls`+1-th call of predictions.`where`; returns the calls made."""
+  made = []
+  real = getattr(predictions, where)
 
-  def write_then_interrupt(*args, **kwargs):
-    if written:
+  def interrupted(*args, **kwargs):
+    if len(made) == calls:
       raise KeyboardInterrupt
-    real_write(*args, **kwargs)
-    written.append(args[0])
+    made.append(real(*args, **kwargs))
 
-  monkeypatch.setattr(evaluate.predictions, "write_prediction", write_then_interrupt)
-  work = tmp_path / "eval"
-  with pytest.raises(KeyboardInterrupt):
-    evaluate.run(_evaluate_config(dataset, tmp_path / "ft"), str(work))
-  assert len(written) == 1
-  assert not work.exists()  # made by the run, left empty, so removed
-  monkeypatch.setattr(evaluate.predictions, "write_prediction", real_write)
-  evaluate.run(_evaluate_config(dataset, tmp_path / "ft"), str(work))
-  assert len(list((work / "predictions").iterdir())) == 4
+  monkeypatch.setattr(evaluate.predictions, where, interrupted)
+  return made
+
+
+@pytest.mark.parametrize("where, calls", [("write_prediction", 1), ("write_confusion_matrix_png", 0)])
+def test_an_interrupted_evaluation_leaves_whole_outputs_or_none(dataset, fine_tuned, tmp_path,
+                                                               monkeypatch, where, calls):
+  _rename_scenes(monkeypatch, ["s0", "s1"])
+  config = _evaluate_config(dataset, tmp_path / "ft")
+  fresh, work = tmp_path / "fresh", tmp_path / "eval"
+  evaluate.run(config, str(work))
+  first = _outputs(work)
+  with monkeypatch.context() as patch:
+    made = _interrupt_at(patch, where, calls)
+    with pytest.raises(KeyboardInterrupt):
+      evaluate.run(config, str(fresh))
+    assert len(made) == calls
+    assert not fresh.exists()  # made by the run, left empty, so removed
+    with pytest.raises(KeyboardInterrupt):
+      evaluate.run(config, str(work))
+  if where == "write_prediction":  # before anything was replaced: the last run's outputs
+    assert _outputs(work) == first
+  else:  # while they were being replaced: none
+    assert sorted(p.name for p in work.iterdir()) == ["config.json"]
+  evaluate.run(config, str(work))
+  assert sorted(_outputs(work)) == sorted(first)
 
 
 def test_unscored_pixels_are_nodata_in_the_predictions(dataset, fine_tuned, tmp_path, monkeypatch):

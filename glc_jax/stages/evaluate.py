@@ -13,8 +13,8 @@ prediction is written outside predictions/.
 
 The predictions are written to a hidden folder that replaces predictions/ whole
 at the end, just before metrics.json is written: an interrupted run leaves the
-previous outputs as they were, or none and no metrics.json if it had begun
-replacing them.
+previous outputs as they were, or none if it had begun replacing them (only
+config.json then).
 A workdir holds one evaluation: a rerun with another config (other than
 RERUN_KEYS) or into another stage's workdir is refused; the same config
 evaluates again and replaces the outputs.
@@ -226,10 +226,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     try:
       confusion, num_scenes, tile_iou = _predict(config, partial, source, info, model, variables,
                                                  norm_mode)
+      return _report(config, claim, info, confusion, num_scenes, tile_iou)
     except BaseException:
       shutil.rmtree(partial, ignore_errors=True)
       raise
-    return _report(config, claim, info, confusion, num_scenes, tile_iou)
 
 
 def _predict(config, partial: pathlib.Path, source, info, model, variables, norm_mode: str):
@@ -302,17 +302,23 @@ def _report(config, claim: run_dir.Claim, info, confusion: np.ndarray, num_scene
         "num_tiles": num_tiles}
   if jax.process_index() == 0:
     work = claim.path
+    out, replaced, png = work / PREDICTIONS, work / _REPLACED, work / "confusion_matrix.png"
     (work / "metrics.json").unlink(missing_ok=True)
-    claim.record_config("evaluate")
-    out, replaced = work / PREDICTIONS, work / _REPLACED
-    if out.exists() or out.is_symlink():
-      os.replace(out, replaced)
-    if config.write_predictions:
-      os.replace(work / _PARTIAL, out)
-    _remove(replaced)
-    predictions.write_confusion_matrix_png(work / "confusion_matrix.png", confusion, info.class_names,
-                                           title=f"{config.data.split}: {config.checkpoint}")
-    _write_json(work / "metrics.json", result)
+    try:
+      predictions.write_confusion_matrix_png(png, confusion, info.class_names,
+                                             title=f"{config.data.split}: {config.checkpoint}")
+      claim.record_config("evaluate")
+      if out.exists() or out.is_symlink():
+        os.replace(out, replaced)
+      if config.write_predictions:
+        os.replace(work / _PARTIAL, out)
+      _remove(replaced)
+      _write_json(work / "metrics.json", result)
+    except BaseException:
+      # Without metrics.json the outputs left would be a mix of this run's and the last one's.
+      for path in (out, replaced, png):
+        _remove(path)
+      raise
     print(metrics.format_table(scores))
     if tile_iou is not None:
       print(_reference_lines(result["reference"]))
