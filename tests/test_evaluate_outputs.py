@@ -336,7 +336,7 @@ def test_training_in_an_evaluation_workdir_is_refused(dataset, fine_tuned, tmp_p
   work = tmp_path / "eval"
   evaluate.run(_evaluate_config(dataset, tmp_path / "ft"), str(work))
   recorded = (work / "config.json").read_text()
-  with pytest.raises(setup.ConfigError, match=rf"^workdir .*/eval holds an evaluate run; use another --workdir$"):
+  with pytest.raises(setup.ConfigError, match=r"^workdir .*/eval holds an evaluate run; use another --workdir$"):
     with run_dir.claim(work, ml_collections.ConfigDict({"stage": stage})):
       pass
   assert (work / "config.json").read_text() == recorded
