@@ -1,5 +1,6 @@
-"""Evaluation writes only inside its workdir, whatever the scene ids, and names a pretraining
-checkpoint as such.
+"""Evaluation writes only inside its workdir, whatever the scene ids; a workdir holds one
+evaluation, whole or not at all; predictions leave unscored pixels as nodata; inputs are
+normalised as the checkpoint was trained; a pretraining checkpoint is named as such.
 
 Compile-free: the checkpoint is a zero-valued tree of the right shapes and the
 sliding-window forward pass is replaced by constant logits; the dataset, the

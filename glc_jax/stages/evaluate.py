@@ -161,19 +161,16 @@ def _leaves(tree: dict, prefix: str = ""):
 
 
 def _check_rerun(work: pathlib.Path, config: ml_collections.ConfigDict) -> None:
-  """One-line refusal unless `work` is new or holds an evaluation with the same config."""
+  """One-line refusal unless `work` is new or holds an evaluation with the same config
+  (run_dir.claim has refused another stage's workdir)."""
   path = work / run_dir.CONFIG_FILE
   if not path.is_file():
     return
   try:
-    stored = json.loads(path.read_text())
-    stage = stored["stage"]
-  except (OSError, ValueError, KeyError, TypeError) as e:
+    old = dict(_leaves(json.loads(path.read_text())))
+  except (OSError, ValueError, AttributeError) as e:
     raise setup.ConfigError(f"{path}: unreadable ({type(e).__name__}: {e}); use another "
                             "--workdir") from None
-  if stage != "evaluate":
-    raise setup.ConfigError(f"workdir {work} holds a {stage} run; use another --workdir")
-  old = dict(_leaves(stored))
   new = dict(_leaves(json.loads(json.dumps(config.to_dict(), default=str))))
   absent = "<absent>"
   changed = [k for k in sorted(set(old) | set(new))
