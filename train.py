@@ -5,9 +5,17 @@ The config's `stage` selects what runs; any config key can be overridden with
 in JAX's persistent compilation cache (`--compilation_cache`, default
 `<workdir>/jax_cache`; see glc_jax/compile_cache.py), so a resumed or repeated
 run does not compile again.
+
+A bad config value, a non-finite loss, an unreadable checkpoint or a Ctrl-C
+ends the run with one line on stderr (exit status 1, or 130 for Ctrl-C) that
+says what is wrong or what the stopped run keeps.
 """
+import contextlib
 import importlib
+import os
 import pathlib
+import shutil
+import signal
 import sys
 
 from absl import app, flags, logging
@@ -33,21 +41,65 @@ def run_stage(config, workdir: str) -> None:
   if config.stage not in STAGES:
     raise setup.ConfigError(f"config key 'stage' is {config.stage!r}; expected one of "
                             f"{', '.join(STAGES)}")
+  setup.check_choices(config)
   importlib.import_module(f"glc_jax.stages.{config.stage}").run(config, workdir)
+
+
+def interrupted_message(stage: str, workdir: str | os.PathLike) -> str:
+  """The one line a Ctrl-C prints: what the stopped run keeps and how to go on."""
+  work = pathlib.Path(workdir)
+  if stage in ("pretrain", "finetune"):
+    saved = work / "checkpoints"
+    steps = [int(p.name) for p in saved.iterdir() if p.name.isdigit()] if saved.is_dir() else []
+    if steps:
+      return (f"{stage}: interrupted; {work} keeps its newest checkpoint, step {max(steps)}; run the "
+              "same command again to resume from it")
+    return f"{stage}: interrupted before its first checkpoint; run the same command again to start afresh"
+  if stage == "demo":
+    return (f"demo: interrupted; the steps it finished are kept in {work}; run the same command "
+            "again to go on from them")
+  return f"{stage}: interrupted; run the same command again to {stage} again"
+
+
+def _remove_if_only_cache(work: pathlib.Path, cache: str | None) -> None:
+  """Removes the workdir a failed run made when all it holds is the compilation cache.
+
+  JAX creates the cache directory at its first compilation, which may come
+  before the stage's config checks have all passed; the stage itself removes a
+  workdir it made and left empty (glc_jax/stages/run_dir.py).
+  """
+  if cache and work.is_dir() and [p.resolve() for p in work.iterdir()] == [pathlib.Path(cache).resolve()]:
+    shutil.rmtree(cache, ignore_errors=True)
+    with contextlib.suppress(OSError):
+      work.rmdir()
+
+
+def run_command(config, workdir: str, compilation_cache: str | None = None) -> None:
+  """run_stage as the command runs it: with the compilation cache (the --compilation_cache flag),
+  and one line on stderr and a non-zero exit, not a traceback, for a bad config or a Ctrl-C."""
+  from glc_jax import checkpoint, compile_cache  # pylint: disable=import-outside-toplevel
+  from glc_jax.stages import loop, setup  # pylint: disable=import-outside-toplevel
+  work = pathlib.Path(workdir)
+  made = not work.exists()
+  cache = compile_cache.enable(compilation_cache or work / "jax_cache")
+  try:
+    run_stage(config, workdir)
+    return
+  except (setup.ConfigError, loop.NonFiniteLossError, checkpoint.CheckpointError) as e:
+    line, status = f"error: {e}", 1
+  except KeyboardInterrupt:
+    line, status = interrupted_message(config.stage, work), 128 + signal.SIGINT
+  if made:
+    _remove_if_only_cache(work, cache)
+  print(line, file=sys.stderr)
+  sys.exit(status)
 
 
 def main(argv):
   logging.set_verbosity(logging.WARNING)  # Orbax and Grain report every save and worker at INFO
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  config = cli.config_value(_CONFIG)
-  from glc_jax import checkpoint, compile_cache  # pylint: disable=import-outside-toplevel
-  from glc_jax.stages import loop, setup  # pylint: disable=import-outside-toplevel
-  compile_cache.enable(_CACHE.value or pathlib.Path(_WORKDIR.value) / "jax_cache")
-  try:
-    run_stage(config, _WORKDIR.value)
-  except (setup.ConfigError, loop.NonFiniteLossError, checkpoint.CheckpointError) as e:
-    sys.exit(f"error: {e}")
+  run_command(cli.config_value(_CONFIG), _WORKDIR.value, _CACHE.value)
 
 
 if __name__ == "__main__":

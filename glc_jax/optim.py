@@ -50,6 +50,8 @@ Schedule = Callable[[jax.Array], jax.Array]
 _NAMES = ("adam", "adamw", "lars")
 _SCHEDULES = ("cosine", "exponential", "constant")
 _SCALINGS = ("none", "devices", "batch")
+# What each named choice may be, for checks of a config before anything is built.
+CHOICES = {"name": _NAMES, "schedule": _SCHEDULES, "lr_scaling": _SCALINGS}
 
 
 def default_optimizer_config() -> ml_collections.ConfigDict:

@@ -1,6 +1,10 @@
 """Stages refuse bad configs before any compute, with one-line messages naming the key."""
+import os
+import pathlib
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -197,3 +201,130 @@ def test_pretrain_batch_larger_than_the_split_names_the_split(dataset, tmp_path,
                      match=r"^data.batch_size 16 is larger than the 8 records of split 'train'$"):
     pretrain.run(_config(dataset, **{"data.batch_size": 16}), str(tmp_path / "work"))
   assert not (tmp_path / "work").exists()
+
+
+# --- train.py: named choices checked up front, Ctrl-C and failures in one line -----------------
+
+def _train_module():
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+  import train  # pylint: disable=import-outside-toplevel
+  return train
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("method", "foo", r"config key method is 'foo'; expected one of 'glcnet', .*, 'segmentation'"),
+    ("model.dtype", "float16", r"config key model.dtype is 'float16'; expected one of 'auto', "
+                               r"'float32', 'bfloat16'"),
+    ("model.conv_impl", "foo", r"config key model.conv_impl is 'foo'; expected one of 'auto', "
+                               r"'plain', 'cpu'"),
+    ("model.remat", "foo", r"config key model.remat is 'foo'; expected one of '', 'none', "
+                           r"'nothing_saveable', .*"),
+    ("model.output_stride", 7, r"config key model.output_stride is 7; expected one of 8, 16"),
+    ("model.depth", 20, r"config key model.depth is 20; expected one of 18, 34, 50, 101"),
+    ("optimizer.name", "sgdd", r"config key optimizer.name is 'sgdd'; expected one of 'adam', "
+                               r"'adamw', 'lars'"),
+    ("optimizer.schedule", "linear", r"config key optimizer.schedule is 'linear'; expected one of "
+                                     r"'cosine', 'exponential', 'constant'"),
+    ("loss.temperature", -1.0, r"config key loss.temperature is -1.0; expected a number > 0 .*"),
+    ("loss.temperature", 0.0, r"config key loss.temperature is 0.0; expected a number > 0 .*"),
+])
+def test_train_refuses_a_bad_named_value_before_anything(dataset, tmp_path, no_compute, key, value,
+                                                          message):
+  config = _config(dataset, **{"data.batch_size": 8})
+  section, _, name = key.rpartition(".")
+  (config[section] if section else config)[name] = value
+  with pytest.raises(setup.ConfigError, match=f"^{message}$"):
+    _train_module().run_stage(config, str(tmp_path / "work"))
+  assert not (tmp_path / "work").exists()
+
+
+def test_train_checks_the_demo_stage_configs_under_their_key(tmp_path, monkeypatch):
+  from glc_jax.stages import demo  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(demo, "_chain", lambda *a: pytest.fail("the demo started with a bad config"))
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  spec = importlib.util.spec_from_file_location("demo_cfg", "configs/demo.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  config.finetune.model.dtype = "half"
+  with pytest.raises(setup.ConfigError, match=r"^config key finetune.model.dtype is 'half'; "):
+    _train_module().run_stage(config, str(tmp_path / "work"))
+  assert not (tmp_path / "work").exists()
+
+
+def test_train_py_removes_the_compilation_cache_of_a_workdir_it_made(dataset, tmp_path):
+  """JAX makes <workdir>/jax_cache at its first compilation, before the recipe refuses the views."""
+  env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+  result = subprocess.run([sys.executable, "train.py", "--config=configs/pretrain.py:glcnet,tiny",
+                           f"--workdir={tmp_path}/w", f"--config.data.path={dataset}",
+                           "--config.data.batch_size=8", "--config.input.view_size=7"],
+                          capture_output=True, text=True, timeout=120, env=env)
+  assert result.returncode == 1
+  assert result.stderr.strip().splitlines() == ["error: input: patch_size 16 must be in 1..7"]
+  assert not (tmp_path / "w").exists()
+
+
+def test_an_interrupted_training_says_where_a_rerun_resumes(tmp_path):
+  train = _train_module()
+  work = tmp_path / "run"
+  assert train.interrupted_message("pretrain", work) == (
+      "pretrain: interrupted before its first checkpoint; run the same command again to start afresh")
+  for step in (2, 10, 4):
+    (work / "checkpoints" / str(step)).mkdir(parents=True)
+  (work / "checkpoints" / "12.orbax-checkpoint-tmp").mkdir()  # a save the interrupt cut short
+  assert train.interrupted_message("finetune", work) == (
+      f"finetune: interrupted; {work} keeps its newest checkpoint, step 10; run the same command "
+      "again to resume from it")
+
+
+def test_train_py_ctrl_c_is_one_line(tmp_path):
+  """SIGINT to the process group, as a terminal's Ctrl-C, while the demo writes its corpus."""
+  work = tmp_path / "demo"
+  proc = subprocess.Popen([sys.executable, "train.py", "--config=configs/demo.py", f"--workdir={work}"],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True)
+  try:
+    deadline = time.monotonic() + 120
+    # The corpus is written into a hidden folder, renamed when complete; no worker processes yet.
+    while (not any(work.glob(".synthetic.*/images")) and proc.poll() is None
+           and time.monotonic() < deadline):
+      time.sleep(0.05)
+    # A SIGINT that lands in a garbage-collection callback is swallowed: press again, as a user would.
+    while proc.poll() is None and time.monotonic() < deadline:
+      os.killpg(proc.pid, signal.SIGINT)
+      try:
+        proc.wait(timeout=5)
+      except subprocess.TimeoutExpired:
+        pass
+    _, stderr = proc.communicate(timeout=60)
+  finally:
+    if proc.poll() is None:
+      os.killpg(proc.pid, signal.SIGKILL)
+  lines = [line for line in stderr.replace("\r", "\n").splitlines()
+           if line.strip() and "%|" not in line]  # the steps' progress bars
+  assert proc.returncode == 130, stderr[-2000:]
+  assert lines == [f"demo: interrupted; the steps it finished are kept in {work}; run the same "
+                   "command again to go on from them"], stderr[-2000:]
+  assert not (work / "run.lock").exists()
+
+
+def test_grain_workers_leave_ctrl_c_to_the_parent():
+  """A terminal's Ctrl-C reaches the workers too; each would print its own KeyboardInterrupt."""
+  import multiprocessing  # pylint: disable=import-outside-toplevel
+
+  import grain  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+
+  from glc_jax.data import pipelines  # pylint: disable=import-outside-toplevel
+  before = set(multiprocessing.active_children())
+  iterator = pipelines.make_iterator(grain.MapDataset.source([{"x": np.arange(4)}] * 4), num_workers=1)
+  try:
+    assert next(iterator)["x"].tolist() == [0, 1, 2, 3]
+    workers = [p for p in multiprocessing.active_children() if p not in before]
+    assert workers
+    for worker in workers:
+      ignored = int(next(line.split()[1] for line in open(f"/proc/{worker.pid}/status")
+                         if line.startswith("SigIgn:")), 16)
+      assert ignored & (1 << (signal.SIGINT - 1)), f"worker {worker.name} would take the Ctrl-C"
+  finally:
+    iterator.close()

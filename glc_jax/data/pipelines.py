@@ -38,6 +38,7 @@ import dataclasses
 import functools
 import inspect
 import os
+import signal
 import sys
 import threading
 import time
@@ -405,6 +406,9 @@ def eval_dataset(source: Sequence[Mapping[str, Any]], *, batch_size: int,
 
 def _worker_init(worker_index: int, worker_count: int, parent: int) -> None:
   del worker_index, worker_count
+  # A Ctrl-C reaches the whole process group: the parent stops the run (and so
+  # its workers) and says so in one line; a worker's own traceback would bury it.
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
   augment.tune_allocator()
   _exit_with_parent(parent)
 

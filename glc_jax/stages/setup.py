@@ -4,8 +4,9 @@ from __future__ import annotations
 import jax
 import ml_collections
 
-from glc_jax import parallel
+from glc_jax import methods, optim, parallel
 from glc_jax.data.source import DatasetInfo, TileSource, open_dataset
+from glc_jax.models import compute, resnet
 
 
 class ConfigError(ValueError):
@@ -32,6 +33,52 @@ def open_split(path: str, split: str, subset_fraction: float | None = None,
     return open_dataset(path, split, subset_fraction)
   except ValueError as e:
     raise ConfigError(f"{fraction_key}: {e}") from None
+
+
+# Keys whose value is one of a fixed set, each set taken from the module that reads the key
+# (where a bad value would otherwise surface as a traceback, some only once the model is traced).
+CHOICES = {
+    "method": methods.METHOD_NAMES,
+    "model.depth": tuple(resnet.STAGE_BLOCKS),
+    "model.output_stride": tuple(sorted(resnet.STRIDES_DILATIONS)),
+    "model.stem_init": resnet.STEM_INITS,
+    "model.dtype": ("auto", *compute.DTYPES),
+    "model.conv_impl": ("auto", *compute.CONV_IMPLS),
+    "model.remat": (*compute.NO_REMAT, *compute.REMAT_POLICIES),
+    **{f"optimizer.{key}": allowed for key, allowed in optim.CHOICES.items()},
+}
+_ABSENT = object()
+
+
+def _lookup(config: ml_collections.ConfigDict, key: str):
+  value = config
+  for part in key.split("."):
+    if not isinstance(value, ml_collections.ConfigDict) or part not in value:
+      return _ABSENT
+    value = value[part]
+  return value
+
+
+def check_choices(config: ml_collections.ConfigDict, prefix: str = "") -> None:
+  """One-line ConfigError for a value outside CHOICES, or a loss temperature that is not > 0.
+
+  Keys the config lacks are not checked. The stage configs of a chain (the
+  demo's pretrain, finetune and evaluate: sub-configs with their own `stage`)
+  are checked under their key, e.g. pretrain.model.dtype.
+  """
+  for key, allowed in CHOICES.items():
+    value = _lookup(config, key)
+    if value is not _ABSENT and (isinstance(value, bool) or value not in allowed):
+      raise ConfigError(f"config key {prefix}{key} is {value!r}; expected one of "
+                        f"{', '.join(map(repr, allowed))}")
+  temperature = _lookup(config, "loss.temperature")
+  if temperature is not _ABSENT and (isinstance(temperature, bool) or
+                                     not isinstance(temperature, (int, float)) or not temperature > 0):
+    raise ConfigError(f"config key {prefix}loss.temperature is {temperature!r}; expected a number > 0 "
+                      "(the softmax temperature of the contrastive loss)")
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict) and "stage" in value:
+      check_choices(value, f"{prefix}{key}.")
 
 
 def check_counts(config: ml_collections.ConfigDict, minimums: dict[str, int]) -> None:
