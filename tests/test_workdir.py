@@ -259,3 +259,16 @@ def test_a_workdir_without_a_checkpoint_starts_afresh(dataset, tmp_path):
   with run_dir.claim(work, config) as claim:
     claim.record_config("pretrain")
   assert json.loads((work / "config.json").read_text())["model"]["width"] == 0.5
+
+
+def test_another_stages_workdir_is_refused_by_its_stage_alone(dataset, tmp_path):
+  """Fine-tuning in a pretraining workdir: one short line, not a diff of every key the configs differ in."""
+  work = tmp_path / "work"
+  stored = _trained_workdir(work, _pretrain_config(dataset))
+  config = _load_config("finetune", "random,tiny")
+  config.data.path = str(dataset)
+  with pytest.raises(run_dir.ConfigChangedError) as error:
+    with run_dir.claim(work, config):
+      pass
+  assert str(error.value) == f"workdir {work} holds a pretrain run; use another --workdir"
+  assert (work / "config.json").read_bytes() == stored
