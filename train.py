@@ -12,6 +12,7 @@ says what is wrong or what the stopped run keeps.
 """
 import contextlib
 import importlib
+import logging as python_logging
 import os
 import pathlib
 import shutil
@@ -61,6 +62,18 @@ def interrupted_message(stage: str, workdir: str | os.PathLike) -> str:
   return f"{stage}: interrupted; run the same command again to {stage} again"
 
 
+def interrupt(signum, frame) -> None:
+  """SIGINT handler: KeyboardInterrupt, as Python's own, with the libraries' logging off.
+
+  Libraries log the interrupt that cuts them short (Orbax: "Save Finalize
+  thread failed" and a traceback) before it reaches run_command, whose one line
+  says what the stopped run keeps.
+  """
+  del signum, frame
+  python_logging.disable(python_logging.CRITICAL)
+  raise KeyboardInterrupt
+
+
 def _remove_if_only_cache(work: pathlib.Path, cache: str | None) -> None:
   """Removes the workdir a failed run made when all it holds is the compilation cache.
 
@@ -82,6 +95,8 @@ def run_command(config, workdir: str, compilation_cache: str | None = None) -> N
   work = pathlib.Path(workdir)
   made = not work.exists()
   cache = compile_cache.enable(compilation_cache or work / "jax_cache")
+  if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where SIGINT is ignored
+    signal.signal(signal.SIGINT, interrupt)
   try:
     run_stage(config, workdir)
     return

@@ -308,6 +308,19 @@ def test_train_py_ctrl_c_is_one_line(tmp_path):
   assert not (work / "run.lock").exists()
 
 
+def test_after_ctrl_c_the_libraries_log_nothing(caplog):
+  """Orbax logs the interrupt that cuts its save short, with a traceback; the run's one line is enough."""
+  import logging  # pylint: disable=import-outside-toplevel
+  train = _train_module()
+  try:
+    with pytest.raises(KeyboardInterrupt):
+      train.interrupt(signal.SIGINT, None)
+    logging.getLogger("orbax").error("[wait_until_finished] Save Finalize thread (save_finalize) failed.")
+    assert not caplog.records
+  finally:
+    logging.disable(logging.NOTSET)
+
+
 def test_grain_workers_leave_ctrl_c_to_the_parent():
   """A terminal's Ctrl-C reaches the workers too; each would print its own KeyboardInterrupt."""
   import multiprocessing  # pylint: disable=import-outside-toplevel
