@@ -280,9 +280,12 @@ def test_an_interrupted_training_says_where_a_rerun_resumes(tmp_path):
 def test_train_py_ctrl_c_is_one_line(tmp_path):
   """SIGINT to the process group, as a terminal's Ctrl-C, while the demo writes its corpus."""
   work = tmp_path / "demo"
+  # A shell starts background jobs with SIGINT ignored, and children inherit that (train.py
+  # then leaves it so); the user's terminal delivers it, so the run gets the default back.
   proc = subprocess.Popen([sys.executable, "train.py", "--config=configs/demo.py", f"--workdir={work}"],
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          start_new_session=True)
+                          start_new_session=True,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
   try:
     deadline = time.monotonic() + 120
     # The corpus is written into a hidden folder, renamed when complete; no worker processes yet.
