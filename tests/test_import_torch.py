@@ -4,6 +4,8 @@ The key names and torch shapes below are written from the reference's module
 structure (T-SS-GLCNet models/GLCNet.py, deeplab_utils/{ResNet,encoder}.py,
 v3p_*_ft.py) and torchvision's ResNet, at 1/8 width so the tests stay cheap.
 """
+import io
+
 import numpy as np
 import pytest
 
@@ -206,7 +208,13 @@ def test_missing_or_directory_source_is_one_line_naming_it(tmp_path, capsys, nam
   assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("content", [b"", b"not an archive\n"])
+def _truncated_npz() -> bytes:
+  buffer = io.BytesIO()
+  np.savez(buffer, kernel=np.zeros((64, 64), np.float32))
+  return buffer.getvalue()[:2000]  # a zip header, no central directory
+
+
+@pytest.mark.parametrize("content", [b"", b"not an archive\n", _truncated_npz()])
 def test_npz_that_is_not_an_archive_is_one_line(tmp_path, capsys, content):
   (tmp_path / "bad.npz").write_bytes(content)
   with pytest.raises(SystemExit, match=r"bad.npz: not an .npz archive of arrays \(numpy.savez\)$"):

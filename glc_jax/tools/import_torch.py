@@ -44,6 +44,7 @@ import errno
 import os
 import re
 import sys
+import zipfile
 from typing import Any, Mapping
 
 import flax
@@ -225,7 +226,8 @@ def read_state_dict(src: str) -> dict[str, np.ndarray]:
   if src.endswith(".npz"):
     try:
       data = np.load(src)
-    except (ValueError, EOFError):  # pickled or empty: allow_pickle=False refuses both
+    # pickled or empty (allow_pickle=False refuses both), or a damaged zip
+    except (ValueError, EOFError, zipfile.BadZipFile):
       data = None
     if not isinstance(data, np.lib.npyio.NpzFile):
       raise SystemExit(f"{src}: not an .npz archive of arrays (numpy.savez)")
