@@ -383,6 +383,17 @@ def _read_newest(workdir: pathlib.Path, steps: list[int]) -> PyTree:
   raise CheckpointError(f"{workdir}: no checkpoint restores (the newest, step {step}: {reason})")
 
 
+def run_workdir(path: str | pathlib.Path) -> pathlib.Path:
+  """The run workdir a checkpoint path belongs to: the workdir itself, or for one step
+  directory (`<workdir>/{checkpoints,best,best_loss}/<step>`) the workdir above it; where
+  the run's config.json is."""
+  path = pathlib.Path(path).absolute()
+  if (path.name.isdigit() and path.parent.name in ("checkpoints", "best", BEST_LOSS_DIR)
+      and _is_step_dir(path)):
+    return path.parent.parent
+  return path
+
+
 def load_variables(path: str | pathlib.Path, which: str = "latest") -> dict[str, PyTree]:
   """{'params', 'batch_stats'} of a model to start from, as host arrays.
 

@@ -305,11 +305,18 @@ def _trained_with(tmp_path, norm):
   return ft
 
 
-def test_evaluation_normalises_as_the_checkpoint_was_trained(dataset, fine_tuned, tmp_path, monkeypatch):
+@pytest.mark.parametrize("step_dir", ["", "best/7", "checkpoints/12"])
+def test_evaluation_normalises_as_the_checkpoint_was_trained(dataset, fine_tuned, tmp_path, monkeypatch,
+                                                             step_dir):
+  """The checkpoint is the run's workdir or one step directory in it, whose run config is
+  the workdir's."""
   seen = []
   monkeypatch.setattr(evaluate.inference, "sliding_window_logits", lambda image, *a, **k: (
       seen.append(image), np.zeros(image.shape[:2] + (fine_tuned.num_classes,), np.float32))[1])
-  evaluate.run(_evaluate_config(dataset, _trained_with(tmp_path, "stats")), str(tmp_path / "eval"))
+  checkpoint = _trained_with(tmp_path, "stats") / step_dir
+  if step_dir:
+    (checkpoint / "state").mkdir(parents=True)
+  evaluate.run(_evaluate_config(dataset, checkpoint), str(tmp_path / "eval"))
   # The oracle: the training split's band statistics as data_prep recorded them.
   stats = json.loads((dataset / "metadata.json").read_text())["splits"]["train"]["band_stats"]
   source, _ = setup.open_split(str(dataset), "train")

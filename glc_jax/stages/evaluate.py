@@ -22,7 +22,7 @@ evaluates again and replaces the outputs.
 Config keys (configs/evaluate.py): data.path, data.split; data.norm, empty to
 take the checkpoint run's (its config.json; 'reference' without one), and
 refused when it differs from it; checkpoint (a fine-tuning workdir: its best
-state); model (depth, output_stride, width, dtype), taken from the checkpoint
+state; or one step directory in it, whose run config is the workdir's); model (depth, output_stride, width, dtype), taken from the checkpoint
 run's config.json when model_from_checkpoint is True; eval.crop, eval.stride,
 eval.batch_size; write_predictions; metrics_mode: 'ours' (one global confusion
 matrix) or 'reference' (also the reference's mIoU: per-class IoU on each tile
@@ -48,8 +48,9 @@ from glc_jax.stages import finetune, run_dir, setup
 
 
 def _run_config(checkpoint_path: str) -> dict:
-  """The checkpoint run's config.json, or {} where there is none (an imported checkpoint)."""
-  path = pathlib.Path(checkpoint_path) / run_dir.CONFIG_FILE
+  """The checkpoint run's config.json (the workdir's, for a step directory in it), or {}
+  where there is none (an imported checkpoint)."""
+  path = checkpoint.run_workdir(checkpoint_path) / run_dir.CONFIG_FILE
   if not path.is_file():
     return {}
   try:
