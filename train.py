@@ -107,6 +107,12 @@ def run_command(config, workdir: str, compilation_cache: str | None = None) -> N
   if made:
     _remove_if_only_cache(work, cache)
   print(line, file=sys.stderr)
+  if status != 1:
+    # An interrupted compile leaves XLA's threads running, and the interpreter's teardown
+    # around them can segfault; the run's own clean-up (the lock, partial files) has run.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)  # pylint: disable=protected-access
   sys.exit(status)
 
 

@@ -277,8 +277,11 @@ def test_an_interrupted_training_says_where_a_rerun_resumes(tmp_path):
       "again to resume from it")
 
 
-def test_train_py_ctrl_c_is_one_line(tmp_path):
-  """SIGINT to the process group, as a terminal's Ctrl-C, while the demo writes its corpus."""
+@pytest.mark.parametrize("during", ["corpus", "compile"])
+def test_train_py_ctrl_c_is_one_line(tmp_path, during):
+  """SIGINT to the process group, as a terminal's Ctrl-C, while the demo writes its corpus
+  (no worker processes yet), or once pretraining has begun compiling (an interpreter torn
+  down around XLA's compile threads could segfault)."""
   work = tmp_path / "demo"
   # A shell starts background jobs with SIGINT ignored, and children inherit that (train.py
   # then leaves it so); the user's terminal delivers it, so the run gets the default back.
@@ -288,10 +291,13 @@ def test_train_py_ctrl_c_is_one_line(tmp_path):
                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
   try:
     deadline = time.monotonic() + 120
-    # The corpus is written into a hidden folder, renamed when complete; no worker processes yet.
-    while (not any(work.glob(".synthetic.*/images")) and proc.poll() is None
-           and time.monotonic() < deadline):
+    # The corpus is written into a hidden folder, renamed when complete.
+    started = (lambda: any(work.glob(".synthetic.*/images"))) if during == "corpus" else (
+        lambda: (work / "pretrain_glcnet").exists())
+    while not started() and proc.poll() is None and time.monotonic() < deadline:
       time.sleep(0.05)
+    if during == "compile":
+      time.sleep(2.0)
     # A SIGINT that lands in a garbage-collection callback is swallowed: press again, as a user would.
     while proc.poll() is None and time.monotonic() < deadline:
       os.killpg(proc.pid, signal.SIGINT)
