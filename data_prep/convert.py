@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import colorsys
 import concurrent.futures
+import contextlib
 import dataclasses
 import hashlib
 import itertools
@@ -18,7 +19,9 @@ import multiprocessing
 import os
 import re
 import shutil
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
@@ -66,6 +69,26 @@ def _chunk_jobs(scene: scenes_lib.Scene, windows: np.ndarray, tile: int) -> list
   return [tiling.TileJob(scene, windows[i:i + per_chunk]) for i in range(0, len(windows), per_chunk)]
 
 
+def _reader_init(parent: int) -> None:
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
+  parent_death.exit_with_parent(parent)
+
+
+@contextlib.contextmanager
+def _sigint_ignored():
+  """SIGINT ignored while worker processes start, so that they start ignoring it (a spawned
+  interpreter keeps an ignored SIGINT): a terminal's Ctrl-C reaches the whole process group,
+  and only the parent should act on it, in one line, not each worker with a traceback."""
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+  previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGINT, previous)
+
+
 def _run_jobs(jobs: Sequence[tiling.TileJob], options: tiling.TileOptions,
               workers: int) -> Iterator[tiling.TileChunk]:
   """Chunks in job order; with workers > 1 read ahead by at most 2·workers jobs."""
@@ -78,12 +101,13 @@ def _run_jobs(jobs: Sequence[tiling.TileJob], options: tiling.TileOptions,
   method = "spawn" if "jax" in sys.modules else "fork"
   pool = concurrent.futures.ProcessPoolExecutor(
       workers, mp_context=multiprocessing.get_context(method),
-      initializer=parent_death.exit_with_parent, initargs=(os.getpid(),))
+      initializer=_reader_init, initargs=(os.getpid(),))
   try:
     pending = collections.deque()
     job_iter = iter(jobs)
-    for job in itertools.islice(job_iter, 2 * workers):
-      pending.append(pool.submit(tiling.read_chunk, job, options))
+    with _sigint_ignored():  # the first submissions start the workers
+      for job in itertools.islice(job_iter, 2 * workers):
+        pending.append(pool.submit(tiling.read_chunk, job, options))
     while pending:
       try:
         chunk = pending.popleft().result()

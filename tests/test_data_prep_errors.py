@@ -327,3 +327,31 @@ def test_zero_or_negative_tile_or_stride_is_one_line(tmp_path, capsys, scene, fl
   args = ["--images", str(scene), "--tile", "16", "--out", str(tmp_path / "out")]
   line = _cli_error(capsys, args + [flag, value])
   assert f"{flag[2:]} {value} must be" in line and no_leftovers(tmp_path)
+
+
+# --- Ctrl-C -----------------------------------------------------------------------------
+
+
+def test_reader_workers_leave_ctrl_c_to_the_parent(tmp_path):
+  """A terminal's Ctrl-C reaches the whole process group; a worker that took it would print
+  its own KeyboardInterrupt traceback above data_prep's (or train.py's) one line."""
+  import multiprocessing  # pylint: disable=import-outside-toplevel
+
+  from data_prep import convert as convert_lib, scenes, tiling  # pylint: disable=import-outside-toplevel
+  write_tif(tmp_path / "a.tif", random_scene(np.random.default_rng(0), "uint8", 2, 64, 64))
+  scene, = scenes.inspect_scenes([tmp_path / "a.tif"], None, tile=16)
+  jobs = [tiling.TileJob(scene, scenes.scene_windows(scene, 16, 16, True))] * 4
+  handler = signal.getsignal(signal.SIGINT)
+  before = set(multiprocessing.active_children())
+  chunks = convert_lib._run_jobs(jobs, tiling.TileOptions(), workers=2)  # pylint: disable=protected-access
+  try:
+    assert len(next(chunks).records) == 16
+    workers = [p for p in multiprocessing.active_children() if p not in before]
+    assert workers
+    for worker in workers:
+      ignored = int(next(line.split()[1] for line in open(f"/proc/{worker.pid}/status")
+                         if line.startswith("SigIgn:")), 16)
+      assert ignored & (1 << (signal.SIGINT - 1)), f"worker {worker.name} would take the Ctrl-C"
+  finally:
+    chunks.close()
+  assert signal.getsignal(signal.SIGINT) is handler
