@@ -153,14 +153,6 @@ _PARTIAL = ".predictions.partial"  # the run's predictions until they are comple
 _REPLACED = ".predictions.replaced"  # the previous run's, while they are being replaced
 
 
-def _leaves(tree: dict, prefix: str = ""):
-  for key, value in tree.items():
-    if isinstance(value, dict) and value:
-      yield from _leaves(value, f"{prefix}{key}.")
-    else:
-      yield f"{prefix}{key}", value
-
-
 def _check_rerun(work: pathlib.Path, config: ml_collections.ConfigDict) -> None:
   """One-line refusal unless `work` is new or holds an evaluation with the same config
   (run_dir.claim has refused another stage's workdir)."""
@@ -168,16 +160,13 @@ def _check_rerun(work: pathlib.Path, config: ml_collections.ConfigDict) -> None:
   if not path.is_file():
     return
   try:
-    old = dict(_leaves(json.loads(path.read_text())))
+    stored = run_dir.flatten(json.loads(path.read_text()))
   except (OSError, ValueError, AttributeError) as e:
     raise setup.ConfigError(f"{path}: unreadable ({type(e).__name__}: {e}); use another "
                             "--workdir") from None
-  new = dict(_leaves(json.loads(json.dumps(config.to_dict(), default=str))))
-  absent = "<absent>"
-  changed = [k for k in sorted(set(old) | set(new))
-             if k not in RERUN_KEYS and old.get(k, absent) != new.get(k, absent)]
+  changed = {k: v for k, v in run_dir.differing_keys(stored, config).items() if k not in RERUN_KEYS}
   if changed:
-    listed = ", ".join(f"{k} {old.get(k, absent)!r} → {new.get(k, absent)!r}" for k in changed)
+    listed = ", ".join(f"{k} {old!r} → {new!r}" for k, (old, new) in changed.items())
     raise setup.ConfigError(f"workdir {work} holds an evaluation with another config: {listed}; "
                             "use another --workdir")
 

@@ -70,14 +70,23 @@ def _json_tree(config: ml_collections.ConfigDict) -> dict:
   return json.loads(json.dumps(config.to_dict(), default=str))
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+  """A config.json tree as {dotted key: value}."""
   flat = {}
   for key, value in tree.items():
     if isinstance(value, dict) and value:
-      flat.update(_flatten(value, f"{prefix}{key}."))
+      flat.update(flatten(value, f"{prefix}{key}."))
     else:
       flat[f"{prefix}{key}"] = value
   return flat
+
+
+def differing_keys(stored: dict[str, Any], config: ml_collections.ConfigDict) -> dict[str, tuple]:
+  """{dotted key: (stored value, config's value)} where a flattened stored config and
+  `config` differ; a key one of them lacks reads '<absent>' there."""
+  new = flatten(_json_tree(config))
+  return {k: (stored.get(k, _ABSENT), new.get(k, _ABSENT)) for k in sorted(set(stored) | set(new))
+          if stored.get(k, _ABSENT) != new.get(k, _ABSENT)}
 
 
 def holds_checkpoint(work: pathlib.Path) -> bool:
@@ -90,7 +99,7 @@ def stored_config(work: pathlib.Path) -> dict[str, Any]:
   """config.json flattened to dotted keys, with the accepted changes applied in order."""
   path = work / CONFIG_FILE
   try:
-    flat = _flatten(json.loads(path.read_text()))
+    flat = flatten(json.loads(path.read_text()))
     lines = (work / CHANGES_FILE).read_text().splitlines() if (work / CHANGES_FILE).exists() else []
     for line in lines:
       for key, change in json.loads(line)["changes"].items():
@@ -119,10 +128,9 @@ def config_changes(work: pathlib.Path, config: ml_collections.ConfigDict) -> dic
                              f"{stage} run; use another --workdir")
   if not holds_checkpoint(work):
     return {}
-  old, new = stored_config(work), _flatten(_json_tree(config))
-  old = {**{k: v for k, v in ADDED_KEYS.items() if k in new}, **old}
-  changes = {k: (old.get(k, _ABSENT), new.get(k, _ABSENT)) for k in sorted(set(old) | set(new))
-             if old.get(k, _ABSENT) != new.get(k, _ABSENT)}
+  old = stored_config(work)
+  added = {k: v for k, v in ADDED_KEYS.items() if k in flatten(_json_tree(config))}
+  changes = differing_keys({**added, **old}, config)
   refused = [k for k in changes if k not in RESUMABLE_KEYS]
   if refused:
     listed = ", ".join(f"{k} {changes[k][0]!r} → {changes[k][1]!r}" for k in refused)
