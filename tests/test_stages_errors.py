@@ -350,3 +350,30 @@ def test_grain_workers_leave_ctrl_c_to_the_parent():
       assert ignored & (1 << (signal.SIGINT - 1)), f"worker {worker.name} would take the Ctrl-C"
   finally:
     iterator.close()
+
+
+@pytest.fixture(scope="module")
+def uint16_dataset(tmp_path_factory):
+  root = tmp_path_factory.mktemp("uint16")
+  synthetic.write_corpus(root / "corpus", num_scenes=2, height=64, width=64, seed=2, dtype="uint16")
+  return convert.convert(str(root / "corpus" / "images"), root / "ds", str(root / "corpus" / "labels"),
+                         class_map=str(root / "corpus" / "class_dict.csv"), tile=64, progress=False,
+                         split_fractions={"train": 0.5, "val": 0.5})
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "finetune"])
+def test_reference_norm_of_8_bit_pixels_is_refused_for_other_dtypes(uint16_dataset, tmp_path, no_compute,
+                                                                    stage):
+  """x/255·3.2−1.6 on uint16 pixels gives inputs up to ~400 instead of ±1.6."""
+  config = (_config(uint16_dataset) if stage == "pretrain" else
+            _finetune_config(uint16_dataset, **{"data.label_fraction": 1.0}))
+  with pytest.raises(setup.ConfigError, match=(
+      r"^config key data.norm is 'reference', which scales 8-bit pixels \(x/255\), but this "
+      r"dataset's images are uint16; set data.norm=stats \(each band's mean and std on the "
+      r"training split\)$")):
+    (pretrain if stage == "pretrain" else finetune).run(config, str(tmp_path / "w"))
+  assert not (tmp_path / "w").exists()
+  config.data.norm = "nonsense"
+  with pytest.raises(setup.ConfigError,
+                     match=r"^config key data.norm is 'nonsense'; expected one of 'reference', 'stats'$"):
+    (pretrain if stage == "pretrain" else finetune).run(config, str(tmp_path / "w"))

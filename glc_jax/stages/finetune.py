@@ -162,6 +162,7 @@ def read_best_step(workdir: str | os.PathLike) -> dict | None:
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   setup.check_counts(config, COUNTS)
   source, info = setup.open_split(config.data.path, config.data.split, config.data.label_fraction)
+  setup.check_norm(config.data.norm, info)
   if not info.labelled:
     raise setup.ConfigError(f"data.path: {config.data.path} has no labels; fine-tuning needs labels")
   if config.data.val_split == config.data.split:

@@ -29,6 +29,7 @@ COUNTS = {"num_steps": 0, "log_every": 1, "checkpoint_every": 1, "keep_checkpoin
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   setup.check_counts(config, COUNTS if config.num_steps else dict(COUNTS, epochs=1))
   source, info = setup.open_split(config.data.path, config.data.split)
+  setup.check_norm(config.data.norm, info)
   mesh = parallel.make_data_mesh()
   global_batch = setup.checked_batch(config.data.batch_size, mesh, len(source), info=info)
   method = methods.create_method(config)

@@ -81,6 +81,22 @@ def check_choices(config: ml_collections.ConfigDict, prefix: str = "") -> None:
       check_choices(value, f"{prefix}{key}.")
 
 
+NORM_MODES = ("reference", "stats")
+
+
+def check_norm(norm: str, info: DatasetInfo, key: str = "data.norm") -> None:
+  """One-line ConfigError for an unknown normalisation, or 'reference' (x/255·3.2−1.6, which
+  assumes 8-bit pixels) on a dataset of another dtype, where it would silently feed the
+  model near-constant (float reflectance) or unbounded (uint16) inputs."""
+  if norm not in NORM_MODES:
+    raise ConfigError(f"config key {key} is {norm!r}; expected one of "
+                      f"{', '.join(map(repr, NORM_MODES))}")
+  if norm == "reference" and info.dtype != "uint8":
+    raise ConfigError(f"config key {key} is 'reference', which scales 8-bit pixels (x/255), but "
+                      f"this dataset's images are {info.dtype}; set {key}=stats (each band's mean "
+                      "and std on the training split)")
+
+
 def check_counts(config: ml_collections.ConfigDict, minimums: dict[str, int]) -> None:
   """One-line error for an integer key (dotted path) below its minimum, e.g. epochs=0."""
   for key, least in minimums.items():
