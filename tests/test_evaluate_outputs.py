@@ -296,12 +296,14 @@ def test_unscored_pixels_are_nodata_in_the_predictions(dataset, fine_tuned, tmp_
   assert result["num_pixels"] == 2 * 128 * 128 - 128 * 20
 
 
-def _trained_with(tmp_path, norm):
-  """A fine-tuning workdir whose config.json says it was trained with data.norm `norm`."""
+def _trained_with(tmp_path, norm, dataset=None):
+  """A fine-tuning workdir whose config.json says it was trained with data.norm `norm` (on
+  `dataset`, if given)."""
   ft = tmp_path / "ft"
   ft.mkdir()
+  data = {"norm": norm} if dataset is None else {"norm": norm, "path": str(dataset)}
   (ft / "config.json").write_text(json.dumps(
-      {"stage": "finetune", "data": {"norm": norm}, "model": dict(MODEL, output_stride=16)}))
+      {"stage": "finetune", "data": data, "model": dict(MODEL, output_stride=16)}))
   return ft
 
 
@@ -348,3 +350,90 @@ def test_training_in_an_evaluation_workdir_is_refused(dataset, fine_tuned, tmp_p
     with run_dir.claim(work, ml_collections.ConfigDict({"stage": stage})):
       pass
   assert (work / "config.json").read_text() == recorded
+
+
+@pytest.fixture(scope="module")
+def unlabelled(dataset, tmp_path_factory):
+  """The labelled dataset's scenes as a 'test' split without labels, converted with --nodata 0
+  after scene 0's first 20 columns were set to 0 in every band (a nodata strip)."""
+  root = tmp_path_factory.mktemp("eval_unlabelled")
+  images = root / "images"
+  shutil.copytree(dataset.parent / "corpus" / "images", images)
+  with rasterio.open(images / "scene_000.tif", "r+") as f:
+    pixels = f.read()
+    pixels[:, :, :20] = 0
+    f.write(pixels)
+  return convert.convert(str(images), root / "ds", None, tile=64, workers=0, progress=False,
+                         nodata=0, max_nodata_fraction=1.0, split_fractions={"test": 1.0})
+
+
+def _unlabelled_config(unlabelled, checkpoint):
+  config = _evaluate_config(unlabelled, checkpoint)
+  config.data.split = "test"
+  return config
+
+
+def test_an_unlabelled_split_is_predicted_and_listed(dataset, unlabelled, fine_tuned, tmp_path,
+                                                     capsys):
+  """Georeferenced class and colour GeoTIFFs as for a labelled split, in the classes of the
+  checkpoint's training dataset, image nodata as nodata; predictions.json lists them; no scores."""
+  work = tmp_path / "eval"
+  evaluate.run(_unlabelled_config(unlabelled, _trained_with(tmp_path, "reference", dataset)), str(work))
+  assert sorted(p.name for p in work.iterdir() if not p.name.startswith(".")) == [
+      "config.json", "predictions", "predictions.json"]
+  listing = json.loads((work / "predictions.json").read_text())
+  labelled = json.loads((dataset / "metadata.json").read_text())
+  assert listing["split"] == "test" and listing["num_scenes"] == 2 and listing["nodata"] == 255
+  assert listing["class_names"] == labelled["class_names"]
+  assert [s["scene_id"] for s in listing["scenes"]] == ["scene_000", "scene_001"]
+  colour_of_class_0 = np.asarray(labelled["class_colours"][0], np.uint8)
+  for scene in listing["scenes"]:
+    with rasterio.open(dataset.parent / "corpus" / "images" / f"{scene['scene_id']}.tif") as f:
+      crs, transform = f.crs, f.transform
+    with rasterio.open(work / scene["class"]) as f:
+      assert (f.crs, f.transform, f.nodata) == (crs, transform, 255)
+      classes = f.read(1)
+      assert f.colormap(1)[0][:3] == tuple(colour_of_class_0)
+    with rasterio.open(work / scene["colour"]) as f:
+      assert (f.crs, f.transform) == (crs, transform)
+      rgb = np.moveaxis(f.read(), 0, -1)
+    expected = np.zeros((128, 128), np.uint8)
+    if scene["scene_id"] == "scene_000":
+      expected[:, :20] = 255
+    np.testing.assert_array_equal(classes, expected)
+    np.testing.assert_array_equal(rgb, np.where((expected == 255)[..., None], 0, colour_of_class_0))
+  printed = capsys.readouterr().out
+  assert f"predictions of 2 scenes" in printed and str(work / "predictions.json") in printed
+
+
+def test_an_unlabelled_split_without_class_names_is_refused(unlabelled, fine_tuned, tmp_path):
+  with pytest.raises(setup.ConfigError, match=(
+      r"^data.path: split 'test' has no labels and names no classes, and .*/ft has no run config "
+      r"naming its training dataset; convert the scenes with data_prep --class-map to name the "
+      r"classes$")):
+    evaluate.run(_unlabelled_config(unlabelled, tmp_path / "ft"), str(tmp_path / "eval"))
+  assert not (tmp_path / "eval").exists()
+
+
+def test_an_unlabelled_split_without_predictions_is_refused(dataset, unlabelled, fine_tuned,
+                                                            tmp_path):
+  config = _unlabelled_config(unlabelled, _trained_with(tmp_path, "reference", dataset))
+  config.write_predictions = False
+  with pytest.raises(setup.ConfigError, match=(
+      r"^write_predictions is False, but split 'test' has no labels to evaluate against: there "
+      r"would be nothing to do$")):
+    evaluate.run(config, str(tmp_path / "eval"))
+  assert not (tmp_path / "eval").exists()
+
+
+def test_an_interrupted_prediction_leaves_the_last_outputs(dataset, unlabelled, fine_tuned, tmp_path,
+                                                          monkeypatch):
+  config = _unlabelled_config(unlabelled, _trained_with(tmp_path, "reference", dataset))
+  work = tmp_path / "eval"
+  evaluate.run(config, str(work))
+  first = _outputs(work)
+  with monkeypatch.context() as patch:
+    _interrupt_at(patch, "write_prediction", 1)
+    with pytest.raises(KeyboardInterrupt):
+      evaluate.run(config, str(work))
+  assert _outputs(work) == first

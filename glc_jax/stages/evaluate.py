@@ -32,6 +32,7 @@ classes; metrics.json key "reference", printed under ours and named as such).
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import os
 import pathlib
@@ -115,6 +116,39 @@ def _check_compatible(variables, model, num_bands: int, where: str, checkpoint_p
                               f"{tuple(leaf.shape)} for this dataset and model")
 
 
+def _with_checkpoint_classes(info, run_config: dict, checkpoint_path: str):
+  """`info` of an unlabelled split, with the classes the checkpoint predicts: the dataset's own
+  (data_prep --class-map), else those of the dataset the checkpoint was fine-tuned on (its run's
+  data.path)."""
+  if info.class_names:
+    return info
+  hint = "convert the scenes with data_prep --class-map to name the classes"
+  trained_on = (run_config.get("data") or {}).get("path")
+  if not trained_on:
+    raise setup.ConfigError(f"data.path: split {info.split!r} has no labels and names no classes, "
+                            f"and {checkpoint_path} has no run config naming its training dataset; "
+                            f"{hint}")
+  path = pathlib.Path(trained_on) / "metadata.json"
+  try:
+    metadata = json.loads(path.read_text())
+    names, colours = list(metadata["class_names"]), metadata["class_colours"]
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise setup.ConfigError(f"checkpoint: the classes of its training dataset, {path}: unreadable "
+                            f"({type(e).__name__}: {e}); {hint}") from None
+  if not names:
+    raise setup.ConfigError(f"checkpoint: its training dataset {path} names no classes; {hint}")
+  return dataclasses.replace(info, class_names=tuple(str(n) for n in names),
+                             class_colours=np.array(colours, np.uint8).reshape(-1, 3))
+
+
+def _image_nodata(info) -> float | None:
+  """The image nodata value data_prep was given (--nodata), if finite: the one per-pixel trace
+  of nodata an unlabelled record keeps (a NaN nodata was filled with 0 like other non-finite
+  values, and the files' own nodata values are not recorded)."""
+  value = (info.metadata.get("settings") or {}).get("nodata")
+  return float(value) if value is not None and np.isfinite(value) else None
+
+
 def _scenes(source) -> dict[str, list[int]]:
   """Record indices of each scene, in first-appearance order."""
   scenes = collections.OrderedDict()
@@ -123,18 +157,23 @@ def _scenes(source) -> dict[str, list[int]]:
   return scenes
 
 
-def _assemble(source, indices: list[int], bands: int):
-  """(image, label or None, crs, scene transform, (n, 4) tile windows) of one scene."""
+def _assemble(source, indices: list[int], bands: int, nodata: float | None = None):
+  """(image, label, crs, scene transform, (n, 4) tile windows) of one scene.
+
+  Unlabelled records get a stand-in label: 255 (ignored) outside every tile and where each
+  band equals the image `nodata`, else 0, so that the unscored pixels are found alike.
+  """
   records = [source[i] for i in indices]
   windows = np.array([r["window"] for r in records], np.int64)
   height = int((windows[:, 0] + windows[:, 2]).max())
   width = int((windows[:, 1] + windows[:, 3]).max())
   image = np.zeros((height, width, bands), records[0]["image"].dtype)
-  label = np.full((height, width), 255, np.uint8) if "label" in records[0] else None
+  label = np.full((height, width), 255, np.uint8)
   for record, (row, col, h, w) in zip(records, windows):
     image[row:row + h, col:col + w] = record["image"]
-    if label is not None:
-      label[row:row + h, col:col + w] = record["label"]
+    label[row:row + h, col:col + w] = record["label"] if "label" in record else 0
+  if "label" not in records[0] and nodata is not None:
+    label[(image == np.asarray(nodata).astype(image.dtype)).all(axis=-1)] = 255
   transform = predictions.scene_transform(records[0]["transform"], windows[0])
   return image, label, str(records[0]["crs"]), transform, windows
 
@@ -144,6 +183,7 @@ def _write_json(path: pathlib.Path, obj) -> None:
 
 
 METRICS_MODES = ("ours", "reference")
+METRICS, LISTING = "metrics.json", "predictions.json"  # the labelled and the unlabelled report
 
 # Keys a rerun may change: they change neither the scores nor which outputs stay (the run
 # replaces predictions/ whole, or removes it when write_predictions is off).
@@ -189,11 +229,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     raise setup.ConfigError(f"config key metrics_mode is {config.metrics_mode!r}; expected one "
                             f"of {METRICS_MODES}")
   source, info = setup.open_split(config.data.path, config.data.split)
-  if not info.labelled:
-    raise setup.ConfigError(f"data.path: split {config.data.split!r} has no labels to evaluate against")
+  if not info.labelled and not config.write_predictions:
+    raise setup.ConfigError(f"write_predictions is False, but split {config.data.split!r} has no "
+                            "labels to evaluate against: there would be nothing to do")
   if not config.checkpoint:
     raise setup.ConfigError("config key checkpoint is empty: set it to a fine-tuning run's workdir")
   run_config = _run_config(config.checkpoint)
+  if not info.labelled:
+    info = _with_checkpoint_classes(info, run_config, config.checkpoint)
   norm_mode = _norm_mode(config, run_config)
   model = finetune.build_model(_model_config(config, run_config), info.num_classes)
   try:
@@ -211,18 +254,20 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         partial.mkdir()
     _sync("evaluate: predictions folder made")
     try:
-      confusion, num_scenes, tile_iou = _predict(config, partial, source, info, model, variables,
+      confusion, file_stems, tile_iou = _predict(config, partial, source, info, model, variables,
                                                  norm_mode)
-      return _report(config, claim, info, confusion, num_scenes, tile_iou)
+      if not info.labelled:
+        return _report_predictions(config, claim, info, file_stems)
+      return _report(config, claim, info, confusion, len(file_stems), tile_iou)
     except BaseException:
       shutil.rmtree(partial, ignore_errors=True)
       raise
 
 
 def _predict(config, partial: pathlib.Path, source, info, model, variables, norm_mode: str):
-  """(the split's confusion matrix, its scene count, and for metrics_mode 'reference' (sum of
-  per-tile IoUs, tile count), else None); writes this process's scenes' predictions into
-  `partial`."""
+  """(the split's confusion matrix, {scene id: file stem} of its scenes, and for metrics_mode
+  'reference' (sum of per-tile IoUs, tile count), else None); writes this process's scenes'
+  predictions into `partial`. An unlabelled split is predicted only (a zero matrix)."""
   local = parallel.make_data_mesh(jax.local_devices())
   batch = -(-config.eval.batch_size // local.size) * local.size
   variables = jax.device_put(variables, parallel.replicated_sharding(local))
@@ -235,18 +280,20 @@ def _predict(config, partial: pathlib.Path, source, info, model, variables, norm
   file_stems = predictions.scene_file_stems([scene_id for scene_id, _ in scenes])
   mine = scenes[jax.process_index()::jax.process_count()]
   confusion = np.zeros((info.num_classes,) * 2, np.int64)
-  per_tile = config.get("metrics_mode", "ours") == "reference"
+  per_tile = config.get("metrics_mode", "ours") == "reference" and info.labelled
+  nodata = None if info.labelled else _image_nodata(info)
   tile_iou_sum, num_tiles = np.zeros(info.num_classes), 0
   from tqdm import tqdm  # pylint: disable=import-outside-toplevel
   for scene_id, indices in tqdm(mine, desc=f"evaluate {config.data.split}", unit="scene",
                                 disable=jax.process_index() != 0):
-    image, label, crs, transform, windows = _assemble(source, indices, info.num_bands)
+    image, label, crs, transform, windows = _assemble(source, indices, info.num_bands, nodata)
     normalised = recipes.eval_example({"image": image}, eval_cfg)["image"]
     logits = inference.sliding_window_logits(
         normalised, lambda x: forward(variables, x), crop=config.eval.crop,
         stride=config.eval.stride, batch_size=batch)
     classes = np.argmax(logits, axis=-1).astype(np.uint8)
-    confusion += metrics.confusion_matrix(label, classes, info.num_classes, info.ignore_index)
+    if info.labelled:
+      confusion += metrics.confusion_matrix(label, classes, info.num_classes, info.ignore_index)
     if per_tile:
       # The reference scores each image of its list, here each tile of the split.
       for row, col, h, w in windows:
@@ -270,13 +317,12 @@ def _predict(config, partial: pathlib.Path, source, info, model, variables, norm
     tile_iou_sum = np.asarray(multihost_utils.process_allgather(tile_iou_sum)).sum(axis=0)
     num_tiles = int(np.asarray(multihost_utils.process_allgather(np.int64(num_tiles))).sum())
   _sync("evaluate: predictions written")
-  return confusion, len(scenes), (tile_iou_sum, num_tiles) if per_tile else None
+  return confusion, file_stems, (tile_iou_sum, num_tiles) if per_tile else None
 
 
 def _report(config, claim: run_dir.Claim, info, confusion: np.ndarray, num_scenes: int,
             tile_iou) -> dict:
-  """metrics.json, confusion_matrix.png and predictions/ replaced by this run's (process 0);
-  metrics.json goes last and marks the outputs complete."""
+  """metrics.json, confusion_matrix.png and predictions/ (process 0); prints the scores."""
   scores = metrics.compute_scores(confusion, info.class_names)
   result = scores.as_dict()
   result.update(split=config.data.split, checkpoint=str(config.checkpoint), num_scenes=num_scenes)
@@ -288,28 +334,57 @@ def _report(config, claim: run_dir.Claim, info, confusion: np.ndarray, num_scene
         "iou_tile_mean": dict(zip(info.class_names, mean.tolist())),
         "num_tiles": num_tiles}
   if jax.process_index() == 0:
-    work = claim.path
-    out, replaced, png = work / PREDICTIONS, work / _REPLACED, work / "confusion_matrix.png"
-    (work / "metrics.json").unlink(missing_ok=True)
-    try:
-      predictions.write_confusion_matrix_png(png, confusion, info.class_names,
-                                             title=f"{config.data.split}: {config.checkpoint}")
-      claim.record_config("evaluate")
-      if out.exists() or out.is_symlink():
-        os.replace(out, replaced)
-      if config.write_predictions:
-        os.replace(work / _PARTIAL, out)
-      _remove(replaced)
-      _write_json(work / "metrics.json", result)
-    except BaseException:
-      # Without metrics.json the outputs left would be a mix of this run's and the last one's.
-      for path in (out, replaced, png):
-        _remove(path)
-      raise
+    _replace_outputs(config, claim, METRICS, result, lambda png: predictions.write_confusion_matrix_png(
+        png, confusion, info.class_names, title=f"{config.data.split}: {config.checkpoint}"))
     print(metrics.format_table(scores))
     if tile_iou is not None:
       print(_reference_lines(result["reference"]))
   return result
+
+
+def _report_predictions(config, claim: run_dir.Claim, info, file_stems: dict[str, str]) -> dict:
+  """predictions.json (what was predicted, and where each scene's GeoTIFFs are) and predictions/
+  (process 0); prints where they are."""
+  result = {
+      "split": config.data.split, "checkpoint": str(config.checkpoint),
+      "num_scenes": len(file_stems), "class_names": list(info.class_names),
+      "nodata": predictions.NODATA,
+      "scenes": [{"scene_id": scene_id, **{kind: f"{PREDICTIONS}/{stem}_{kind}.tif"
+                                           for kind in ("class", "colour")}}
+                 for scene_id, stem in file_stems.items()]}
+  if jax.process_index() == 0:
+    _replace_outputs(config, claim, LISTING, result, None)
+    print(f"split {config.data.split!r} has no labels, so nothing was scored; wrote the "
+          f"predictions of {len(file_stems)} scenes (<scene>_class.tif, <scene>_colour.tif) to "
+          f"{claim.path / PREDICTIONS}, listed in {claim.path / LISTING}")
+  return result
+
+
+def _replace_outputs(config, claim: run_dir.Claim, report: str, result: dict, write_figure) -> None:
+  """predictions/ replaced by this run's, the confusion-matrix figure written by
+  `write_figure(path)` (or removed when None), and `report` (METRICS or LISTING) written
+  last: it marks the outputs complete. Either report of an earlier run goes first."""
+  work = claim.path
+  out, replaced, png = work / PREDICTIONS, work / _REPLACED, work / "confusion_matrix.png"
+  for name in (METRICS, LISTING):
+    (work / name).unlink(missing_ok=True)
+  try:
+    if write_figure is None:
+      _remove(png)
+    else:
+      write_figure(png)
+    claim.record_config("evaluate")
+    if out.exists() or out.is_symlink():
+      os.replace(out, replaced)
+    if config.write_predictions:
+      os.replace(work / _PARTIAL, out)
+    _remove(replaced)
+    _write_json(work / report, result)
+  except BaseException:
+    # Without the report the outputs left would be a mix of this run's and the last one's.
+    for path in (out, replaced, png):
+      _remove(path)
+    raise
 
 
 def _reference_lines(reference: dict) -> str:
