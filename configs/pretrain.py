@@ -93,7 +93,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # The online segmentation probe (docs/probe.md): a linear head on the frozen encoder's
   # features of 1% of the labelled training tiles, scored on the validation split.
   c.probe = dict(enabled=not tiny, every_steps=50 if tiny else 1000, split="train", fraction=0.01,
-                 eval_split="val", eval_fraction=None, head="linear", steps=100 if tiny else 300,
+                 # A typed None, so that --config.probe.eval_fraction=0.05 parses.
+                 eval_split="val", eval_fraction=ml_collections.config_dict.placeholder(float),
+                 head="linear", steps=100 if tiny else 300,
                  lr=0.01, batch_size=16 if tiny else 64)
   if reference:
     _reference_protocol(c)

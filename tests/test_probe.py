@@ -220,3 +220,18 @@ def test_summary_line():
   assert probe_lib.summary(history, "val") == (
       "Online probe (a head on the frozen features, scored on the 'val' split): mIoU 10.00%, "
       "OA 50.00% at step 0 (untrained) → mIoU 31.25%, OA 75.00% at step 42")
+
+
+def test_probe_eval_fraction_can_be_set_on_the_command_line():
+  """Its default is None, which a plain None would leave without a type to parse a flag into."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
+  def parse(*overrides):
+    argv = ["train.py", "--config=configs/pretrain.py:glcnet,tiny", *overrides]
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", flag_values=values, sys_argv=argv)
+    values(argv)
+    return values.config
+
+  assert parse("--config.probe.eval_fraction=0.05").probe.eval_fraction == 0.05
+  assert parse().probe.eval_fraction is None
