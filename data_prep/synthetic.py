@@ -412,6 +412,8 @@ def write_corpus(out_dir: str | os.PathLike, num_scenes: int = 4, height: int = 
     raise ValueError(f"dtype must be one of {sorted(NODATA_DTYPES)}, got {dtype!r}")
   if num_scenes < 1:
     raise ValueError(f"num_scenes must be >= 1, got {num_scenes}")
+  if seed < 0:
+    raise ValueError(f"seed must be >= 0, got {seed}")
   out = pathlib.Path(out_dir)
   if out.exists():
     raise FileExistsError(f"{out}: already exists; remove it or choose another --out")
@@ -454,8 +456,10 @@ def save_preview(scene: Scene, path: str | os.PathLike):
   """Writes a PNG of a scene: true colour | NIR-R-G false colour | label colours."""
   import matplotlib.pyplot as plt
 
-  rgb = scene.image[..., :3]
-  false_colour = scene.image[..., [3, 0, 1]] if scene.image.shape[-1] >= 4 else rgb
+  bands = scene.image.shape[-1]
+  # Fewer than three bands: the first as grey.
+  rgb = scene.image[..., :3] if bands >= 3 else np.repeat(scene.image[..., :1], 3, axis=-1)
+  false_colour = scene.image[..., [3, 0, 1]] if bands >= 4 else rgb
   panels = [np.clip(rgb * 1.3, 0, 1), np.clip(false_colour * 1.3, 0, 1),
             colour_label(scene.label).astype(np.float32) / 255]
   gap = np.ones((scene.label.shape[0], 8, 3), np.float32)

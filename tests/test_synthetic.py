@@ -75,3 +75,14 @@ def test_cli_refuses_existing_output_and_bad_arguments(tmp_path, capsys):
   assert "too small" in capsys.readouterr().err
   assert not (tmp_path / "x").exists()
   assert [p.name for p in tmp_path.iterdir()] == ["taken"]
+
+
+def test_cli_bad_seed_names_it_and_preview_takes_any_band_count(tmp_path, capsys):
+  assert synthetic.main(["--out", str(tmp_path / "x"), "--seed", "-1"]) == 2
+  assert capsys.readouterr().err.strip() == "error: seed must be >= 0, got -1"
+  assert not (tmp_path / "x").exists()
+  for bands in (1, 2):
+    preview = tmp_path / f"p{bands}.png"
+    assert synthetic.main(["--out", str(tmp_path / f"c{bands}"), "--scenes", "1", "--size", "64",
+                           "--bands", str(bands), "--preview", str(preview)]) == 0
+    assert preview.stat().st_size > 0
