@@ -8,6 +8,14 @@ with stride 128 and averaged logits, as the reference evaluates. Variant
 "reference" (or metrics_mode="reference") also reports the reference's mIoU:
 per-class IoU per tile, a class absent from a tile scoring 0, averaged over
 tiles (docs/reproducing.md).
+
+On a split without labels (a dataset converted without --labels) it predicts instead:
+predictions/<scene>_class.tif and <scene>_colour.tif, georeferenced as the scenes, and
+predictions.json listing them, with no scores:
+
+    python train.py --config=configs/evaluate.py --workdir=runs/map_2024 \
+        --config.data.path=/data/new_scenes --config.data.split=train \
+        --config.checkpoint=runs/ft_glcnet_1pct
 """
 import ml_collections
 

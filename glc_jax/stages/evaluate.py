@@ -11,8 +11,19 @@ geotransform. Scene ids become file names through predictions.scene_file_stems
 (an id that is no safe file name gets a readable, unique replacement), and no
 prediction is written outside predictions/.
 
+A split without labels (data_prep without --labels) is predicted only, for mapping new
+scenes: the same GeoTIFFs (255/black outside every tile and where every band equals the
+image nodata data_prep was given with --nodata, the one nodata an unlabelled record keeps),
+and predictions.json instead of metrics.json and the confusion matrix: split, checkpoint,
+num_scenes, class_names, nodata and, per scene, its scene_id and the workdir-relative paths
+of its class and colour GeoTIFFs. Not a metrics.json without scores, so that a script
+reading scores finds none rather than a file that looks like an evaluation. The classes are
+the dataset's own (data_prep --class-map), else those in the metadata.json of the dataset
+the checkpoint was fine-tuned on (data.path of its run's config.json); metrics_mode is moot
+and write_predictions False is refused (nothing would be done).
+
 The predictions are written to a hidden folder that replaces predictions/ whole
-at the end, just before metrics.json is written: an interrupted run leaves the
+at the end, just before metrics.json (or predictions.json) is written: an interrupted run leaves the
 previous outputs as they were, or none if it had begun replacing them (only
 config.json then).
 A workdir holds one evaluation: a rerun with another config (other than
