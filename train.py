@@ -12,12 +12,9 @@ says what is wrong or what the stopped run keeps.
 """
 import contextlib
 import importlib
-import logging as python_logging
 import os
 import pathlib
 import shutil
-import signal
-import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -62,18 +59,6 @@ def interrupted_message(stage: str, workdir: str | os.PathLike) -> str:
   return f"{stage}: interrupted; run the same command again to {stage} again"
 
 
-def interrupt(signum, frame) -> None:
-  """SIGINT handler: KeyboardInterrupt, as Python's own, with the libraries' logging off.
-
-  Libraries log the interrupt that cuts them short (Orbax: "Save Finalize
-  thread failed" and a traceback) before it reaches run_command, whose one line
-  says what the stopped run keeps.
-  """
-  del signum, frame
-  python_logging.disable(python_logging.CRITICAL)
-  raise KeyboardInterrupt
-
-
 def _remove_if_only_cache(work: pathlib.Path, cache: str | None) -> None:
   """Removes the workdir a failed run made when all it holds is the compilation cache.
 
@@ -95,25 +80,17 @@ def run_command(config, workdir: str, compilation_cache: str | None = None) -> N
   work = pathlib.Path(workdir)
   made = not work.exists()
   cache = compile_cache.enable(compilation_cache or work / "jax_cache")
-  if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where SIGINT is ignored
-    signal.signal(signal.SIGINT, interrupt)
+  cli.catch_interrupts()
   try:
     run_stage(config, workdir)
     return
   except (setup.ConfigError, loop.NonFiniteLossError, checkpoint.CheckpointError) as e:
     line, status = f"error: {e}", 1
   except KeyboardInterrupt:
-    line, status = interrupted_message(config.stage, work), 128 + signal.SIGINT
+    line, status = interrupted_message(config.stage, work), cli.INTERRUPTED
   if made:
     _remove_if_only_cache(work, cache)
-  print(line, file=sys.stderr)
-  if status != 1:
-    # An interrupted compile leaves XLA's threads running, and the interpreter's teardown
-    # around them can segfault; the run's own clean-up (the lock, partial files) has run.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(status)  # pylint: disable=protected-access
-  sys.exit(status)
+  cli.exit_with(line, status)
 
 
 def main(argv):

@@ -1,5 +1,8 @@
-"""What train.py and `python -m glc_jax.benchmark` share: config-flag errors in one line."""
+"""What train.py and `python -m glc_jax.benchmark` share: config-flag errors and a Ctrl-C in one line."""
+import logging as python_logging
+import os
 import re
+import signal
 import sys
 
 import ml_collections
@@ -53,3 +56,39 @@ def config_value(holder: flags.FlagHolder) -> ml_collections.ConfigDict:
   except OSError as e:
     sys.exit(f"error: --config: {str(e).strip().splitlines()[-1].strip()}")
   return config
+
+
+INTERRUPTED = 128 + signal.SIGINT  # the exit status a shell gives a command Ctrl-C stopped
+
+
+def interrupt(signum, frame) -> None:
+  """SIGINT handler: KeyboardInterrupt, as Python's own, with the libraries' logging off.
+
+  Libraries log the interrupt that cuts them short (Orbax: "Save Finalize
+  thread failed" and a traceback) before it reaches the command, whose one line
+  says what the stopped run keeps.
+  """
+  del signum, frame
+  python_logging.disable(python_logging.CRITICAL)
+  raise KeyboardInterrupt
+
+
+def catch_interrupts() -> None:
+  """Installs `interrupt` for SIGINT, unless SIGINT is ignored (a background job's)."""
+  if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, interrupt)
+
+
+def exit_with(line: str, status: int) -> None:
+  """Ends the command with `line` on stderr and exit status `status`.
+
+  After a Ctrl-C the exit skips the interpreter's teardown: an interrupted
+  compile leaves XLA's threads running, and tearing down around them can
+  segfault. The run's own clean-up (locks, partial files) has run by then.
+  """
+  print(line, file=sys.stderr)
+  if status == INTERRUPTED:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)  # pylint: disable=protected-access
+  sys.exit(status)

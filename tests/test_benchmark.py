@@ -77,7 +77,7 @@ def test_bad_keys_fail_in_one_line(tmp_path):
   with pytest.raises(matrix.BenchmarkConfigError, match="finetune.epochz"):
     matrix.finetune_config(config, matrix.Cell("random", 0.05, 0), tmp_path, "/d", 24)
   config = _small_config()
-  matrix.check_same_setup(config, tmp_path)
+  matrix.record_setup(config, tmp_path)
   config.seeds = (0, 1, 2)  # growing the matrix is allowed
   matrix.check_same_setup(config, tmp_path)
   config.finetune_steps = 7
@@ -91,7 +91,7 @@ def test_bad_keys_fail_in_one_line(tmp_path):
 
 def test_a_workdir_set_up_before_the_step_keys_existed_reruns(tmp_path):
   config = _small_config()
-  matrix.check_same_setup(config, tmp_path)
+  matrix.record_setup(config, tmp_path)
   path = tmp_path / "benchmark_config.json"
   record = json.loads(path.read_text())
   del record["finetune_validate_steps"], record["finetune_patience_steps"]
@@ -102,10 +102,55 @@ def test_a_workdir_set_up_before_the_step_keys_existed_reruns(tmp_path):
     matrix.check_same_setup(config, tmp_path)
 
 
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+  """Four scenes of four tiles: 8 train tiles (2 in the 25% subset), 4 val, 4 test."""
+  from data_prep import convert, synthetic  # pylint: disable=import-outside-toplevel
+  root = tmp_path_factory.mktemp("bench_data")
+  synthetic.write_corpus(root / "corpus", num_scenes=4, height=128, width=128, seed=0, bands=4)
+  return str(convert.convert(str(root / "corpus" / "images"), root / "ds",
+                             str(root / "corpus" / "labels"),
+                             class_map=str(root / "corpus" / "class_dict.csv"), tile=64,
+                             split_fractions={"train": 0.5, "val": 0.25, "test": 0.25},
+                             workers=0, progress=False))
+
+
+def test_a_failed_attempt_leaves_the_workdir_open_to_a_corrected_one(dataset, tmp_path, monkeypatch):
+  """The walkthrough's sequence: a batch too large for the training split, then one too large for
+  the label subset, each found before any stage runs and named by the benchmark's key; neither
+  attempt records a setup, so the corrected command goes on to pretrain."""
+  from glc_jax.benchmark import runner  # pylint: disable=import-outside-toplevel
+  from glc_jax.stages import setup  # pylint: disable=import-outside-toplevel
+
+  class Pretrained(Exception):
+    pass
+
+  def pretrain(config, workdir):
+    raise Pretrained(config.data.batch_size)
+
+  monkeypatch.setattr(runner.pretrain, "run", pretrain)
+  config = _small_config()
+  config.methods, config.fractions, config.seeds = ("glcnet",), (0.25,), (0,)
+  config.data.path, config.compilation_cache = dataset, False
+  work = tmp_path / "bench"
+  with pytest.raises(setup.ConfigError, match=r"^pretrain\.data\.batch_size 32 is larger than the 8 "
+                     r"records of split 'train'$"):
+    runner.run(config, str(work))
+  config.pretrain.data.batch_size = 8
+  with pytest.raises(setup.ConfigError, match=(
+      r"^finetune\.data\.batch_size 8 is larger than the 2 records that fractions 0\.25 keeps of "
+      r"split 'train' \(8 records\); raise fractions or lower finetune\.data\.batch_size$")):
+    runner.run(config, str(work))
+  config.fractions = (1.0,)
+  with pytest.raises(Pretrained):
+    runner.run(config, str(work))
+  assert not (work / "benchmark_config.json").exists()
+
+
 # The matrix runs in a subprocess with the stages replaced by fakes that take
 # ~0.3 s and write what the real ones write (metrics.json last, atomically), so
 # the test exercises the runner's own bookkeeping: which cells it skips, runs
-# and resumes. The stages' own resume is tested with the stages.
+# and resumes, through the command's main. The stages' own resume is tested with the stages.
 _DRIVER = textwrap.dedent("""
     import json, os, pathlib, sys, time
     from glc_jax.benchmark import matrix, runner
@@ -130,33 +175,63 @@ _DRIVER = textwrap.dedent("""
       getattr(runner, stage).run = fake(stage)
     runner.prepare_data = lambda config, work: "/nonexistent/dataset"
     runner.labelled_counts = lambda config, path: {float(f): 24 for f in config.fractions}
-    config = matrix.load_config("benchmark", "small")
-    config.methods = ("glcnet",)
-    config.compilation_cache = False
-    runner.run(config, sys.argv[1])
+    runner.check_batches = lambda config, work, path: None
+    from absl import app
+    from glc_jax import cli
+    from glc_jax.benchmark import __main__ as command
+    # config_flags reads its --config.KEY overrides from sys.argv itself.
+    sys.argv = ["benchmark", f"--config={matrix.CONFIG_DIR / 'benchmark.py'}:small",
+                f"--workdir={sys.argv[1]}", "--config.methods=('glcnet',)",
+                "--config.compilation_cache=False"]
+    app.run(command.main, flags_parser=cli.parse_flags)
 """)
 
 
-@pytest.mark.slow
-def test_killed_matrix_resumes_without_redoing_finished_cells(tmp_path):
+_ALL_CELLS = [matrix.Cell(i, f, s) for s in (0, 1) for i in ("glcnet", "random") for f in (0.05, 0.25)]
+
+
+def _start_after_first_cell(tmp_path):
+  """The driver, started and left running once its first cell has finished; its stderr is piped."""
   driver = tmp_path / "driver.py"
   driver.write_text(_DRIVER)
   work, log = tmp_path / "bench", tmp_path / "calls.log"
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  first = matrix.Cell("glcnet", 0.05, 0)
-  first_metrics = matrix.eval_dir(work, first) / "metrics.json"
-  proc = subprocess.Popen([sys.executable, str(driver), str(work), str(log)], env=env,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  # A shell starts background jobs with SIGINT ignored and children inherit that; a terminal's
+  # Ctrl-C reaches a foreground command, which has the default.
+  proc = subprocess.Popen([sys.executable, str(driver), str(work), str(log)], env=env, text=True,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+  first_metrics = matrix.eval_dir(work, _ALL_CELLS[0]) / "metrics.json"
   deadline = time.time() + 60
   while not first_metrics.exists():
-    assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+    assert proc.poll() is None, proc.stderr.read()[-2000:]
     assert time.time() < deadline, "the first cell never finished"
     time.sleep(0.05)
+  return proc, driver, work, log, env
+
+
+def test_ctrl_c_is_one_line_saying_what_is_kept(tmp_path):
+  proc, _, work, _, _ = _start_after_first_cell(tmp_path)
+  time.sleep(0.5)  # into the next cell's stages
+  proc.send_signal(signal.SIGINT)
+  _, stderr = proc.communicate(timeout=60)
+  done = len(list((work / "eval").glob("*/*/*/metrics.json")))
+  assert proc.returncode == 130, stderr[-2000:]
+  assert stderr.splitlines() == [
+      f"benchmark: interrupted; {work} keeps the {done} of 8 cells that finished; run the same "
+      "command again to go on: finished cells are reused and the interrupted one resumes from its "
+      "newest checkpoint"], stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_killed_matrix_resumes_without_redoing_finished_cells(tmp_path):
+  proc, driver, work, log, env = _start_after_first_cell(tmp_path)
+  first = _ALL_CELLS[0]
+  first_metrics = matrix.eval_dir(work, first) / "metrics.json"
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   mtime = first_metrics.stat().st_mtime_ns
-  all_cells = [matrix.Cell(i, f, s) for s in (0, 1) for i in ("glcnet", "random") for f in (0.05, 0.25)]
-  assert sum(matrix.is_done(work, c) for c in all_cells) < len(all_cells)
+  assert sum(matrix.is_done(work, c) for c in _ALL_CELLS) < len(_ALL_CELLS)
   calls_before = log.read_text().splitlines()
 
   done = subprocess.run([sys.executable, str(driver), str(work), str(log)], env=env,
@@ -166,14 +241,14 @@ def test_killed_matrix_resumes_without_redoing_finished_cells(tmp_path):
   assert first_metrics.stat().st_mtime_ns == mtime
   assert not any(str(matrix.finetune_dir(work, first)) in c or str(matrix.eval_dir(work, first)) in c
                  for c in rerun_calls)
-  assert all(matrix.is_done(work, c) for c in all_cells)
+  assert all(matrix.is_done(work, c) for c in _ALL_CELLS)
   # Every cell was evaluated exactly once over both runs.
   evaluations = [c for c in calls_before + rerun_calls if c.startswith("evaluate ")]
-  assert sorted(evaluations) == sorted(f"evaluate {matrix.eval_dir(work, c)}" for c in all_cells)
+  assert sorted(evaluations) == sorted(f"evaluate {matrix.eval_dir(work, c)}" for c in _ALL_CELLS)
 
   rows = report.read_csv(work / "results.csv")
-  assert len(rows) == len(all_cells)
-  expected = {(c.init, c.fraction, c.seed): 0.5 + 0.1 * c.seed + c.fraction for c in all_cells}
+  assert len(rows) == len(_ALL_CELLS)
+  expected = {(c.init, c.fraction, c.seed): 0.5 + 0.1 * c.seed + c.fraction for c in _ALL_CELLS}
   assert all(math.isclose(r["overall_accuracy"], expected[(r["init"], r["fraction"], r["seed"])])
              for r in rows)
   # glcnet at 5%: seeds 0 and 1 give 55% and 65% → 60.00 ± 7.07 (tied with random: bold).

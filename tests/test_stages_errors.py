@@ -320,10 +320,11 @@ def test_train_py_ctrl_c_is_one_line(tmp_path, during):
 def test_after_ctrl_c_the_libraries_log_nothing(caplog):
   """Orbax logs the interrupt that cuts its save short, with a traceback; the run's one line is enough."""
   import logging  # pylint: disable=import-outside-toplevel
-  train = _train_module()
+
+  from glc_jax import cli  # pylint: disable=import-outside-toplevel
   try:
     with pytest.raises(KeyboardInterrupt):
-      train.interrupt(signal.SIGINT, None)
+      cli.interrupt(signal.SIGINT, None)
     logging.getLogger("orbax").error("[wait_until_finished] Save Finalize thread (save_finalize) failed.")
     assert not caplog.records
   finally:

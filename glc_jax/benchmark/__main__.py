@@ -2,7 +2,8 @@
 
 Runs the comparison matrix (see configs/benchmark.py) and writes DIR/results.csv,
 DIR/results.md and DIR/{overall_accuracy,kappa,miou}.png. Rerunning the same
-command continues a killed run; finished cells are reused.
+command continues a killed run; finished cells are reused. A Ctrl-C ends it with
+one line saying what is kept (exit status 130).
 """
 import sys
 
@@ -25,10 +26,13 @@ def main(argv):
   from glc_jax.benchmark import matrix, runner  # pylint: disable=import-outside-toplevel
   from data_prep.errors import DataPrepError  # pylint: disable=import-outside-toplevel
   from glc_jax.stages import setup  # pylint: disable=import-outside-toplevel
+  cli.catch_interrupts()
   try:
     failed = runner.run(config, _WORKDIR.value)
   except (matrix.BenchmarkConfigError, setup.ConfigError, DataPrepError) as e:
     sys.exit(f"error: {e}")
+  except KeyboardInterrupt:
+    cli.exit_with(runner.interrupted_message(config, _WORKDIR.value), cli.INTERRUPTED)
   if failed:
     sys.exit(f"error: {len(failed)} cell(s) stopped on a non-finite loss: {', '.join(failed)}")
 

@@ -191,17 +191,30 @@ _MATRIX_KEYS = ("methods", "random_init", "imagenet_path", "fractions", "seeds",
 _ADDED_KEYS = {"finetune_validate_steps": 0, "finetune_patience_steps": 0}
 
 
+def _setup(config: ml_collections.ConfigDict) -> dict:
+  return {k: v for k, v in json.loads(config.to_json()).items() if k not in _MATRIX_KEYS}
+
+
+def _setup_record(work: pathlib.Path) -> pathlib.Path:
+  return work / "benchmark_config.json"
+
+
 def check_same_setup(config: ml_collections.ConfigDict, work: pathlib.Path) -> None:
-  """Records the setup in the workdir; a rerun with another setup is an error."""
-  record = work / "benchmark_config.json"
-  setup = {k: v for k, v in json.loads(config.to_json()).items() if k not in _MATRIX_KEYS}
-  if record.is_file():
-    saved = {**_ADDED_KEYS, **json.loads(record.read_text())}
-    changed = sorted(k for k in set(saved) | set(setup) if saved.get(k) != setup.get(k))
-    if changed:
-      raise BenchmarkConfigError(
-          f"{record}: this workdir was run with other settings of {', '.join(changed)}; "
-          "finished cells would not be comparable. Use a new --workdir")
+  """A workdir whose finished cells ran with another setup is an error (record_setup keeps it)."""
+  record = _setup_record(work)
+  if not record.is_file():
     return
-  work.mkdir(parents=True, exist_ok=True)
-  files.write_text_atomic(record, json.dumps(setup, indent=2, sort_keys=True) + "\n")
+  saved, setup = {**_ADDED_KEYS, **json.loads(record.read_text())}, _setup(config)
+  changed = sorted(k for k in set(saved) | set(setup) if saved.get(k) != setup.get(k))
+  if changed:
+    raise BenchmarkConfigError(
+        f"{record}: this workdir was run with other settings of {', '.join(changed)}; "
+        "finished cells would not be comparable. Use a new --workdir")
+
+
+def record_setup(config: ml_collections.ConfigDict, work: pathlib.Path) -> None:
+  """Records the setup once a cell has finished with it; until then a rerun may change it
+  (a failed first attempt must not lock the workdir to settings that never produced a cell)."""
+  record = _setup_record(work)
+  if not record.is_file():
+    files.write_text_atomic(record, json.dumps(_setup(config), indent=2, sort_keys=True) + "\n")

@@ -14,7 +14,7 @@ import time
 
 import ml_collections
 
-from glc_jax import compile_cache
+from glc_jax import compile_cache, parallel
 from glc_jax.benchmark import matrix, report
 from glc_jax.benchmark.matrix import Cell
 from glc_jax.stages import evaluate, finetune, loop, pretrain, probe, setup
@@ -48,6 +48,27 @@ def labelled_counts(config: ml_collections.ConfigDict, data_path: str) -> dict[f
                      (config.data.test_split, "data.test_split")):
     setup.open_split(data_path, split, split_key=key)
   return counts
+
+
+def check_batches(config: ml_collections.ConfigDict, work: pathlib.Path, data_path: str) -> None:
+  """Each stage's batch size against the devices and the tiles it draws from, named by the
+  benchmark's keys, before any cell runs: the fine-tuning stage would find a batch larger
+  than a label subset only once that cell's pretraining has finished."""
+  mesh = parallel.make_data_mesh()
+  train_split = config.data.train_split
+  if config.methods:
+    source, info = setup.open_split(data_path, train_split, split_key="data.train_split")
+    for method in config.methods:
+      batch = matrix.pretrain_config(config, method, config.seeds[0], data_path).data.batch_size
+      setup.checked_batch(batch, mesh, len(source), key="pretrain.data.batch_size", info=info)
+  for fraction in config.fractions:
+    source, info = setup.open_split(data_path, train_split, float(fraction),
+                                    split_key="data.train_split", fraction_key="fractions")
+    for init in matrix.inits(config):
+      cell = Cell(init, float(fraction), config.seeds[0])
+      batch = matrix.finetune_config(config, cell, work, data_path, len(source)).data.batch_size
+      setup.checked_batch(batch, mesh, len(source), key="finetune.data.batch_size", info=info,
+                          fraction_key="fractions")
 
 
 def _read_metrics(work: pathlib.Path, cell: Cell) -> dict:
@@ -94,6 +115,16 @@ def write_reports(config, work: pathlib.Path, plots: bool) -> list[dict]:
   return rows
 
 
+def interrupted_message(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """The one line a Ctrl-C prints: what the stopped benchmark keeps and how to go on."""
+  work = pathlib.Path(workdir)
+  cells = matrix.cells(config)
+  done = sum(matrix.is_done(work, cell) for cell in cells)
+  return (f"benchmark: interrupted; {work} keeps the {done} of {len(cells)} cells that finished; "
+          "run the same command again to go on: finished cells are reused and the interrupted "
+          "one resumes from its newest checkpoint")
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
   """Runs every unfinished cell; returns the names of cells that failed (non-finite loss)."""
   work = pathlib.Path(workdir)
@@ -103,6 +134,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
     compile_cache.enable(work / "jax_cache")
   data_path = prepare_data(config, work)
   counts = labelled_counts(config, data_path)
+  check_batches(config, work, data_path)
   cells = matrix.cells(config)
   failed = []
   for k, cell in enumerate(cells, 1):
@@ -119,6 +151,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
       continue
     print(f"[{k}/{len(cells)}] {cell.name}: OA {100 * result['overall_accuracy']:.2f}, "
           f"mIoU {100 * result['miou']:.2f} ({time.perf_counter() - start:.0f} s)")
+    matrix.record_setup(config, work)
     write_reports(config, work, plots=False)
   write_reports(config, work, plots=True)
   return failed
