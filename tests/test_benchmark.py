@@ -48,6 +48,26 @@ def test_csv_round_trip_keeps_every_cell(tmp_path):
   assert back[0]["iou_car"] == 0.5 and back[1]["iou_building"] == 0.125
 
 
+def test_one_fraction_plots_the_inits_side_by_side_mid_axis(tmp_path, monkeypatch):
+  """Each init's point sits near the middle of the x axis (in axes coordinates), a few
+  pixels from the other's, as with several fractions."""
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  figures, close = [], plt.close
+  monkeypatch.setattr(plt, "close", lambda fig: (figures.append(fig), close(fig)))
+  rows = [_row(init, 0.25, seed, 0.5 + 0.1 * seed, 0.2, 0.3) for init in ("glcnet", "random")
+          for seed in (0, 1)]
+  report.plot_metrics(rows, ["glcnet", "random"], [0.25], tmp_path)
+  assert len(figures) == len(report.METRICS)
+  for fig in figures:
+    ax = fig.axes[0]
+    to_axes = ax.transData + ax.transAxes.inverted()
+    xs = [to_axes.transform((line.get_xdata()[0], line.get_ydata()[0]))[0] for line in ax.lines
+          if len(line.get_xdata()) == 1 and line.get_marker() not in ("_", "|", "None", None)]
+    assert len(xs) == 2 and all(0.4 < x < 0.6 for x in xs), xs
+    width_px = fig.get_size_inches()[0] * fig.dpi * ax.get_position().width
+    assert 2 < abs(xs[0] - xs[1]) * width_px < 40, xs
+
+
 def _small_config():
   return matrix.load_config("benchmark", "small")
 

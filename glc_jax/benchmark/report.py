@@ -335,6 +335,9 @@ def plot_metrics(rows: Sequence[Mapping], inits: Sequence[str], fractions: Seque
       ax.errorbar([100 * f * shift for f in fs], means, yerr=stds, marker=markers[k % len(markers)],
                   capsize=3, label=init)
     ax.set_xscale("log")
+    # The same room either side of the fractions, whatever their number: autoscaled to one
+    # fraction, the axis would span only the sideways shifts and put the inits at its edges.
+    ax.set_xlim(100 * min(fractions) / 10 ** 0.2, 100 * max(fractions) * 10 ** 0.2)
     ax.set_xticks([100 * f for f in fractions], [_fraction_label(f) for f in fractions])
     ax.minorticks_off()
     ax.set_xlabel("labelled fraction of the training split")
