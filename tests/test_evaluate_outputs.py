@@ -331,6 +331,30 @@ def test_evaluation_normalises_as_the_checkpoint_was_trained(dataset, fine_tuned
   np.testing.assert_allclose(seen[0], expected, rtol=1e-5, atol=1e-5)
 
 
+def test_new_scenes_are_normalised_with_the_statistics_the_checkpoint_was_trained_with(
+    dataset, fine_tuned, tmp_path, monkeypatch):
+  """Scenes converted on their own have their own band statistics; the model saw those of its
+  training dataset (the run's data.path)."""
+  synthetic.write_corpus(tmp_path / "new", num_scenes=1, height=128, width=128, seed=11)
+  new = convert.convert(str(tmp_path / "new" / "images"), tmp_path / "new_ds",
+                        str(tmp_path / "new" / "labels"), class_map=str(tmp_path / "new" / "class_dict.csv"),
+                        tile=64, workers=0, progress=False)
+  seen = []
+  monkeypatch.setattr(evaluate.inference, "sliding_window_logits", lambda image, *a, **k: (
+      seen.append(image), np.zeros(image.shape[:2] + (fine_tuned.num_classes,), np.float32))[1])
+  evaluate.run(_evaluate_config(new, _trained_with(tmp_path, "stats", dataset)), str(tmp_path / "eval"))
+  trained = json.loads((dataset / "metadata.json").read_text())["splits"]["train"]["band_stats"]
+  own = json.loads((new / "metadata.json").read_text())["splits"]["train"]["band_stats"]
+  assert not np.allclose(trained["mean"], own["mean"], rtol=1e-3)
+  source, _ = setup.open_split(str(new), "train")
+  image = np.zeros((128, 128, fine_tuned.num_bands), np.float64)
+  for record in (source[i] for i in range(len(source))):
+    row, col, h, w = record["window"]
+    image[row:row + h, col:col + w] = record["image"]
+  expected = (image - np.asarray(trained["mean"])) / np.asarray(trained["std"])
+  np.testing.assert_allclose(seen[0], expected, rtol=1e-5, atol=1e-5)
+
+
 def test_another_norm_than_the_checkpoints_is_refused(dataset, fine_tuned, tmp_path):
   config = _evaluate_config(dataset, _trained_with(tmp_path, "reference"))
   config.data.norm = "stats"

@@ -32,8 +32,11 @@ evaluates again and replaces the outputs.
 
 Config keys (configs/evaluate.py): data.path, data.split; data.norm, empty to
 take the checkpoint run's (its config.json; 'reference' without one), and
-refused when it differs from it; checkpoint (a fine-tuning workdir: its best
-state; or one step directory in it, whose run config is the workdir's); model (depth, output_stride, width, dtype), taken from the checkpoint
+refused when it differs from it; 'stats' normalises with the band statistics
+of the checkpoint run's dataset, which for scenes converted on their own are
+not theirs; checkpoint (a fine-tuning workdir: its best state; or one step
+directory in it, whose run config is the workdir's); model (depth,
+output_stride, width, dtype), taken from the checkpoint
 run's config.json when model_from_checkpoint is True; eval.crop, eval.stride,
 eval.batch_size; write_predictions; metrics_mode: 'ours' (one global confusion
 matrix) or 'reference' (also the reference's mIoU: per-class IoU on each tile
@@ -89,6 +92,27 @@ def _norm_mode(config: ml_collections.ConfigDict, run_config: dict) -> str:
     raise setup.ConfigError(f"data.norm is {config.data.norm!r}, but {config.checkpoint} was "
                             f"trained with {trained!r}; leave data.norm unset to use the checkpoint's")
   return config.data.norm or trained or "reference"
+
+
+def _normalisation(norm_mode: str, info, config: ml_collections.ConfigDict, run_config: dict) -> dict:
+  """The recipe's norm config: for 'stats', the band statistics the checkpoint was trained
+  with, those of its run's dataset (data.path in its config.json) when that is another
+  dataset than the one evaluated, e.g. new scenes converted on their own, whose statistics
+  the model never saw."""
+  trained_on = (run_config.get("data") or {}).get("path")
+  if (norm_mode != "stats" or not trained_on
+      or pathlib.Path(trained_on).resolve() == pathlib.Path(config.data.path).resolve()):
+    return pipelines.dataset_data_config(info, norm_mode=norm_mode)["norm"]
+  split = (run_config.get("data") or {}).get("split") or "train"
+  try:
+    _, trained_info = setup.open_split(trained_on, split)
+  except setup.ConfigError as e:
+    raise setup.ConfigError(f"checkpoint: {config.checkpoint} was trained with data.norm 'stats' "
+                            f"on the band statistics of {trained_on}, which does not open ({e})") from None
+  if trained_info.num_bands != info.num_bands:
+    raise setup.ConfigError(f"checkpoint: {config.checkpoint} was trained on {trained_info.num_bands} "
+                            f"bands ({trained_on}), data.path has {info.num_bands}")
+  return pipelines.dataset_data_config(trained_info, norm_mode="stats")["norm"]
 
 
 def _pretraining_checkpoint(run_config: dict, variables, expected) -> str | None:
@@ -248,7 +272,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   run_config = _run_config(config.checkpoint)
   if not info.labelled:
     info = _with_checkpoint_classes(info, run_config, config.checkpoint)
-  norm_mode = _norm_mode(config, run_config)
+  norm = _normalisation(_norm_mode(config, run_config), info, config, run_config)
   model = finetune.build_model(_model_config(config, run_config), info.num_classes)
   try:
     variables = checkpoint.load_variables(config.checkpoint)
@@ -266,7 +290,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     _sync("evaluate: predictions folder made")
     try:
       confusion, file_stems, tile_iou = _predict(config, partial, source, info, model, variables,
-                                                 norm_mode)
+                                                 norm)
       if not info.labelled:
         return _report_predictions(config, claim, info, file_stems)
       return _report(config, claim, info, confusion, len(file_stems), tile_iou)
@@ -275,7 +299,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       raise
 
 
-def _predict(config, partial: pathlib.Path, source, info, model, variables, norm_mode: str):
+def _predict(config, partial: pathlib.Path, source, info, model, variables, norm: dict):
   """(the split's confusion matrix, {scene id: file stem} of its scenes, and for metrics_mode
   'reference' (sum of per-tile IoUs, tile count), else None); writes this process's scenes'
   predictions into `partial`. An unlabelled split is predicted only (a zero matrix)."""
@@ -284,7 +308,6 @@ def _predict(config, partial: pathlib.Path, source, info, model, variables, norm
   variables = jax.device_put(variables, parallel.replicated_sharding(local))
   forward = jax.jit(lambda v, x: model.apply(v, x, train=False),
                     in_shardings=(parallel.replicated_sharding(local), parallel.batch_sharding(local)))
-  norm = pipelines.dataset_data_config(info, norm_mode=norm_mode)["norm"]
   eval_cfg = recipes.config_from_dict(recipes.EvalConfig, {"norm": norm}, "eval")
 
   scenes = list(_scenes(source).items())
