@@ -355,6 +355,16 @@ def test_new_scenes_are_normalised_with_the_statistics_the_checkpoint_was_traine
   np.testing.assert_allclose(seen[0], expected, rtol=1e-5, atol=1e-5)
 
 
+def test_a_relative_training_dataset_not_found_from_here_is_one_line(dataset, fine_tuned, tmp_path):
+  config = _evaluate_config(dataset, _trained_with(tmp_path, "stats", "runs/elsewhere/dataset"))
+  with pytest.raises(setup.ConfigError, match=(
+      r"^checkpoint: .*/ft was trained with data.norm 'stats' on the band statistics of "
+      r"runs/elsewhere/dataset, a path relative to the folder the training ran in and not found "
+      r"from this one; run from that folder$")):
+    evaluate.run(config, str(tmp_path / "eval"))
+  assert not (tmp_path / "eval").exists()
+
+
 def test_another_norm_than_the_checkpoints_is_refused(dataset, fine_tuned, tmp_path):
   config = _evaluate_config(dataset, _trained_with(tmp_path, "reference"))
   config.data.norm = "stats"

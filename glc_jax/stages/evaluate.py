@@ -104,6 +104,10 @@ def _normalisation(norm_mode: str, info, config: ml_collections.ConfigDict, run_
       or pathlib.Path(trained_on).resolve() == pathlib.Path(config.data.path).resolve()):
     return pipelines.dataset_data_config(info, norm_mode=norm_mode)["norm"]
   split = (run_config.get("data") or {}).get("split") or "train"
+  if not pathlib.Path(trained_on).is_absolute() and not pathlib.Path(trained_on).exists():
+    raise setup.ConfigError(f"checkpoint: {config.checkpoint} was trained with data.norm 'stats' on "
+                            f"the band statistics of {trained_on}, a path relative to the folder the "
+                            "training ran in and not found from this one; run from that folder")
   try:
     _, trained_info = setup.open_split(trained_on, split)
   except setup.ConfigError as e:
@@ -164,6 +168,10 @@ def _with_checkpoint_classes(info, run_config: dict, checkpoint_path: str):
                             f"and {checkpoint_path} has no run config naming its training dataset; "
                             f"{hint}")
   path = pathlib.Path(trained_on) / "metadata.json"
+  if not path.is_absolute() and not path.exists():
+    raise setup.ConfigError(f"checkpoint: its training dataset, {trained_on}, is a path relative to "
+                            "the folder the training ran in, and not found from this one; run from "
+                            f"that folder, or {hint}")
   try:
     metadata = json.loads(path.read_text())
     names, colours = list(metadata["class_names"]), metadata["class_colours"]
