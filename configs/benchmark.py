@@ -3,6 +3,7 @@
     python -m glc_jax.benchmark --config=configs/benchmark.py --workdir=runs/bench \
         --config.data.path=/data/potsdam_tiles [--config.imagenet_path=ckpt/resnet50_imagenet]
     python -m glc_jax.benchmark --config=configs/benchmark.py:small --workdir=runs/bench_small
+    python -m glc_jax.benchmark --config=configs/benchmark.py:smoke --workdir=runs/bench_smoke
 
 Every method gets the same backbone, data, budget and seeds. Per method and
 seed one pretraining run; per label fraction one fine-tuning run from it
@@ -12,6 +13,10 @@ from configs/{pretrain,finetune,evaluate}.py; `pretrain`, `finetune` and
 `evaluate` below override their keys for every cell.
 
 Variants:
+  smoke      the small variant cut to a check that the whole benchmark runs: glcnet
+             and random init, fraction 0.25, seeds 0 and 1, a corpus of 8 scenes,
+             4 pretraining and 10 fine-tuning steps; about 2-3 minutes on a 2-core
+             CPU. Its scores mean nothing.
   (default)  all 8 methods + random (+ imagenet) × fractions 0.01, 0.05, 0.1,
              0.25, 0.5, 1.0 × seeds 0, 1, 2; full-size model, the reference's
              budgets (400 pretraining epochs, 150 fine-tuning epochs).
@@ -32,10 +37,13 @@ ALL_METHODS = ("glcnet", "glcnet_nostyle", "glcnet_noglobal", "glcnet_nolocal", 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   variant = arg or "full"
-  if variant not in ("full", "small", "medium"):
-    raise ValueError(f"configs/benchmark.py: unknown variant {arg!r}; use 'small', 'medium' or none")
+  if variant not in ("full", "smoke", "small", "medium"):
+    raise ValueError(f"configs/benchmark.py: unknown variant {arg!r}; use 'smoke', 'small', "
+                     "'medium' or none")
   if variant == "medium":
     return _medium()
+  if variant == "smoke":
+    return _smoke()
   small = variant == "small"
   c = ml_collections.ConfigDict()
   c.variant = variant
@@ -80,6 +88,27 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       dict(write_predictions=False))
   # Persistent XLA compilation cache shared by all cells (same shapes compile once).
   c.compilation_cache = True
+  return c
+
+
+def _smoke() -> ml_collections.ConfigDict:
+  """Every step of the benchmark (corpus, pretraining with the probe, fine-tuning from both
+  inits, evaluation, results.md with its paired section, the plots) at the least work."""
+  c = get_config("small")
+  c.variant = "smoke"
+  c.methods = ("glcnet",)
+  c.fractions = (0.25,)
+  # 8 scenes of 256² → 32 tiles of 128² (16 train, 8 val, 8 test); 4 labelled tiles at 25%.
+  c.synthetic.num_scenes = 8
+  c.synthetic.size = 256
+  c.synthetic.split_fractions = "train=0.5,val=0.25,test=0.25"
+  c.pretrain = ml_collections.ConfigDict(
+      dict(epochs=2, data=dict(batch_size=8, num_workers=0),
+           probe=dict(enabled=True, every_steps=2)))
+  c.finetune = ml_collections.ConfigDict(
+      dict(data=dict(batch_size=4, num_workers=0), input=dict(crop_size=128)))
+  c.finetune_steps = 10
+  c.finetune_validate_steps = 5
   return c
 
 

@@ -87,6 +87,15 @@ def test_stage_configs_carry_the_cell():
   assert ev.checkpoint == "/w/finetune/glcnet/f0.05/seed1" and ev.data.split == "test"
 
 
+def test_the_report_title_says_when_the_variant_was_overridden():
+  from glc_jax.benchmark import runner  # pylint: disable=import-outside-toplevel
+  config = matrix.load_config("benchmark", "smoke")
+  assert runner.variant_label(config) == "smoke"
+  config.finetune_steps = 20
+  assert runner.variant_label(config) == "smoke, with overrides"
+  assert runner.variant_label(matrix.load_config("benchmark", None)) == "full"
+
+
 def test_bad_keys_fail_in_one_line(tmp_path):
   config = _small_config()
   config.methods = ("glcnet", "byol")

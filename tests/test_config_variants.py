@@ -240,11 +240,12 @@ def _nested(base, flat: dict) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(out)
 
 
-def _benchmark_config(env, variant: str):
+def _benchmark_config(env, variant: str, cells: dict | None = None):
+  """The variant with its stage configs shrunk to those that ran above, on the test dataset;
+  `cells` overrides its matrix keys (methods, fractions, seeds, ...)."""
   _, config = _config("benchmark", variant)
-  _override(config, {"methods": ("glcnet",), "random_init": False, "fractions": (1.0,),
-                     "seeds": (0,), "finetune_steps": 0, "data.path": env["data"],
-                     "compilation_cache": False})
+  _override(config, {**(cells or {}), "finetune_steps": 0, "finetune_validate_steps": 0,
+                     "data.path": env["data"], "compilation_cache": False})
   config.pretrain = _nested(config.pretrain, _pretrain_overrides("glcnet"))
   config.finetune = _nested(config.finetune, {k: v for k, v in FINETUNE.items()
                                               if k != "data.label_fraction"})
@@ -253,17 +254,26 @@ def _benchmark_config(env, variant: str):
 
 
 @pytest.mark.slow
-def test_benchmark_small_runs_a_cell(env):
-  from glc_jax.benchmark import runner  # pylint: disable=import-outside-toplevel
-  work = env["root"] / "benchmark_small"
-  assert runner.run(_benchmark_config(env, "small"), str(work)) == []
-  assert (work / "results.csv").exists()
+def test_benchmark_smoke_runs_its_matrix(env):
+  """The smoke variant's matrix (glcnet and random init; one of its two seeds, as a second
+  runs the same programs) and its report."""
+  from glc_jax.benchmark import report, runner  # pylint: disable=import-outside-toplevel
+  work = env["root"] / "benchmark_smoke"
+  config = _benchmark_config(env, "smoke", {"seeds": (0,)})
+  assert runner.run(config, str(work)) == []
+  rows = report.read_csv(work / "results.csv")
+  assert sorted((r["init"], r["fraction"], r["seed"]) for r in rows) == [
+      ("glcnet", 0.25, 0), ("random", 0.25, 0)]
+  assert (work / "results.md").read_text().startswith(
+      "# Benchmark (smoke, with overrides): glcnet, random")
+  assert all((work / f"{k}.png").stat().st_size > 0 for k in ("overall_accuracy", "kappa", "miou"))
 
 
 def test_benchmark_full_cells_are_run_configs(env):
   """The full variant's stage configs, shrunk, are configs that ran above."""
   from glc_jax.benchmark import matrix  # pylint: disable=import-outside-toplevel
-  config = _benchmark_config(env, "full")
+  config = _benchmark_config(env, "full", {"methods": ("glcnet",), "random_init": False,
+                                           "fractions": (1.0,), "seeds": (0,)})
   cell = matrix.Cell("glcnet", 1.0, 0)
   pre = _flat(matrix.pretrain_config(config, "glcnet", 0, env["data"]).to_dict())
   ran = _shrunk("pretrain", "glcnet")

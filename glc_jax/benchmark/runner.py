@@ -93,6 +93,15 @@ def probe_histories(config, work: pathlib.Path) -> dict[tuple[str, int], list[di
   return {key: history for key, history in histories.items() if history}
 
 
+def variant_label(config: ml_collections.ConfigDict) -> str:
+  """The variant's name, with ', with overrides' when any key differs from the shipped variant."""
+  try:
+    shipped = matrix.load_config("benchmark", config.variant)
+  except ValueError:  # --config.variant itself was overridden
+    return f"{config.variant}, with overrides"
+  return config.variant if shipped.to_json() == config.to_json() else f"{config.variant}, with overrides"
+
+
 def write_reports(config, work: pathlib.Path, plots: bool) -> list[dict]:
   """results.csv and results.md from every finished cell (and PNG plots if `plots`), with the
   online probe's end-of-pretraining mIoU as the mIoU table's first column, where each
@@ -105,7 +114,7 @@ def write_reports(config, work: pathlib.Path, plots: bool) -> list[dict]:
     return rows
   report.write_csv(work / "results.csv", rows)
   inits, fractions = matrix.inits(config), [float(f) for f in config.fractions]
-  title = f"Benchmark ({config.variant}): {', '.join(inits)}"
+  title = f"Benchmark ({variant_label(config)}): {', '.join(inits)}"
   histories = probe_histories(config, work)
   report.write_markdown(work / "results.md", report.results_markdown(
       rows, inits, fractions, title, config.data.test_split, report.probe_scores(histories)))
