@@ -6,6 +6,7 @@ module import time rather than in a fixture.
 import atexit
 import os
 import shutil
+import signal
 import tempfile
 
 # LLVM optimisation level 0: the suite's programs are tiny and run a few steps,
@@ -72,3 +73,15 @@ def assert_tree_close(got, want, what, rtol=1e-5, leaf_rtol=1e-4):
                               f"difference {err:.2e}")
   total = np.sqrt(diff2) / max(np.sqrt(norm2), 1e-20)
   assert total <= rtol, f"{what}: relative difference {total:.2e}"
+
+
+def assert_ignore_sigint(processes) -> None:
+  """Each process (multiprocessing.Process) has SIGINT ignored, read from /proc: a terminal's
+  Ctrl-C reaches the whole process group, and a worker that took it would print its own
+  KeyboardInterrupt traceback above the parent's one line."""
+  assert processes
+  for process in processes:
+    ignored = int(next(line.split()[1] for line in open(f"/proc/{process.pid}/status")
+                       if line.startswith("SigIgn:")), 16)
+    assert ignored & (1 << (signal.SIGINT - 1)), f"{process.name} would take the Ctrl-C"
+

@@ -22,6 +22,7 @@ from data_prep import writer
 from data_prep.convert import convert
 from data_prep.errors import DataPrepError
 from glc_jax.data.source import open_dataset
+from conftest import assert_ignore_sigint
 from test_data_prep import no_leftovers, random_scene, write_tif
 
 
@@ -346,12 +347,7 @@ def test_reader_workers_leave_ctrl_c_to_the_parent(tmp_path):
   chunks = convert_lib._run_jobs(jobs, tiling.TileOptions(), workers=2)  # pylint: disable=protected-access
   try:
     assert len(next(chunks).records) == 16
-    workers = [p for p in multiprocessing.active_children() if p not in before]
-    assert workers
-    for worker in workers:
-      ignored = int(next(line.split()[1] for line in open(f"/proc/{worker.pid}/status")
-                         if line.startswith("SigIgn:")), 16)
-      assert ignored & (1 << (signal.SIGINT - 1)), f"worker {worker.name} would take the Ctrl-C"
+    assert_ignore_sigint([p for p in multiprocessing.active_children() if p not in before])
   finally:
     chunks.close()
   assert signal.getsignal(signal.SIGINT) is handler

@@ -11,6 +11,8 @@ import pytest
 from data_prep import convert, synthetic
 from glc_jax.stages import finetune, pretrain, setup
 
+from conftest import assert_ignore_sigint
+
 
 def _config(path, **overrides):
   import importlib.util
@@ -343,12 +345,7 @@ def test_grain_workers_leave_ctrl_c_to_the_parent():
   iterator = pipelines.make_iterator(grain.MapDataset.source([{"x": np.arange(4)}] * 4), num_workers=1)
   try:
     assert next(iterator)["x"].tolist() == [0, 1, 2, 3]
-    workers = [p for p in multiprocessing.active_children() if p not in before]
-    assert workers
-    for worker in workers:
-      ignored = int(next(line.split()[1] for line in open(f"/proc/{worker.pid}/status")
-                         if line.startswith("SigIgn:")), 16)
-      assert ignored & (1 << (signal.SIGINT - 1)), f"worker {worker.name} would take the Ctrl-C"
+    assert_ignore_sigint([p for p in multiprocessing.active_children() if p not in before])
   finally:
     iterator.close()
 
