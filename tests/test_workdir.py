@@ -203,6 +203,20 @@ def test_keys_that_change_the_run_are_refused(dataset, tmp_path, key, value):
       pass
 
 
+def test_the_same_dataset_written_relative_or_absolute_is_no_change(dataset, tmp_path, monkeypatch):
+  work = tmp_path / "work"
+  stored = _pretrain_config(dataset)
+  stored.data.path = dataset.name  # relative to the folder the run started in
+  _trained_workdir(work, stored)
+  config = _pretrain_config(dataset)
+  assert config.data.path == str(dataset) and os.path.isabs(config.data.path)
+  monkeypatch.chdir(dataset.parent)
+  assert run_dir.config_changes(work, config) == {}
+  config.data.path = str(tmp_path / "another")
+  with pytest.raises(run_dir.ConfigChangedError, match=r": data.path "):
+    run_dir.config_changes(work, config)
+
+
 def test_a_run_stored_before_a_key_was_added_resumes_at_its_old_value(dataset, tmp_path):
   work = tmp_path / "work"
   older = _pretrain_config(dataset)

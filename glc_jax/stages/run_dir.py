@@ -81,12 +81,22 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
   return flat
 
 
+# Keys naming a file or folder: the same place written relative or absolute is no change.
+PATH_KEYS = frozenset({"data.path", "init.path", "checkpoint"})
+
+
+def _same(key: str, old: Any, new: Any) -> bool:
+  if key in PATH_KEYS and isinstance(old, str) and isinstance(new, str) and old and new:
+    return os.path.abspath(old) == os.path.abspath(new)
+  return old == new
+
+
 def differing_keys(stored: dict[str, Any], config: ml_collections.ConfigDict) -> dict[str, tuple]:
   """{dotted key: (stored value, config's value)} where a flattened stored config and
   `config` differ; a key one of them lacks reads '<absent>' there."""
   new = flatten(_json_tree(config))
   return {k: (stored.get(k, _ABSENT), new.get(k, _ABSENT)) for k in sorted(set(stored) | set(new))
-          if stored.get(k, _ABSENT) != new.get(k, _ABSENT)}
+          if not _same(k, stored.get(k, _ABSENT), new.get(k, _ABSENT))}
 
 
 def holds_checkpoint(work: pathlib.Path) -> bool:
