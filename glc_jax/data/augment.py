@@ -414,6 +414,9 @@ def gaussian_blur(image: np.ndarray, ksize: int) -> np.ndarray:
 # Normalisation.
 
 
+NORM_MODES = ("reference", "stats")
+
+
 def normaliser(mode: str, bands: int, mean=None, std=None):
   """Per-band (scale, offset) so that normalised = x * scale + offset.
 
@@ -434,8 +437,7 @@ def normaliser(mode: str, bands: int, mean=None, std=None):
     if np.any(std <= 0):
       raise ValueError("normalisation std must be > 0 for every band")
     return 1.0 / std, -mean / std
-  raise ValueError(f"unknown normalisation mode {mode!r} "
-                   "(expected 'reference' or 'stats')")
+  raise ValueError(f"unknown normalisation mode {mode!r} (expected one of {NORM_MODES})")
 
 
 def normalise(image: np.ndarray, scale: np.ndarray, offset: np.ndarray,

@@ -94,29 +94,38 @@ def _norm_mode(config: ml_collections.ConfigDict, run_config: dict) -> str:
   return config.data.norm or trained or "reference"
 
 
+def _training_dataset(config: ml_collections.ConfigDict, run_config: dict, needed: str):
+  """DatasetInfo of the dataset the checkpoint was trained on (data.path and data.split of its
+  run's config.json), or None where the run config names none; `needed` says what is taken
+  from it, for the one-line errors."""
+  data = run_config.get("data") or {}
+  trained_on = data.get("path")
+  if not trained_on:
+    return None
+  prefix = f"checkpoint: {config.checkpoint} was trained with {needed} {trained_on}"
+  if not pathlib.Path(trained_on).is_absolute() and not pathlib.Path(trained_on).exists():
+    raise setup.ConfigError(f"{prefix}, a path relative to the folder the training ran in and not "
+                            "found from this one; run from that folder")
+  try:
+    _, info = setup.open_split(trained_on, data.get("split") or "train")
+  except setup.ConfigError as e:
+    raise setup.ConfigError(f"{prefix}, which does not open ({e})") from None
+  return info
+
+
 def _normalisation(norm_mode: str, info, config: ml_collections.ConfigDict, run_config: dict) -> dict:
   """The recipe's norm config: for 'stats', the band statistics the checkpoint was trained
-  with, those of its run's dataset (data.path in its config.json) when that is another
-  dataset than the one evaluated, e.g. new scenes converted on their own, whose statistics
-  the model never saw."""
+  with, those of its run's dataset when that is another dataset than the one evaluated, e.g.
+  new scenes converted on their own, whose statistics the model never saw."""
   trained_on = (run_config.get("data") or {}).get("path")
   if (norm_mode != "stats" or not trained_on
       or pathlib.Path(trained_on).resolve() == pathlib.Path(config.data.path).resolve()):
     return pipelines.dataset_data_config(info, norm_mode=norm_mode)["norm"]
-  split = (run_config.get("data") or {}).get("split") or "train"
-  if not pathlib.Path(trained_on).is_absolute() and not pathlib.Path(trained_on).exists():
-    raise setup.ConfigError(f"checkpoint: {config.checkpoint} was trained with data.norm 'stats' on "
-                            f"the band statistics of {trained_on}, a path relative to the folder the "
-                            "training ran in and not found from this one; run from that folder")
-  try:
-    _, trained_info = setup.open_split(trained_on, split)
-  except setup.ConfigError as e:
-    raise setup.ConfigError(f"checkpoint: {config.checkpoint} was trained with data.norm 'stats' "
-                            f"on the band statistics of {trained_on}, which does not open ({e})") from None
-  if trained_info.num_bands != info.num_bands:
-    raise setup.ConfigError(f"checkpoint: {config.checkpoint} was trained on {trained_info.num_bands} "
+  trained = _training_dataset(config, run_config, "data.norm 'stats' on the band statistics of")
+  if trained.num_bands != info.num_bands:
+    raise setup.ConfigError(f"checkpoint: {config.checkpoint} was trained on {trained.num_bands} "
                             f"bands ({trained_on}), data.path has {info.num_bands}")
-  return pipelines.dataset_data_config(trained_info, norm_mode="stats")["norm"]
+  return pipelines.dataset_data_config(trained, norm_mode="stats")["norm"]
 
 
 def _pretraining_checkpoint(run_config: dict, variables, expected) -> str | None:
@@ -155,33 +164,22 @@ def _check_compatible(variables, model, num_bands: int, where: str, checkpoint_p
                               f"{tuple(leaf.shape)} for this dataset and model")
 
 
-def _with_checkpoint_classes(info, run_config: dict, checkpoint_path: str):
+def _with_checkpoint_classes(info, config: ml_collections.ConfigDict, run_config: dict):
   """`info` of an unlabelled split, with the classes the checkpoint predicts: the dataset's own
-  (data_prep --class-map), else those of the dataset the checkpoint was fine-tuned on (its run's
-  data.path)."""
+  (data_prep --class-map), else those of the dataset the checkpoint was fine-tuned on."""
   if info.class_names:
     return info
   hint = "convert the scenes with data_prep --class-map to name the classes"
-  trained_on = (run_config.get("data") or {}).get("path")
-  if not trained_on:
+  trained = _training_dataset(config, run_config, "the classes of")
+  if trained is None:
     raise setup.ConfigError(f"data.path: split {info.split!r} has no labels and names no classes, "
-                            f"and {checkpoint_path} has no run config naming its training dataset; "
+                            f"and {config.checkpoint} has no run config naming its training dataset; "
                             f"{hint}")
-  path = pathlib.Path(trained_on) / "metadata.json"
-  if not path.is_absolute() and not path.exists():
-    raise setup.ConfigError(f"checkpoint: its training dataset, {trained_on}, is a path relative to "
-                            "the folder the training ran in, and not found from this one; run from "
-                            f"that folder, or {hint}")
-  try:
-    metadata = json.loads(path.read_text())
-    names, colours = list(metadata["class_names"]), metadata["class_colours"]
-  except (OSError, ValueError, KeyError, TypeError) as e:
-    raise setup.ConfigError(f"checkpoint: the classes of its training dataset, {path}: unreadable "
-                            f"({type(e).__name__}: {e}); {hint}") from None
-  if not names:
-    raise setup.ConfigError(f"checkpoint: its training dataset {path} names no classes; {hint}")
-  return dataclasses.replace(info, class_names=tuple(str(n) for n in names),
-                             class_colours=np.array(colours, np.uint8).reshape(-1, 3))
+  if not trained.class_names:
+    raise setup.ConfigError(f"checkpoint: its training dataset {run_config['data']['path']} names "
+                            f"no classes; {hint}")
+  return dataclasses.replace(info, class_names=trained.class_names,
+                             class_colours=trained.class_colours)
 
 
 def _image_nodata(info) -> float | None:
@@ -279,7 +277,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     raise setup.ConfigError("config key checkpoint is empty: set it to a fine-tuning run's workdir")
   run_config = _run_config(config.checkpoint)
   if not info.labelled:
-    info = _with_checkpoint_classes(info, run_config, config.checkpoint)
+    info = _with_checkpoint_classes(info, config, run_config)
   norm = _normalisation(_norm_mode(config, run_config), info, config, run_config)
   model = finetune.build_model(_model_config(config, run_config), info.num_classes)
   try:

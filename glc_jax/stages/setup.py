@@ -5,6 +5,7 @@ import jax
 import ml_collections
 
 from glc_jax import methods, optim, parallel
+from glc_jax.data import augment
 from glc_jax.data.source import DatasetInfo, TileSource, open_dataset
 from glc_jax.models import compute, resnet
 
@@ -81,16 +82,13 @@ def check_choices(config: ml_collections.ConfigDict, prefix: str = "") -> None:
       check_choices(value, f"{prefix}{key}.")
 
 
-NORM_MODES = ("reference", "stats")
-
-
 def check_norm(norm: str, info: DatasetInfo, key: str = "data.norm") -> None:
   """One-line ConfigError for an unknown normalisation, or 'reference' (x/255·3.2−1.6, which
   assumes 8-bit pixels) on a dataset of another dtype, where it would silently feed the
   model near-constant (float reflectance) or unbounded (uint16) inputs."""
-  if norm not in NORM_MODES:
+  if norm not in augment.NORM_MODES:
     raise ConfigError(f"config key {key} is {norm!r}; expected one of "
-                      f"{', '.join(map(repr, NORM_MODES))}")
+                      f"{', '.join(map(repr, augment.NORM_MODES))}")
   if norm == "reference" and info.dtype != "uint8":
     raise ConfigError(f"config key {key} is 'reference', which scales 8-bit pixels (x/255), but "
                       f"this dataset's images are {info.dtype}; set {key}=stats (each band's mean "
