@@ -71,6 +71,27 @@ class _Unrestorable(Exception):
   """One step directory does not restore; the argument says why, in one line."""
 
 
+class _StateOnly:
+  """A data iterator as Grain's Orbax handler sees it on restore: the state is set and
+  the prefetch is not started.
+
+  The handler starts the prefetch (the worker processes) right after setting the state.
+  A rerun of a finished run then starts workers only to stop them, and Grain loses the
+  shared-memory buffers of workers stopped that early (a resource_tracker warning at
+  exit); loop.fit starts the prefetch when it has steps to run. The handler passes the
+  state as bytes to an iterator that is not a DatasetIterator.
+  """
+
+  def __init__(self, iterator):
+    self._iterator = iterator
+
+  def set_state(self, state: bytes) -> None:
+    self._iterator.set_state(json.loads(state))
+
+  def start_prefetch(self) -> None:
+    pass
+
+
 class RunCheckpoints:
   """Saves and restores (state, data iterator) pairs under `workdir/checkpoints`.
 
@@ -124,7 +145,7 @@ class RunCheckpoints:
   def restore(self, state_template: PyTree, data_iterator) -> tuple[PyTree, int] | None:
     """Restores the newest checkpoint that restores, into the template's shapes and shardings.
 
-    The data iterator is restored in place. Newer checkpoints that fail are
+    The data iterator is restored in place, its prefetch not started. Newer checkpoints that fail are
     set aside, and so is a best state that does not restore (see the module
     docstring). Returns (state, step), or None when
     there is no checkpoint yet; raises CheckpointError when none restores.
@@ -135,7 +156,7 @@ class RunCheckpoints:
       try:
         restored = self._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(state_template),
-            data=grain.checkpoint.CheckpointRestore(data_iterator)))
+            data=grain.checkpoint.CheckpointRestore(_StateOnly(data_iterator))))
       except Exception as e:  # pylint: disable=broad-except
         failed.append((step, _one_line(e)))
         continue

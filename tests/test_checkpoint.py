@@ -1,4 +1,7 @@
 """Checkpoints restore the state and the data iterator exactly."""
+import multiprocessing
+import time
+
 import grain
 import jax
 import jax.numpy as jnp
@@ -6,6 +9,7 @@ import numpy as np
 import pytest
 
 from glc_jax import checkpoint
+from glc_jax.data import pipelines
 
 
 def _iterator(seed=0):
@@ -37,6 +41,47 @@ def test_resume_restores_state_and_data_position(tmp_path):
   assert next(fresh) == next(reference)  # 5 is off the interval: resume replays from step 4
   assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4]
   reopened.close()
+
+
+def _square(i):
+  return np.full((2,), i * i)
+
+
+def _data_workers(wait_s: float) -> list:
+  """The Grain worker processes alive now, or started within `wait_s`."""
+  deadline = time.monotonic() + wait_s
+  while True:
+    workers = [p for p in multiprocessing.active_children() if p.name.startswith("grain-")]
+    if workers or time.monotonic() > deadline:
+      return workers
+    time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_restore_sets_the_data_position_without_starting_workers(tmp_path):
+  # A rerun of a finished run restores and stops: workers started on restore were
+  # stopped before they settled and Grain lost their shared-memory buffers.
+  ds = grain.MapDataset.range(40).map(_square)
+  ckpt = checkpoint.RunCheckpoints(tmp_path, every_steps=1, keep=1)
+  it = pipelines.make_iterator(ds, num_workers=2)
+  try:
+    for step in range(1, 4):
+      next(it)
+      ckpt.save(step, _state(float(step)), it)
+    expected = [next(it) for _ in range(3)]
+  finally:
+    it.close()
+    ckpt.close()
+
+  reopened = checkpoint.RunCheckpoints(tmp_path, every_steps=1, keep=1)
+  fresh = pipelines.make_iterator(ds, num_workers=2)
+  try:
+    assert reopened.restore(_state(0.0), fresh)[1] == 3
+    assert _data_workers(wait_s=2.0) == []
+    np.testing.assert_array_equal([next(fresh) for _ in range(3)], expected)
+  finally:
+    fresh.close()
+    reopened.close()
 
 
 def test_best_keeps_highest_metric_and_read_state_finds_it(tmp_path):

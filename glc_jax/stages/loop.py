@@ -101,6 +101,9 @@ def fit(state: Any, train_step: Callable, iterator, rng: jax.Array, *, workdir: 
     log.message(f"{desc}: stopped early at step {start} (best {best_metric} at step "
                 f"{checkpoints.best_step()}); not training further")
     last_step = start
+  if last_step > start:
+    # Worker start-up overlaps the probe and the first step's compilation.
+    iterator.start_prefetch()
   # Summed on the device so that no step waits for the host.
   loss_sum, loss_steps = 0.0, 0
   try:
