@@ -137,6 +137,7 @@ class SplitResult:
   num_nonfinite: int = 0
   scene_ids: list = dataclasses.field(default_factory=list)
   scene_records: list = dataclasses.field(default_factory=list)  # records of each scene_ids entry
+  scene_shapes: list = dataclasses.field(default_factory=list)  # [height, width] of each scene
   stats: BandStatsAccumulator | None = None
   class_counts: np.ndarray | None = None
 
@@ -170,6 +171,7 @@ class SplitTally:
     if not result.scene_ids or result.scene_ids[-1] != scene.scene_id:
       result.scene_ids.append(scene.scene_id)
       result.scene_records.append(0)
+      result.scene_shapes.append([scene.height, scene.width])
     result.scene_records[-1] += num_records
 
   def finish(self) -> dict[str, SplitResult]:
@@ -459,6 +461,7 @@ def _metadata(results: dict[str, SplitResult], split_names: list[str], fingerpri
         "num_skipped_tiles": r.num_skipped,
         "nonfinite_pixel_count": r.num_nonfinite,
         "scene_ids": r.scene_ids,
+        "scene_shapes": r.scene_shapes,
         "band_stats": r.stats.summary(),
     }
     if labelled:

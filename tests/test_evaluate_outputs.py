@@ -440,6 +440,41 @@ def test_an_unlabelled_split_is_predicted_and_listed(dataset, unlabelled, fine_t
   assert f"predictions of 2 scenes" in printed and str(work / "predictions.json") in printed
 
 
+@pytest.fixture(scope="module")
+def trailing_nodata(dataset, tmp_path_factory):
+  """The scenes without labels, scene 0's last 64 rows nodata (0) in every band, converted so
+  that its bottom tiles are dropped."""
+  root = tmp_path_factory.mktemp("eval_trailing")
+  images = root / "images"
+  shutil.copytree(dataset.parent / "corpus" / "images", images)
+  with rasterio.open(images / "scene_000.tif", "r+") as f:
+    pixels = f.read()
+    pixels[:, 64:] = 0
+    f.write(pixels)
+  return convert.convert(str(images), root / "ds", None, tile=64, workers=0, progress=False,
+                         nodata=0, max_nodata_fraction=0.5, split_fractions={"test": 1.0})
+
+
+def test_predictions_cover_the_whole_scene_when_its_last_tiles_were_dropped(
+    dataset, trailing_nodata, fine_tuned, tmp_path):
+  """The prediction GeoTIFF lies on its source image pixel for pixel, the rows that gave no
+  tile as nodata, rather than ending at the last tile kept."""
+  assert json.loads((trailing_nodata / "metadata.json").read_text())["splits"]["test"][
+      "num_skipped_tiles"] == 2
+  work = tmp_path / "eval"
+  evaluate.run(_unlabelled_config(trailing_nodata, _trained_with(tmp_path, "reference", dataset)),
+               str(work))
+  listing = json.loads((work / "predictions.json").read_text())
+  with rasterio.open(dataset.parent / "corpus" / "images" / "scene_000.tif") as f:
+    source = (f.height, f.width, f.crs, f.transform)
+  with rasterio.open(work / listing["scenes"][0]["class"]) as f:
+    assert (f.height, f.width, f.crs, f.transform) == source
+    classes = f.read(1)
+  expected = np.zeros((128, 128), np.uint8)
+  expected[64:] = 255
+  np.testing.assert_array_equal(classes, expected)
+
+
 def test_an_unlabelled_split_without_class_names_is_refused(unlabelled, fine_tuned, tmp_path):
   with pytest.raises(setup.ConfigError, match=(
       r"^data.path: split 'test' has no labels and names no classes, and .*/ft has no run config "

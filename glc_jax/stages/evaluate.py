@@ -198,16 +198,28 @@ def _scenes(source) -> dict[str, list[int]]:
   return scenes
 
 
-def _assemble(source, indices: list[int], bands: int, nodata: float | None = None):
+def _scene_shapes(info, split: str) -> dict[str, tuple[int, int]]:
+  """Each scene's (height, width) as data_prep read it; empty for a dataset made before
+  data_prep recorded them (its scenes then end at their last tile)."""
+  entry = info.metadata["splits"][split]
+  return {scene_id: tuple(shape) for scene_id, shape in
+          zip(entry["scene_ids"], entry.get("scene_shapes", ()))}
+
+
+def _assemble(source, indices: list[int], bands: int, nodata: float | None = None,
+              shape: tuple[int, int] | None = None):
   """(image, label, crs, scene transform, (n, 4) tile windows) of one scene.
 
-  Unlabelled records get a stand-in label: 255 (ignored) outside every tile and where each
-  band equals the image `nodata`, else 0, so that the unscored pixels are found alike.
+  The scene is `shape` (height, width) when given, else it ends at its last tile. Unlabelled
+  records get a stand-in label: 255 (ignored) outside every tile and where each band equals
+  the image `nodata`, else 0, so that the unscored pixels are found alike.
   """
   records = [source[i] for i in indices]
   windows = np.array([r["window"] for r in records], np.int64)
   height = int((windows[:, 0] + windows[:, 2]).max())
   width = int((windows[:, 1] + windows[:, 3]).max())
+  if shape is not None:
+    height, width = max(height, shape[0]), max(width, shape[1])
   image = np.zeros((height, width, bands), records[0]["image"].dtype)
   label = np.full((height, width), 255, np.uint8)
   for record, (row, col, h, w) in zip(records, windows):
@@ -322,11 +334,13 @@ def _predict(config, partial: pathlib.Path, source, info, model, variables, norm
   confusion = np.zeros((info.num_classes,) * 2, np.int64)
   per_tile = config.get("metrics_mode", "ours") == "reference" and info.labelled
   nodata = None if info.labelled else _image_nodata(info)
+  shapes = _scene_shapes(info, config.data.split)
   tile_iou_sum, num_tiles = np.zeros(info.num_classes), 0
   from tqdm import tqdm  # pylint: disable=import-outside-toplevel
   for scene_id, indices in tqdm(mine, desc=f"evaluate {config.data.split}", unit="scene",
                                 disable=jax.process_index() != 0):
-    image, label, crs, transform, windows = _assemble(source, indices, info.num_bands, nodata)
+    image, label, crs, transform, windows = _assemble(source, indices, info.num_bands, nodata,
+                                                       shapes.get(scene_id))
     normalised = recipes.eval_example({"image": image}, eval_cfg)["image"]
     logits = inference.sliding_window_logits(
         normalised, lambda x: forward(variables, x), crop=config.eval.crop,
