@@ -4,6 +4,7 @@ import os
 import re
 import signal
 import sys
+import threading
 
 import ml_collections
 from absl import flags
@@ -77,6 +78,28 @@ def catch_interrupts() -> None:
   """Installs `interrupt` for SIGINT, unless SIGINT is ignored (a background job's)."""
   if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
     signal.signal(signal.SIGINT, interrupt)
+    sys.unraisablehook = _interrupt_again(sys.unraisablehook)
+
+
+def _interrupt_again(hook):
+  """An unraisable-exception hook that sends a swallowed KeyboardInterrupt again.
+
+  Python ignores an exception raised in a __del__ method or a garbage-collection
+  callback (JAX installs one), so a Ctrl-C landing there would be lost. It is
+  sent again a moment later from a timer thread (sent at once, the handler would
+  run inside this hook and be ignored too), and again if that one lands in such
+  code as well, until it reaches the command.
+  """
+
+  def unraisable(info) -> None:
+    if issubclass(info.exc_type, KeyboardInterrupt):
+      resend = threading.Timer(0.05, os.kill, args=(os.getpid(), signal.SIGINT))
+      resend.daemon = True
+      resend.start()
+    else:
+      hook(info)
+
+  return unraisable
 
 
 def exit_with(line: str, status: int) -> None:
