@@ -107,10 +107,13 @@ def exit_with(line: str, status: int) -> None:
 
   After a Ctrl-C the exit skips the interpreter's teardown: an interrupted
   compile leaves XLA's threads running, and tearing down around them can
-  segfault. The run's own clean-up (locks, partial files) has run by then.
+  segfault. The run's own clean-up (locks, partial files) has run by then; the
+  data workers' shared memory is released here.
   """
   print(line, file=sys.stderr)
   if status == INTERRUPTED:
+    from glc_jax.data import pipelines  # pylint: disable=import-outside-toplevel
+    pipelines.release_batches()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status)  # pylint: disable=protected-access

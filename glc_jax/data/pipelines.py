@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import gc
 import inspect
 import os
 import signal
@@ -431,6 +432,20 @@ def _exit_with_parent(parent: int, poll_s: float = 1.0) -> None:
     os._exit(0)  # pylint: disable=protected-access
 
   threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+def release_batches() -> None:
+  """Frees the batches this process still holds and waits until their worker
+  shared memory is unlinked: for an exit that skips the interpreter's teardown
+  (cli.exit_with after a Ctrl-C), which would leave the unlinking to the
+  resource tracker and its "leaked shared_memory" warning. Reference cycles
+  hold some batches, and Grain unlinks on a thread pool of its own.
+  """
+  gc.collect()
+  pool = getattr(grain.multiprocessing.SharedMemoryArray, "_del_thread_pool", None)
+  if pool is not None:
+    pool.close()
+    pool.join()
 
 
 def _to_global(batch: dict, sharding) -> dict:
