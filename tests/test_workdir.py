@@ -217,6 +217,18 @@ def test_the_same_dataset_written_relative_or_absolute_is_no_change(dataset, tmp
     run_dir.config_changes(work, config)
 
 
+def test_config_json_keeps_the_dataset_as_an_absolute_path(dataset, tmp_path, monkeypatch):
+  """Evaluation reads the training dataset from config.json, maybe from another folder."""
+  config = _pretrain_config(dataset)
+  monkeypatch.chdir(dataset.parent)
+  config.data.path = dataset.name
+  with run_dir.claim(tmp_path / "work", config) as claim:
+    claim.record_config("pretrain")
+  stored = json.loads((tmp_path / "work" / "config.json").read_text())
+  assert stored["data"]["path"] == str(dataset)
+  assert run_dir.config_changes(tmp_path / "work", config) == {}
+
+
 def test_a_run_stored_before_a_key_was_added_resumes_at_its_old_value(dataset, tmp_path):
   work = tmp_path / "work"
   older = _pretrain_config(dataset)

@@ -85,6 +85,21 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
 PATH_KEYS = frozenset({"data.path", "init.path", "checkpoint"})
 
 
+def _absolute_paths(tree: dict) -> dict:
+  """`tree` (a config as a dict) with its PATH_KEYS values made absolute, as config.json keeps
+  them: a relative one would be read later from another folder (evaluation opens the training
+  dataset named there). URLs (gs://...) are left as they are."""
+  for key in PATH_KEYS:
+    *parents, name = key.split(".")
+    node = tree
+    for part in parents:
+      node = node.get(part) if isinstance(node, dict) else None
+    value = node.get(name) if isinstance(node, dict) else None
+    if isinstance(value, str) and value and "://" not in value:
+      node[name] = os.path.abspath(value)
+  return tree
+
+
 def _same(key: str, old: Any, new: Any) -> bool:
   if key in PATH_KEYS and isinstance(old, str) and isinstance(new, str) and old and new:
     return os.path.abspath(old) == os.path.abspath(new)
@@ -227,7 +242,8 @@ class Claim:
       return
     if not holds_checkpoint(self.path):
       files.write_text_atomic(self.path / CONFIG_FILE,
-                              json.dumps(self.config.to_dict(), indent=2, default=str) + "\n")
+                              json.dumps(_absolute_paths(self.config.to_dict()), indent=2,
+                                         default=str) + "\n")
     elif self.changes:
       record = {"time": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                 "changes": {k: {"from": old, "to": new} for k, (old, new) in self.changes.items()}}
