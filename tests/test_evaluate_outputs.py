@@ -365,6 +365,23 @@ def test_a_relative_training_dataset_not_found_from_here_is_one_line(dataset, fi
   assert not (tmp_path / "eval").exists()
 
 
+def test_a_dataset_naming_the_classes_in_another_order_is_refused(dataset, fine_tuned, tmp_path):
+  """Same class count, so the checkpoint fits; every score would be of the wrong class."""
+  lines = (dataset.parent / "corpus" / "class_dict.csv").read_text().splitlines()
+  (tmp_path / "swapped.csv").write_text("\n".join([lines[0], lines[2], lines[1], *lines[3:]]) + "\n")
+  swapped = convert.convert(str(dataset.parent / "corpus" / "images"), tmp_path / "swapped",
+                            str(dataset.parent / "corpus" / "labels"),
+                            class_map=str(tmp_path / "swapped.csv"), tile=64, workers=0,
+                            progress=False)
+  config = _evaluate_config(swapped, _trained_with(tmp_path, "reference", dataset))
+  with pytest.raises(setup.ConfigError, match=(
+      r"^data.path: the classes of .*/swapped \(building, impervious_surfaces, low_vegetation, "
+      r"tree, car, clutter\) are not those .*/ft was trained on \(impervious_surfaces, building, "
+      r".*, from .*\); convert the scenes with the training dataset's class map$")):
+    evaluate.run(config, str(tmp_path / "eval"))
+  assert not (tmp_path / "eval").exists()
+
+
 def test_another_norm_than_the_checkpoints_is_refused(dataset, fine_tuned, tmp_path):
   config = _evaluate_config(dataset, _trained_with(tmp_path, "reference"))
   config.data.norm = "stats"

@@ -182,6 +182,25 @@ def _with_checkpoint_classes(info, config: ml_collections.ConfigDict, run_config
                              class_colours=trained.class_colours)
 
 
+def _check_same_classes(info, config: ml_collections.ConfigDict, run_config: dict) -> None:
+  """Refuses a split whose classes are not, name for name, those of the dataset the checkpoint
+  was trained on (a count that differs is refused before, by the checkpoint's shapes): in
+  another order, every score would be silently wrong.
+  A training dataset that no longer opens (moved since) leaves nothing to compare against."""
+  data = run_config.get("data") or {}
+  if not data.get("path") or not info.class_names:
+    return
+  try:
+    _, trained = setup.open_split(data["path"], data.get("split") or "train")
+  except setup.ConfigError:
+    return
+  if tuple(trained.class_names) != tuple(info.class_names):
+    raise setup.ConfigError(
+        f"data.path: the classes of {config.data.path} ({', '.join(info.class_names)}) are not "
+        f"those {config.checkpoint} was trained on ({', '.join(trained.class_names)}, from "
+        f"{data['path']}); convert the scenes with the training dataset's class map")
+
+
 def _image_nodata(info) -> float | None:
   """The image nodata value data_prep was given (--nodata), if finite: the one per-pixel trace
   of nodata an unlabelled record keeps (a NaN nodata was filled with 0 like other non-finite
@@ -297,6 +316,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   except (FileNotFoundError, checkpoint.CheckpointError) as e:
     raise setup.ConfigError(f"checkpoint: {e}") from None
   _check_compatible(variables, model, info.num_bands, "checkpoint", config.checkpoint, run_config)
+  _check_same_classes(info, config, run_config)
   with run_dir.claim(workdir, config) as claim:
     _check_rerun(claim.path, config)
     partial = claim.path / _PARTIAL
