@@ -382,6 +382,16 @@ def test_a_dataset_naming_the_classes_in_another_order_is_refused(dataset, fine_
   assert not (tmp_path / "eval").exists()
 
 
+def test_a_stride_longer_than_the_window_is_refused_before_loading(dataset, tmp_path):
+  config = _evaluate_config(dataset, tmp_path / "no_checkpoint_needed")
+  config.eval.stride = 65
+  with pytest.raises(setup.ConfigError, match=(
+      r"^config key eval.stride is 65; it must be at most eval.crop \(64\), or pixels between "
+      r"windows go unpredicted$")):
+    evaluate.run(config, str(tmp_path / "eval"))
+  assert not (tmp_path / "eval").exists()
+
+
 def test_another_norm_than_the_checkpoints_is_refused(dataset, fine_tuned, tmp_path):
   config = _evaluate_config(dataset, _trained_with(tmp_path, "reference"))
   config.data.norm = "stats"

@@ -48,7 +48,7 @@ def test_jigsaw_permutation_set_checks_file_and_count(tmp_path):
   good = tmp_path / "good.npy"
   np.save(good, np.array([np.arange(9), np.arange(9)[::-1]]))
   assert pipelines.jigsaw_permutation_set(str(good), 2).shape == (2, 9)
-  with pytest.raises(ValueError, match="num_permutations = 1000"):
+  with pytest.raises(ValueError, match="good.npy holds 2 permutations but model.num_permutations = 1000"):
     pipelines.jigsaw_permutation_set(str(good), 1000)
   bad = tmp_path / "bad.npy"
   np.save(bad, np.array([[0, 0, 2, 3, 4, 5, 6, 7, 8]]))

@@ -15,12 +15,12 @@ from glc_jax.stages import finetune, pretrain, setup
 from conftest import assert_ignore_sigint
 
 
-def _config(path, **overrides):
+def _config(path, variant="glcnet,tiny", **overrides):
   import importlib.util
   spec = importlib.util.spec_from_file_location("pretrain_cfg", "configs/pretrain.py")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  config = module.get_config("glcnet,tiny")
+  config = module.get_config(variant)
   config.data.path = str(path)
   for key, value in overrides.items():
     section, name = key.split(".")
@@ -197,6 +197,24 @@ def test_finetune_random_init_refuses_a_set_init_path(labelled, tmp_path, no_com
       r"clear init.path or use configs/finetune.py:checkpoint$")):
     finetune.run(config, str(tmp_path / "w"))
   assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, r"jigsaw permutations .*perms.npy: cannot read a .npy array"),
+    ([list(range(9))] * 2, r".*perms.npy holds 2 permutations but model.num_permutations = 1000; "
+                           r"set them equal"),
+])
+def test_pretrain_jigsaw_permutation_file_errors_are_one_line(dataset, tmp_path, no_compute, content,
+                                                              message):
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  path = tmp_path / "perms.npy"
+  if content is not None:
+    np.save(path, np.array(content))
+  config = _config(dataset, variant="jigsaw,tiny", **{"data.batch_size": 8})
+  config.input.permutations = str(path)
+  with pytest.raises(setup.ConfigError, match=f"^input.permutations: {message}"):
+    pretrain.run(config, str(tmp_path / "work"))
+  assert not (tmp_path / "work").exists()
 
 
 def test_pretrain_batch_larger_than_the_split_names_the_split(dataset, tmp_path, no_compute):

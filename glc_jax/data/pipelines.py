@@ -195,8 +195,8 @@ def jigsaw_permutation_set(path: str, count: int | None, tiles: int = 9) -> np.n
     return perms_lib.jigsaw_permutations(count or 1000, tiles)
   perms = perms_lib.load_permutations(path, tiles)
   if count is not None and len(perms) != count:
-    raise ValueError(f"input.permutations {path} holds {len(perms)} permutations but "
-                     f"config.model.num_permutations = {count}; set them equal")
+    raise ValueError(f"{path} holds {len(perms)} permutations but model.num_permutations = "
+                     f"{count}; set them equal")
   return perms
 
 

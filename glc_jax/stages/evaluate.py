@@ -297,6 +297,9 @@ def _sync(name: str) -> None:
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   setup.check_counts(config, {"eval.crop": 1, "eval.stride": 1, "eval.batch_size": 1})
+  if config.eval.stride > config.eval.crop:
+    raise setup.ConfigError(f"config key eval.stride is {config.eval.stride}; it must be at most "
+                            f"eval.crop ({config.eval.crop}), or pixels between windows go unpredicted")
   if config.get("metrics_mode", "ours") not in METRICS_MODES:
     raise setup.ConfigError(f"config key metrics_mode is {config.metrics_mode!r}; expected one "
                             f"of {METRICS_MODES}")

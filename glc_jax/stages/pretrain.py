@@ -37,8 +37,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   if config.method == "jigsaw":
     # The model's class count and the recipe's permutation set must agree.
     tiles = config.input.get("grid", 3) ** 2
-    permutations = pipelines.jigsaw_permutation_set(
-        config.input.get("permutations", ""), config.model.get("num_permutations", 1000), tiles)
+    try:
+      permutations = pipelines.jigsaw_permutation_set(
+          config.input.get("permutations", ""), config.model.get("num_permutations", 1000), tiles)
+    except ValueError as e:
+      raise setup.ConfigError(f"input.permutations: {e}") from None
   example_fn = pipelines.recipe_for(
       pipelines.recipe_name(config.method), config.input, permutations=permutations,
       dataset=pipelines.dataset_data_config(info, norm_mode=config.data.norm))
