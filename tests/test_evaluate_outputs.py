@@ -382,6 +382,31 @@ def test_a_dataset_naming_the_classes_in_another_order_is_refused(dataset, fine_
   assert not (tmp_path / "eval").exists()
 
 
+@pytest.fixture(scope="module")
+def uint16_dataset(tmp_path_factory):
+  root = tmp_path_factory.mktemp("eval_uint16")
+  synthetic.write_corpus(root / "corpus", num_scenes=2, height=128, width=128, seed=4, dtype="uint16")
+  return convert.convert(str(root / "corpus" / "images"), root / "ds", str(root / "corpus" / "labels"),
+                         class_map=str(root / "corpus" / "class_dict.csv"), tile=64, workers=0,
+                         progress=False)
+
+
+@pytest.mark.parametrize("trained_on, message", [
+    ("dataset", r"data.path: the images of .*/ds are uint16, but .*/ft was trained on uint8 images "
+                r"\(from .*\); its normalisation would not fit them: convert the scenes to the "
+                r"training dataset's pixel type"),
+    (None, r"config key data.norm is 'reference', which scales 8-bit pixels \(x/255\), but this "
+           r"dataset's images are uint16; .*"),
+])
+def test_pixels_of_another_type_than_the_training_data_are_refused(
+    dataset, uint16_dataset, fine_tuned, tmp_path, trained_on, message):
+  """Scaled as the 8-bit training data (x/255), uint16 pixels would reach ~400, silently."""
+  checkpoint = _trained_with(tmp_path, "reference", dataset if trained_on else None)
+  with pytest.raises(setup.ConfigError, match=f"^{message}$"):
+    evaluate.run(_evaluate_config(uint16_dataset, checkpoint), str(tmp_path / "eval"))
+  assert not (tmp_path / "eval").exists()
+
+
 def test_a_stride_longer_than_the_window_is_refused_before_loading(dataset, tmp_path):
   config = _evaluate_config(dataset, tmp_path / "no_checkpoint_needed")
   config.eval.stride = 65

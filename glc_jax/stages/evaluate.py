@@ -182,19 +182,26 @@ def _with_checkpoint_classes(info, config: ml_collections.ConfigDict, run_config
                              class_colours=trained.class_colours)
 
 
-def _check_same_classes(info, config: ml_collections.ConfigDict, run_config: dict) -> None:
-  """Refuses a split whose classes are not, name for name, those of the dataset the checkpoint
-  was trained on (a count that differs is refused before, by the checkpoint's shapes): in
-  another order, every score would be silently wrong.
-  A training dataset that no longer opens (moved since) leaves nothing to compare against."""
+def _check_like_training(info, config: ml_collections.ConfigDict, run_config: dict) -> None:
+  """Refuses a split whose pixel type or classes are not those of the dataset the checkpoint was
+  trained on: its normalisation would not fit the pixels, or, with the classes in another order
+  (a count that differs is refused before, by the checkpoint's shapes), every score would be of
+  another class. A training dataset that no longer opens (moved since) leaves nothing to
+  compare against."""
   data = run_config.get("data") or {}
-  if not data.get("path") or not info.class_names:
+  if not data.get("path"):
     return
   try:
     _, trained = setup.open_split(data["path"], data.get("split") or "train")
   except setup.ConfigError:
     return
-  if tuple(trained.class_names) != tuple(info.class_names):
+  if trained.dtype != info.dtype:
+    raise setup.ConfigError(
+        f"data.path: the images of {config.data.path} are {info.dtype}, but {config.checkpoint} "
+        f"was trained on {trained.dtype} images (from {data['path']}); its normalisation would "
+        "not fit them: convert the scenes to the training dataset's pixel type")
+  if (info.class_names and len(trained.class_names) == len(info.class_names)
+      and tuple(trained.class_names) != tuple(info.class_names)):
     raise setup.ConfigError(
         f"data.path: the classes of {config.data.path} ({', '.join(info.class_names)}) are not "
         f"those {config.checkpoint} was trained on ({', '.join(trained.class_names)}, from "
@@ -312,14 +319,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   run_config = _run_config(config.checkpoint)
   if not info.labelled:
     info = _with_checkpoint_classes(info, config, run_config)
-  norm = _normalisation(_norm_mode(config, run_config), info, config, run_config)
+  norm_mode = _norm_mode(config, run_config)
+  _check_like_training(info, config, run_config)
+  setup.check_norm(norm_mode, info)
+  norm = _normalisation(norm_mode, info, config, run_config)
   model = finetune.build_model(_model_config(config, run_config), info.num_classes)
   try:
     variables = checkpoint.load_variables(config.checkpoint)
   except (FileNotFoundError, checkpoint.CheckpointError) as e:
     raise setup.ConfigError(f"checkpoint: {e}") from None
   _check_compatible(variables, model, info.num_bands, "checkpoint", config.checkpoint, run_config)
-  _check_same_classes(info, config, run_config)
   with run_dir.claim(workdir, config) as claim:
     _check_rerun(claim.path, config)
     partial = claim.path / _PARTIAL
