@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
   tiles.add_argument("--stride", type=int, help="step between tiles in pixels (default: tile)")
   tiles.add_argument("--no-edge-tiles", action="store_true",
                      help="drop the remainder at the far edges instead of adding flush edge tiles")
-  tiles.add_argument("--nodata", type=float, help="image nodata value (overrides the files')")
+  tiles.add_argument("--nodata", type=float,
+                     help="image nodata value (overrides the files'); a value of their pixel type")
   tiles.add_argument("--max-nodata-fraction", type=float, default=0.5,
                      help="skip tiles with a larger share of nodata pixels (default 0.5)")
   cls = p.add_argument_group("classes")

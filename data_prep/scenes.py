@@ -123,6 +123,8 @@ def inspect_scenes(image_paths: Sequence[Path], label_paths: Sequence[Path] | No
                     nodata=nodata if nodata is not None else src.nodata)
     if first is None:
       first = scene
+      if nodata is not None:
+        _check_nodata(nodata, scene)
     elif scene.bands != first.bands:
       raise DataPrepError(f"{path}: {scene.bands} bands, but {first.image_path} has {first.bands}")
     elif scene.dtype != first.dtype:
@@ -136,6 +138,17 @@ def inspect_scenes(image_paths: Sequence[Path], label_paths: Sequence[Path] | No
       scene = _with_label(scene, labels_by_stem[stem])
     scenes.append(scene)
   return scenes
+
+
+def _check_nodata(nodata: float, scene: Scene) -> None:
+  """Refuses a --nodata the scenes' pixel type cannot hold: cast to it, -1 would become 255 on
+  uint8 and mark every white pixel as nodata."""
+  if not np.issubdtype(np.dtype(scene.dtype), np.integer):
+    return
+  info = np.iinfo(scene.dtype)
+  if not np.isfinite(nodata) or nodata != int(nodata) or not info.min <= nodata <= info.max:
+    raise DataPrepError(f"{scene.image_path}: --nodata {nodata:g} is not a {scene.dtype} value "
+                        f"(whole numbers {info.min}..{info.max}), so no pixel can have it")
 
 
 def _with_label(scene: Scene, label_path: Path) -> Scene:

@@ -351,3 +351,13 @@ def test_reader_workers_leave_ctrl_c_to_the_parent(tmp_path):
   finally:
     chunks.close()
   assert signal.getsignal(signal.SIGINT) is handler
+
+
+@pytest.mark.parametrize("nodata", ["-1", "300", "1.5", "nan"])
+def test_a_nodata_the_pixel_type_cannot_hold_is_refused(tmp_path, capsys, scene, nodata):
+  """Cast to uint8, -1 would be 255: every white pixel would become nodata, silently."""
+  line = _cli_error(capsys, ["--images", str(scene), "--tile", "16", "--out", str(tmp_path / "out"),
+                             f"--nodata={nodata}"])
+  assert line == (f"data_prep: error: {scene}: --nodata {float(nodata):g} is not a uint8 value "
+                  "(whole numbers 0..255), so no pixel can have it")
+  assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
