@@ -28,6 +28,26 @@ def _key_value(text: str) -> tuple[str, str]:
   return key, value
 
 
+def _one_file_each(pairs: list[tuple[str, str]], flag: str, same=str) -> dict[str, str] | None:
+  """NAME=FILE pairs as a dict, refusing a name given twice (a dict would keep the last file,
+  silently dropping the scenes of the first); `same` maps a name to what identifies it."""
+  files: dict[str, str] = {}
+  for key, value in pairs:
+    for earlier, earlier_file in files.items():
+      if same(earlier) == same(key):
+        raise DataPrepError(f"{flag}: {key} is given twice ({earlier_file}, {value}); give one "
+                            "list per name")
+    files[key] = value
+  return files or None
+
+
+def _fraction_key(text: str) -> float | str:
+  try:
+    return float(text)
+  except ValueError:
+    return text  # convert names it in its own error
+
+
 def _fractions(text: str) -> dict[str, float]:
   try:
     return splits.parse_fractions(text)
@@ -129,10 +149,10 @@ def main(argv: list[str] | None = None) -> int:
         class_map_order=args.class_map_order, ignore_colours=args.ignore_colour,
         unknown_to_ignore=args.unknown_to_ignore, nodata=args.nodata,
         max_nodata_fraction=args.max_nodata_fraction,
-        split_lists=dict(args.split_list) or None, split_fractions=args.split_fractions,
+        split_lists=_one_file_each(args.split_list, "--split-list"), split_fractions=args.split_fractions,
         split_seed=args.split_seed, group_pattern=args.group_pattern,
         subset_fractions=args.subset_fractions, subset_seed=args.subset_seed,
-        subset_lists=dict(args.subset_list) or None,
+        subset_lists=_one_file_each(args.subset_list, "--subset-list", _fraction_key),
         label_stem_replace=args.label_stem_replace, workers=args.workers,
         overwrite=args.overwrite, progress=not args.no_progress, beam=beam)
   except DataPrepError as e:

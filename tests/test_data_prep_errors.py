@@ -361,3 +361,17 @@ def test_a_nodata_the_pixel_type_cannot_hold_is_refused(tmp_path, capsys, scene,
   assert line == (f"data_prep: error: {scene}: --nodata {float(nodata):g} is not a uint8 value "
                   "(whole numbers 0..255), so no pixel can have it")
   assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
+
+
+@pytest.mark.parametrize("flag, first, second", [
+    ("--split-list", "train=a.txt", "train=b.txt"),
+    ("--subset-list", "0.01=a.txt", "0.010=b.txt"),
+])
+def test_a_list_given_twice_for_one_name_is_refused(tmp_path, capsys, scene, flag, first, second):
+  """A dict of the flags kept the last file and dropped the first one's scenes, silently."""
+  line = _cli_error(capsys, ["--images", str(scene), "--tile", "16", "--out", str(tmp_path / "out"),
+                             flag, first, flag, second])
+  name = second.partition("=")[0]
+  assert line == (f"data_prep: error: {flag}: {name} is given twice (a.txt, b.txt); give one "
+                  "list per name")
+  assert not (tmp_path / "out").exists()
