@@ -96,11 +96,16 @@ def _made_by_data_prep(out: Path) -> bool:
 def check_replaceable(out: Path, overwrite: bool) -> None:
   """Refuses, in one line, to replace an existing `out` that data_prep did not make.
 
-  An empty folder is free to use. A data_prep dataset is replaced only with
+  An empty folder is free to use, unless it is a mount point. A data_prep dataset is replaced only with
   `overwrite` and only if it holds nothing but data_prep's own files.
   """
   if not out.exists() and not out.is_symlink():
     return
+  if os.path.ismount(out):
+    # Found before any work: the final rename would fail (EBUSY) after the whole conversion.
+    raise DataPrepError(f"{out}: is a mount point, which data_prep cannot replace (it builds the "
+                        "dataset beside --out and renames it into place); use a folder inside it, "
+                        f"e.g. --out {out / 'dataset'}")
   if not out.is_dir() or out.is_symlink():
     kind = "a symbolic link" if out.is_symlink() else "a file"
     raise DataPrepError(f"{out}: exists and is not a data_prep dataset but {kind}; "

@@ -375,3 +375,17 @@ def test_a_list_given_twice_for_one_name_is_refused(tmp_path, capsys, scene, fla
   assert line == (f"data_prep: error: {flag}: {name} is given twice (a.txt, b.txt); give one "
                   "list per name")
   assert not (tmp_path / "out").exists()
+
+
+def test_a_mount_point_as_out_is_refused_before_any_work(tmp_path, capsys, scene, monkeypatch):
+  """An empty volume mounted as --out cannot be renamed into place: the conversion used to run to
+  its end and then fail with 'Device or resource busy'."""
+  volume = tmp_path / "volume"
+  volume.mkdir()
+  real_ismount = os.path.ismount
+  monkeypatch.setattr(os.path, "ismount", lambda p: os.fspath(p) == str(volume) or real_ismount(p))
+  line = _cli_error(capsys, ["--images", str(scene), "--tile", "16", "--out", str(volume)])
+  assert line == (f"data_prep: error: {volume}: is a mount point, which data_prep cannot replace (it "
+                  "builds the dataset beside --out and renames it into place); use a folder inside "
+                  f"it, e.g. --out {volume / 'dataset'}")
+  assert list(volume.iterdir()) == [] and not list(tmp_path.glob(".volume.*"))
