@@ -585,3 +585,10 @@ def test_transfer_modes():
       jax.random.key(2), jnp.zeros((1, 64, 64, 3)), train=False)
   with pytest.raises(ValueError, match="backbone/conv1/kernel"):
     models.transfer_pretrained(other_bands, glc, "backbone")
+  # A backbone alone (imported torchvision weights) under the default mode: say which mode fits.
+  backbone_only = {col: {"backbone": tree["backbone"]} for col, tree in glc.items()}
+  with pytest.raises(ValueError, match=(
+      r"^transfer: the pretrained checkpoint lacks (params|batch_stats)/encoder/.* needed by mode "
+      r"'backbone\+encoder'; it holds a backbone alone \(torchvision weights, for one\): set "
+      r"init.transfer=backbone$")):
+    models.transfer_pretrained(fresh, backbone_only, "backbone+encoder")

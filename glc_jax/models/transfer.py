@@ -41,6 +41,7 @@ def transfer_pretrained(finetune_vars: Mapping[str, Any],
   roots = {"backbone": ("backbone",), "backbone+encoder": ("backbone", "encoder"),
            "all": None}[mode]
   out, copied = {}, []
+  held = {path[0] for tree in pretrained_vars.values() for path in _flat(tree)}
   for col, tree in finetune_vars.items():
     dst = _flat(tree)
     src = _flat(pretrained_vars.get(col, {}))
@@ -50,8 +51,10 @@ def transfer_pretrained(finetune_vars: Mapping[str, Any],
       if path not in src:
         if roots is None:
           continue
+        hint = ("; it holds a backbone alone (torchvision weights, for one): set "
+                "init.transfer=backbone" if held == {"backbone"} else "")
         raise ValueError(f"transfer: the pretrained checkpoint lacks {col}/{'/'.join(path)} "
-                         f"needed by mode {mode!r}")
+                         f"needed by mode {mode!r}{hint}")
       if any(path[:len(n)] == n for n in _NEVER):
         continue
       if np.shape(src[path]) != np.shape(value):
