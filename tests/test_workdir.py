@@ -229,6 +229,40 @@ def test_config_json_keeps_the_dataset_as_an_absolute_path(dataset, tmp_path, mo
   assert run_dir.config_changes(tmp_path / "work", config) == {}
 
 
+def test_a_resume_on_a_dataset_rebuilt_under_the_same_path_is_refused(tmp_path, monkeypatch):
+  """data.path compares as a place; the dataset's data_prep fingerprint tells a rebuilt one."""
+  synthetic.write_corpus(tmp_path / "corpus", num_scenes=2, height=128, width=128, seed=1)
+
+  def build(tile):
+    return convert.convert(str(tmp_path / "corpus" / "images"), tmp_path / "ds",
+                           str(tmp_path / "corpus" / "labels"), tile=tile, workers=0,
+                           progress=False, overwrite=True)
+
+  class Checkpoints:
+    def close(self):
+      pass
+
+  def fake_fit(state, train_step, iterator, rng, *, workdir, **kwargs):
+    (pathlib.Path(workdir) / "checkpoints" / "4").mkdir(parents=True, exist_ok=True)
+    return state, Checkpoints()
+
+  monkeypatch.setattr(pretrain.methods, "init_train_state", lambda *a, **k: None)
+  monkeypatch.setattr(pretrain.methods, "make_train_step", lambda *a, **k: None)
+  monkeypatch.setattr(pretrain.pipelines, "make_iterator", lambda *a, **k: None)
+  monkeypatch.setattr(pretrain.loop, "fit", fake_fit)
+  config = _pretrain_config(build(64))
+  config.probe.enabled = False
+  work = tmp_path / "work"
+  pretrain.run(config, str(work))
+  pretrain.run(config, str(work))  # the same dataset: resumes
+  build(32)
+  with pytest.raises(run_dir.ConfigChangedError, match=(
+      r"^data.path: .*/ds holds another dataset than the one the run in .*/work started on "
+      r"\(data_prep fingerprint \w{12} then, \w{12} now: rebuilt since\?\); resuming would go on "
+      r"with other data: use another --workdir$")):
+    pretrain.run(config, str(work))
+
+
 def test_a_run_stored_before_a_key_was_added_resumes_at_its_old_value(dataset, tmp_path):
   work = tmp_path / "work"
   older = _pretrain_config(dataset)

@@ -7,6 +7,9 @@ What a training stage keeps in its workdir (besides checkpoints and logs):
                        start time for the message a second run gets
   config.json          the config the run started with, never rewritten
   config_changes.jsonl one line per resume that changed a resumable key
+  dataset.json         the fingerprint of the dataset the run started on
+                       (data_prep's: its inputs and settings); a resume on a
+                       dataset rebuilt since under the same path is refused
 
 A workdir holding a checkpoint is resumed; the new config must then equal the
 stored one (config.json with the recorded changes applied) except in
@@ -36,6 +39,7 @@ from glc_jax.stages import setup
 LOCK_FILE = "run.lock"
 CONFIG_FILE = "config.json"
 CHANGES_FILE = "config_changes.jsonl"
+DATASET_FILE = "dataset.json"
 
 # Keys that change how long a run goes on or how it reports, not what it computes
 # up to the resume point. data.num_workers is not one: Grain's iterator state
@@ -229,12 +233,32 @@ def _agree(error: str) -> str:
   return bytes(np.asarray(shared, np.uint8)).rstrip(b"\0").decode(errors="replace")
 
 
+def check_same_dataset(work: pathlib.Path, config: ml_collections.ConfigDict,
+                       fingerprint: str) -> None:
+  """Refuses to resume on a dataset other than the one the run started on: data.path compares as
+  a place, and a dataset rebuilt there since (other tiles, records, statistics) would go unseen
+  while the restored data position and schedule belong to the old one. Workdirs made before
+  dataset.json was kept are not checked."""
+  if not holds_checkpoint(work) or not (work / DATASET_FILE).exists():
+    return
+  try:
+    started_on = json.loads((work / DATASET_FILE).read_text())["fingerprint"]
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise setup.ConfigError(f"{work}: unreadable {DATASET_FILE} ({type(e).__name__}: {e})") from None
+  if started_on != fingerprint:
+    raise ConfigChangedError(
+        f"data.path: {config.data.path} holds another dataset than the one the run in {work} "
+        f"started on (data_prep fingerprint {started_on[:12]} then, {fingerprint[:12]} now: rebuilt "
+        "since?); resuming would go on with other data: use another --workdir")
+
+
 @dataclasses.dataclass
 class Claim:
   """A workdir held by this run; `changes` are the accepted config changes of a resume."""
   path: pathlib.Path
   config: ml_collections.ConfigDict | None
   changes: dict[str, tuple]
+  dataset_fingerprint: str | None = None
 
   def record_config(self, desc: str) -> None:
     """Writes config.json for a fresh run, or records a resume's accepted changes (process 0)."""
@@ -244,6 +268,10 @@ class Claim:
       files.write_text_atomic(self.path / CONFIG_FILE,
                               json.dumps(_absolute_paths(self.config.to_dict()), indent=2,
                                          default=str) + "\n")
+      if self.dataset_fingerprint is not None:
+        files.write_text_atomic(self.path / DATASET_FILE, json.dumps(
+            {"data.path": os.path.abspath(self.config.data.path),
+             "fingerprint": self.dataset_fingerprint}, indent=2) + "\n")
     elif self.changes:
       record = {"time": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                 "changes": {k: {"from": old, "to": new} for k, (old, new) in self.changes.items()}}
@@ -254,12 +282,13 @@ class Claim:
 
 
 @contextlib.contextmanager
-def claim(workdir: str | os.PathLike,
-          config: ml_collections.ConfigDict | None = None) -> Iterator[Claim]:
+def claim(workdir: str | os.PathLike, config: ml_collections.ConfigDict | None = None,
+          dataset_fingerprint: str | None = None) -> Iterator[Claim]:
   """Holds `workdir` for the block: one run at a time, a resume only with resumable changes.
 
   Process 0 takes the lock and checks `config` (None: no resume check, e.g.
-  evaluation) against the stored one; every process raises its refusal.
+  evaluation) against the stored one, and `dataset_fingerprint` (data_prep's, of data.path)
+  against the one the run started on (check_same_dataset); every process raises its refusal.
   A workdir this call created is removed again if the block leaves it empty.
   """
   work = pathlib.Path(workdir).absolute()
@@ -270,6 +299,8 @@ def claim(workdir: str | os.PathLike,
       fd = _lock(work)
       if config is not None:
         changes = config_changes(work, config)
+        if dataset_fingerprint is not None:
+          check_same_dataset(work, config, dataset_fingerprint)
     except setup.ConfigError as e:
       refusal = e
       if fd is not None:
@@ -281,7 +312,7 @@ def claim(workdir: str | os.PathLike,
   if message:
     raise setup.ConfigError(message)
   try:
-    yield Claim(work, config, changes)
+    yield Claim(work, config, changes, dataset_fingerprint)
   finally:
     if fd is not None:
       _unlock(work, fd, made)
