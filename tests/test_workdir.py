@@ -275,7 +275,7 @@ def test_a_run_stored_before_a_key_was_added_resumes_at_its_old_value(dataset, t
     run_dir.config_changes(work, config)
 
 
-def test_a_resumable_change_is_recorded_and_config_json_kept(dataset, tmp_path, monkeypatch):
+def test_a_resumable_change_is_recorded_and_config_json_kept(dataset, tmp_path, monkeypatch, capsys):
   """The run goes on with the new num_steps; config.json keeps the original, the change is logged."""
   fit_lengths = []
 
@@ -298,6 +298,11 @@ def test_a_resumable_change_is_recorded_and_config_json_kept(dataset, tmp_path, 
   for _ in range(2):  # the second run changes nothing further
     pretrain.run(config, str(work))
   assert fit_lengths == [6, 6]
+  # Pretraining's cosine is rebuilt for the new length: the lr jumps, and the resume line says so.
+  assert capsys.readouterr().out.splitlines() == [
+      f"pretrain glcnet: resuming {work} with log_every 10 → 1, num_steps 4 → 6 (recorded in "
+      "config_changes.jsonl); the lr schedule is now the cosine of a run of the new length, so the "
+      "lr changes at the resume step"]
   assert (work / "config.json").read_bytes() == stored
   lines = (work / run_dir.CHANGES_FILE).read_text().splitlines()
   assert len(lines) == 1

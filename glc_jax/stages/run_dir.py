@@ -278,7 +278,12 @@ class Claim:
       with open(self.path / CHANGES_FILE, "a") as f:
         f.write(json.dumps(record) + "\n")
       listed = ", ".join(f"{k} {old!r} → {new!r}" for k, (old, new) in self.changes.items())
-      print(f"{desc}: resuming {self.path} with {listed} (recorded in {CHANGES_FILE})")
+      # docs/workdirs.md: the schedule is the new length's, evaluated from the resume step on.
+      rescheduled = (self.changes.keys() & {"num_steps", "epochs"}
+                     and self.config.get("optimizer", {}).get("schedule") == "cosine")
+      schedule = ("; the lr schedule is now the cosine of a run of the new length, so the lr "
+                  "changes at the resume step" if rescheduled else "")
+      print(f"{desc}: resuming {self.path} with {listed} (recorded in {CHANGES_FILE}){schedule}")
 
 
 @contextlib.contextmanager
