@@ -170,6 +170,23 @@ def test_finetune_from_an_empty_init_path(labelled, tmp_path, no_compute):
     finetune.run(config, str(tmp_path / "w"))
 
 
+@pytest.mark.parametrize("step_dir", ["", "checkpoints/12"])
+def test_finetune_with_another_norm_than_the_pretraining_is_refused(labelled, tmp_path, no_compute,
+                                                                    step_dir):
+  """Features learnt on standardised bands would be fed x/255-scaled ones, silently."""
+  pretrained = tmp_path / "pre"
+  (pretrained / "checkpoints" / "12" / "state").mkdir(parents=True)
+  (pretrained / "config.json").write_text('{"stage": "pretrain", "data": {"norm": "stats"}}')
+  config = _finetune_config(labelled, "checkpoint,tiny", **{"data.label_fraction": 1.0,
+                                                           "init.path": str(pretrained / step_dir)})
+  with pytest.raises(setup.ConfigError, match=(
+      r"^data.norm is 'reference', but .*/pre(/checkpoints/12)? was trained on inputs normalised "
+      r"with 'stats'; set data.norm=stats so that its features see inputs like those they were "
+      r"learnt on$")):
+    finetune.run(config, str(tmp_path / "w"))
+  assert not (tmp_path / "w").exists()
+
+
 def test_finetune_batch_larger_than_the_labelled_subset_names_the_fraction(labelled, tmp_path, no_compute):
   """The 8-record train split holds 8 tiles, its stored 1% subset 1: it is the fraction that
   leaves too few records for a batch of 8, so the message must name data.label_fraction."""

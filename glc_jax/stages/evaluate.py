@@ -62,21 +62,6 @@ from glc_jax.data import pipelines, recipes
 from glc_jax.stages import finetune, run_dir, setup
 
 
-def _run_config(checkpoint_path: str) -> dict:
-  """The checkpoint run's config.json (the workdir's, for a step directory in it), or {}
-  where there is none (an imported checkpoint)."""
-  path = checkpoint.run_workdir(checkpoint_path) / run_dir.CONFIG_FILE
-  if not path.is_file():
-    return {}
-  try:
-    saved = json.loads(path.read_text())
-  except (OSError, ValueError) as e:
-    raise setup.ConfigError(f"checkpoint: {path}: unreadable ({e})") from None
-  if not isinstance(saved, dict):
-    raise setup.ConfigError(f"checkpoint: {path}: not a config (a JSON object)")
-  return saved
-
-
 def _model_config(config: ml_collections.ConfigDict, run_config: dict) -> ml_collections.ConfigDict:
   saved = run_config.get("model")
   if config.model_from_checkpoint and saved:
@@ -316,7 +301,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                             "labels to evaluate against: there would be nothing to do")
   if not config.checkpoint:
     raise setup.ConfigError("config key checkpoint is empty: set it to a fine-tuning run's workdir")
-  run_config = _run_config(config.checkpoint)
+  run_config = run_dir.run_config_of(config.checkpoint, "checkpoint")
   if not info.labelled:
     info = _with_checkpoint_classes(info, config, run_config)
   norm_mode = _norm_mode(config, run_config)

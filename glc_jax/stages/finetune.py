@@ -70,6 +70,11 @@ def load_pretrained(config: ml_collections.ConfigDict, num_bands: int) -> dict |
   if which not in INIT_CHECKPOINTS:
     raise setup.ConfigError(f"config key init.checkpoint is {which!r}; expected one of "
                             f"{INIT_CHECKPOINTS}")
+  trained = (run_dir.run_config_of(config.init.path, "init.path").get("data") or {}).get("norm")
+  if trained and trained != config.data.norm:
+    raise setup.ConfigError(f"data.norm is {config.data.norm!r}, but {config.init.path} was "
+                            f"trained on inputs normalised with {trained!r}; set data.norm={trained} "
+                            "so that its features see inputs like those they were learnt on")
   try:
     pretrained = checkpoint.load_variables(config.init.path, which)
   except (FileNotFoundError, checkpoint.CheckpointError) as e:

@@ -33,7 +33,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from glc_jax import files
+from glc_jax import checkpoint, files
 from glc_jax.stages import setup
 
 LOCK_FILE = "run.lock"
@@ -116,6 +116,21 @@ def differing_keys(stored: dict[str, Any], config: ml_collections.ConfigDict) ->
   new = flatten(_json_tree(config))
   return {k: (stored.get(k, _ABSENT), new.get(k, _ABSENT)) for k in sorted(set(stored) | set(new))
           if not _same(k, stored.get(k, _ABSENT), new.get(k, _ABSENT))}
+
+
+def run_config_of(checkpoint_path: str, key: str) -> dict:
+  """The config.json of the run a checkpoint belongs to (the workdir's, for a step directory in
+  it), or {} where there is none (an imported checkpoint); `key` names the path in errors."""
+  path = checkpoint.run_workdir(checkpoint_path) / CONFIG_FILE
+  if not path.is_file():
+    return {}
+  try:
+    saved = json.loads(path.read_text())
+  except (OSError, ValueError) as e:
+    raise setup.ConfigError(f"{key}: {path}: unreadable ({e})") from None
+  if not isinstance(saved, dict):
+    raise setup.ConfigError(f"{key}: {path}: not a config (a JSON object)")
+  return saved
 
 
 def holds_checkpoint(work: pathlib.Path) -> bool:
