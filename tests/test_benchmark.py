@@ -176,6 +176,26 @@ def test_a_failed_attempt_leaves_the_workdir_open_to_a_corrected_one(dataset, tm
   assert not (work / "benchmark_config.json").exists()
 
 
+def test_a_pretraining_norm_that_fine_tuning_would_refuse_is_found_before_any_cell(
+    dataset, tmp_path, monkeypatch):
+  from glc_jax.benchmark import matrix, runner  # pylint: disable=import-outside-toplevel
+
+  def pretrain(config, workdir):
+    raise AssertionError("checked before the first pretraining")
+
+  monkeypatch.setattr(runner.pretrain, "run", pretrain)
+  config = _small_config()
+  config.methods, config.fractions, config.seeds = ("glcnet",), (1.0,), (0,)
+  config.data.path, config.compilation_cache = dataset, False
+  config.pretrain.data.batch_size = 8
+  config.pretrain.data.norm = "stats"
+  with pytest.raises(matrix.BenchmarkConfigError, match=(
+      r"^pretrain.data.norm is 'stats' but finetune.data.norm is 'reference'; fine-tuning refuses "
+      r"a checkpoint trained with another normalisation: set both to the same$")):
+    runner.run(config, str(tmp_path / "bench"))
+  assert not (tmp_path / "bench" / "benchmark_config.json").exists()
+
+
 # The matrix runs in a subprocess with the stages replaced by fakes that take
 # ~0.3 s and write what the real ones write (metrics.json last, atomically), so
 # the test exercises the runner's own bookkeeping: which cells it skips, runs

@@ -71,6 +71,24 @@ def check_batches(config: ml_collections.ConfigDict, work: pathlib.Path, data_pa
                           fraction_key="fractions")
 
 
+def check_norms(config: ml_collections.ConfigDict, work: pathlib.Path, data_path: str) -> None:
+  """Fine-tuning refuses a checkpoint trained with another input normalisation: a pretrain.data.norm
+  that differs from finetune.data.norm is found here, before the first pretraining, and so is one
+  the dataset's pixel type does not allow."""
+  if not config.methods:
+    return
+  _, info = setup.open_split(data_path, config.data.train_split, split_key="data.train_split")
+  method, seed = config.methods[0], config.seeds[0]
+  pretrained = matrix.pretrain_config(config, method, seed, data_path).data.norm
+  setup.check_norm(pretrained, info, key="pretrain.data.norm")
+  cell = Cell(method, float(config.fractions[0]), seed)
+  finetuned = matrix.finetune_config(config, cell, work, data_path, num_labelled=1).data.norm
+  if finetuned != pretrained:
+    raise matrix.BenchmarkConfigError(
+        f"pretrain.data.norm is {pretrained!r} but finetune.data.norm is {finetuned!r}; fine-tuning "
+        "refuses a checkpoint trained with another normalisation: set both to the same")
+
+
 def _read_metrics(work: pathlib.Path, cell: Cell) -> dict:
   return json.loads((matrix.eval_dir(work, cell) / "metrics.json").read_text())
 
@@ -144,6 +162,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
   data_path = prepare_data(config, work)
   counts = labelled_counts(config, data_path)
   check_batches(config, work, data_path)
+  check_norms(config, work, data_path)
   cells = matrix.cells(config)
   failed = []
   for k, cell in enumerate(cells, 1):
