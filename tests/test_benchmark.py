@@ -224,7 +224,7 @@ _DRIVER = textwrap.dedent("""
       getattr(runner, stage).run = fake(stage)
     runner.prepare_data = lambda config, work: "/nonexistent/dataset"
     runner.labelled_counts = lambda config, path: {float(f): 24 for f in config.fractions}
-    runner.check_batches = lambda config, work, path: None
+    runner.check_stages = lambda config, work, path: None
     from absl import app
     from glc_jax import cli
     from glc_jax.benchmark import __main__ as command

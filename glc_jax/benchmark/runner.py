@@ -50,7 +50,7 @@ def labelled_counts(config: ml_collections.ConfigDict, data_path: str) -> dict[f
   return counts
 
 
-def check_batches(config: ml_collections.ConfigDict, work: pathlib.Path, data_path: str) -> None:
+def _check_batches(config: ml_collections.ConfigDict, work: pathlib.Path, data_path: str) -> None:
   """Each stage's batch size against the devices and the tiles it draws from, named by the
   benchmark's keys, before any cell runs: the fine-tuning stage would find a batch larger
   than a label subset only once that cell's pretraining has finished."""
@@ -71,7 +71,7 @@ def check_batches(config: ml_collections.ConfigDict, work: pathlib.Path, data_pa
                           fraction_key="fractions")
 
 
-def check_norms(config: ml_collections.ConfigDict, work: pathlib.Path, data_path: str) -> None:
+def _check_norms(config: ml_collections.ConfigDict, work: pathlib.Path, data_path: str) -> None:
   """Fine-tuning refuses a checkpoint trained with another input normalisation: a pretrain.data.norm
   that differs from finetune.data.norm is found here, before the first pretraining, and so is one
   the dataset's pixel type does not allow."""
@@ -87,6 +87,12 @@ def check_norms(config: ml_collections.ConfigDict, work: pathlib.Path, data_path
     raise matrix.BenchmarkConfigError(
         f"pretrain.data.norm is {pretrained!r} but finetune.data.norm is {finetuned!r}; fine-tuning "
         "refuses a checkpoint trained with another normalisation: set both to the same")
+
+
+def check_stages(config: ml_collections.ConfigDict, work: pathlib.Path, data_path: str) -> None:
+  """What the stages would refuse only when their cell comes: batch sizes and normalisation."""
+  _check_batches(config, work, data_path)
+  _check_norms(config, work, data_path)
 
 
 def _read_metrics(work: pathlib.Path, cell: Cell) -> dict:
@@ -161,8 +167,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
     compile_cache.enable(work / "jax_cache")
   data_path = prepare_data(config, work)
   counts = labelled_counts(config, data_path)
-  check_batches(config, work, data_path)
-  check_norms(config, work, data_path)
+  check_stages(config, work, data_path)
   cells = matrix.cells(config)
   failed = []
   for k, cell in enumerate(cells, 1):
