@@ -271,8 +271,17 @@ class RunCheckpoints:
     return restored["state"], step
 
   def close(self):
-    """Waits for pending saves and releases the managers."""
-    self._manager.wait_until_finished()
+    """Waits for pending saves and releases the managers.
+
+    A Ctrl-C during the wait waits on, then is raised: a save cut short would leave the
+    workdir unlike what the interrupted run's line says (its newest step still being renamed
+    into place, the step it displaced half deleted). A second Ctrl-C stops the wait.
+    """
+    try:
+      self._manager.wait_until_finished()
+    except KeyboardInterrupt:
+      self._manager.wait_until_finished()
+      raise
     self._manager.close()
     if self._best is not None:
       self._best.close()

@@ -43,6 +43,28 @@ def test_resume_restores_state_and_data_position(tmp_path):
   reopened.close()
 
 
+def test_a_ctrl_c_while_closing_lets_the_last_save_finish(tmp_path):
+  """The interrupted run's line names the newest checkpoint it finds: it must be there whole."""
+  ckpt = checkpoint.RunCheckpoints(tmp_path, every_steps=1, keep=1)
+  ckpt.save(1, _state(1.0), _iterator())
+  ckpt.save(2, _state(2.0), _iterator())
+  waits = []
+  finish = ckpt._manager.wait_until_finished  # pylint: disable=protected-access
+
+  def interrupted_once():
+    waits.append(len(waits))
+    if len(waits) == 1:
+      raise KeyboardInterrupt
+    finish()
+
+  ckpt._manager.wait_until_finished = interrupted_once  # pylint: disable=protected-access
+  with pytest.raises(KeyboardInterrupt):
+    ckpt.close()
+  assert waits == [0, 1]
+  assert _steps(tmp_path / "checkpoints") == [2]
+  np.testing.assert_array_equal(checkpoint.read_state(tmp_path)["params"]["w"], np.full((3, 2), 2.0))
+
+
 def _square(i):
   return np.full((2,), i * i)
 
