@@ -362,6 +362,11 @@ def convert(
         metadata = _metadata(results, [s.name for s in split_infos], fingerprint, settings,
                              first, class_map, labelled, subset_fractions, subset_seed,
                              subset_members)
+        for name, entry in metadata["splits"].items():
+          for fraction, records in entry.get("subset_lists", {}).items():
+            # A list names images, not a split: say where it took effect.
+            log.info("labelled subset %s of split %r: the %d tiles of the images %s names",
+                     fraction, name, len(records), subset_lists[fraction])
         writer.write_dataset_info(
             tmp, features, split_infos, metadata,
             description=f"{first.bands}-band {first.dtype} {tile}x{tile} tiles of "
@@ -479,6 +484,7 @@ def _metadata(results: dict[str, SplitResult], split_names: list[str], fingerpri
                  if scene in members for i in range(start, start + count)]
       if records:
         listed[fraction] = records
+        entry["subset_sizes"][fraction] = len(records)
     if listed:
       entry["subset_lists"] = listed
     splits[name] = entry

@@ -320,13 +320,14 @@ def test_finetune_init_checkpoint_key_is_checked(tmp_path):
     finetune.load_pretrained(config, 4)
 
 
-def test_subset_list_is_the_records_of_the_images_it_names(tmp_path):
+def test_subset_list_is_the_records_of_the_images_it_names(tmp_path, caplog):
   """data_prep --subset-list 0.01=FILE: the 1% subset is every tile of the images
   FILE names (the reference's trainR1 list), not a seeded draw; others unchanged."""
   from data_prep import __main__ as cli  # pylint: disable=import-outside-toplevel
   from data_prep.convert import convert  # pylint: disable=import-outside-toplevel
   from data_prep.errors import DataPrepError  # pylint: disable=import-outside-toplevel
   from glc_jax.data.source import open_dataset  # pylint: disable=import-outside-toplevel
+  caplog.set_level("INFO", logger="data_prep")
   scenes = tmp_path / "scenes"
   scenes.mkdir()
   rng = np.random.default_rng(0)
@@ -347,6 +348,11 @@ def test_subset_list_is_the_records_of_the_images_it_names(tmp_path):
   named = sorted(subset[i]["scene_id"] for i in range(len(subset)))
   assert named == ["top_2"] * 6 + ["top_4"] * 6 and info.num_records == 12
   assert len(open_dataset(tmp_path / "ds", "train", subset_fraction=0.05)[0]) == 2  # seeded draw
+  # The metadata counts the listed subset, and the log says where the list took effect.
+  assert info.metadata["splits"]["train"]["subset_sizes"]["0.01"] == 12
+  assert info.metadata["splits"]["val"]["subset_sizes"]["0.01"] == 1
+  assert (f"labelled subset 0.01 of split 'train': the 12 tiles of the images {tmp_path / 'r1.txt'} "
+          "names") in caplog.messages
   (tmp_path / "bad.txt").write_text("top_0.tif\ntop_9.tif\n")
   with pytest.raises(DataPrepError, match="bad.txt: 'top_9' is not among the images"):
     convert(str(scenes), tmp_path / "bad", tile=8, workers=0, progress=False,
