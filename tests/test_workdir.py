@@ -16,7 +16,7 @@ import sys
 import pytest
 
 from data_prep import convert, synthetic
-from glc_jax.stages import demo, finetune, pretrain, run_dir
+from glc_jax.stages import demo, finetune, pretrain, run_dir, setup
 
 _HOLDER = """
 import sys
@@ -324,6 +324,15 @@ def test_a_workdir_without_a_checkpoint_starts_afresh(dataset, tmp_path):
   with run_dir.claim(work, config) as claim:
     claim.record_config("pretrain")
   assert json.loads((work / "config.json").read_text())["model"]["width"] == 0.5
+
+
+def test_a_dataset_folder_is_refused_as_workdir(dataset, tmp_path, no_compute):
+  """Typing the dataset's path for --workdir would write a run into the dataset."""
+  before = sorted(p.name for p in dataset.iterdir())
+  with pytest.raises(setup.ConfigError, match=(
+      f"^workdir {dataset} holds a data_prep dataset; use another --workdir$")):
+    pretrain.run(_pretrain_config(dataset), str(dataset))
+  assert sorted(p.name for p in dataset.iterdir()) == before
 
 
 def test_another_stages_workdir_is_refused_by_its_stage_alone(dataset, tmp_path):

@@ -316,6 +316,8 @@ def claim(workdir: str | os.PathLike, config: ml_collections.ConfigDict | None =
   if jax.process_index() == 0:
     made = not work.exists()
     try:
+      if (work / "dataset_info.json").is_file() and (work / "metadata.json").is_file():
+        raise setup.ConfigError(f"workdir {work} holds a data_prep dataset; use another --workdir")
       fd = _lock(work)
       if config is not None:
         changes = config_changes(work, config)
