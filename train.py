@@ -80,11 +80,17 @@ def run_command(config, workdir: str, compilation_cache: str | None = None) -> N
   work = pathlib.Path(workdir)
   made = not work.exists()
   cache = compile_cache.enable(compilation_cache or work / "jax_cache")
+  new_cache = cache is not None and not os.path.exists(cache)
   cli.catch_interrupts()
   try:
     run_stage(config, workdir)
     return
-  except (setup.ConfigError, loop.NonFiniteLossError, checkpoint.CheckpointError) as e:
+  except setup.ConfigError as e:
+    line, status = f"error: {e}", 1
+    if new_cache and not made and pathlib.Path(cache).is_relative_to(work.absolute()):
+      # A refused run leaves a folder it did not make as it found it (a dataset, another run's).
+      shutil.rmtree(cache, ignore_errors=True)
+  except (loop.NonFiniteLossError, checkpoint.CheckpointError) as e:
     line, status = f"error: {e}", 1
   except KeyboardInterrupt:
     line, status = interrupted_message(config.stage, work), cli.INTERRUPTED

@@ -16,7 +16,7 @@ import sys
 import pytest
 
 from data_prep import convert, synthetic
-from glc_jax.stages import demo, finetune, pretrain, run_dir, setup
+from glc_jax.stages import demo, finetune, pretrain, run_dir
 
 _HOLDER = """
 import sys
@@ -326,12 +326,16 @@ def test_a_workdir_without_a_checkpoint_starts_afresh(dataset, tmp_path):
   assert json.loads((work / "config.json").read_text())["model"]["width"] == 0.5
 
 
-def test_a_dataset_folder_is_refused_as_workdir(dataset, tmp_path, no_compute):
-  """Typing the dataset's path for --workdir would write a run into the dataset."""
+def test_a_dataset_folder_is_refused_as_workdir(dataset, tmp_path):
+  """Typing the dataset's path for --workdir would write a run (and a compile cache) into it."""
   before = sorted(p.name for p in dataset.iterdir())
-  with pytest.raises(setup.ConfigError, match=(
-      f"^workdir {dataset} holds a data_prep dataset; use another --workdir$")):
-    pretrain.run(_pretrain_config(dataset), str(dataset))
+  env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}  # the workdir's
+  result = subprocess.run(
+      [sys.executable, "train.py", "--config=configs/pretrain.py:glcnet,tiny", f"--workdir={dataset}",
+       f"--config.data.path={dataset}", "--config.data.batch_size=8", "--config.num_steps=4"],
+      capture_output=True, text=True, timeout=120, env=env)
+  assert (result.returncode, result.stderr.strip().splitlines()) == (
+      1, [f"error: workdir {dataset} holds a data_prep dataset; use another --workdir"])
   assert sorted(p.name for p in dataset.iterdir()) == before
 
 
