@@ -111,7 +111,7 @@ def read_class_csv(path: str | Path, colour_order: str | None = None) -> ClassMa
     raise DataPrepError(
         f"{path}: header {rows[0]} must be a name column followed by R, G and B columns in any order")
   channel = [_COLOUR_COLUMNS[h] for h in order_names]
-  names, colours, seen = [], [], {}
+  names, colours, seen, named = [], [], {}, {}
   for line, row in enumerate(rows[1:], start=2):
     try:
       values = [int(v) for v in row[1:4]]
@@ -126,6 +126,12 @@ def read_class_csv(path: str | Path, colour_order: str | None = None) -> ClassMa
     if rgb in seen:
       raise DataPrepError(f"{path}: line {line}: colour {rgb} of {name!r} is already given to "
                           f"{seen[rgb][0]!r} on line {seen[rgb][1]}")
+    # Scores are reported per class name (metrics.json): a second class of the same name
+    # would overwrite the first one's.
+    if name in named:
+      raise DataPrepError(f"{path}: line {line}: class name {name!r} is already given to colour "
+                          f"{colours[named[name]]} on line {named[name] + 2}")
+    named[name] = len(names)
     seen[rgb] = (name, line)
     names.append(name)
     colours.append(rgb)

@@ -258,6 +258,19 @@ def test_duplicate_colour_in_class_map_names_the_csv(tmp_path, capsys, scene):
   assert str(csv) in line and "(255, 255, 255)" in line and "'road'" in line and "'snow'" in line
 
 
+def test_duplicate_class_name_in_class_map_names_both_lines(tmp_path, capsys, scene):
+  """Scores are kept per class name: the second 'building' would overwrite the first's."""
+  csv = tmp_path / "classes.csv"
+  csv.write_text("name,R,G,B\nroad,255,255,255\nbuilding,0,0,255\nbuilding,0,255,255\n")
+  write_tif(tmp_path / "lbl.tif", np.zeros((3, 32, 32), np.uint8))
+  line = _cli_error(capsys, ["--images", str(scene), "--labels", str(tmp_path / "lbl.tif"),
+                             "--label-stem-replace", "a=lbl", "--class-map", str(csv), "--tile", "16",
+                             "--out", str(tmp_path / "out")])
+  assert line == (f"data_prep: error: {csv}: line 4: class name 'building' is already given to "
+                  "colour (0, 0, 255) on line 3")
+  assert not (tmp_path / "out").exists()
+
+
 def test_directory_named_like_a_geotiff_is_reported_as_a_directory(tmp_path, capsys, scene):
   (tmp_path / "x.tif").mkdir()
   line = _cli_error(capsys, ["--images", str(tmp_path), "--tile", "16", "--out", str(tmp_path / "out")])
