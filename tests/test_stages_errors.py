@@ -187,6 +187,23 @@ def test_finetune_with_another_norm_than_the_pretraining_is_refused(labelled, tm
   assert not (tmp_path / "w").exists()
 
 
+def test_finetune_with_another_model_size_than_the_pretraining_names_the_key(labelled, tmp_path,
+                                                                           no_compute):
+  """A ',tiny' pretraining under the full-size fine-tuning config: 'width 0.25, this run has 1.0',
+  not a BatchNorm bias of 16 against 64 channels."""
+  pretrained = tmp_path / "pre"
+  pretrained.mkdir()
+  (pretrained / "config.json").write_text(
+      '{"stage": "pretrain", "data": {"norm": "reference"}, "model": {"depth": 50, "width": 0.25}}')
+  config = _finetune_config(labelled, "checkpoint", **{"data.label_fraction": 1.0,
+                                                      "init.path": str(pretrained)})
+  with pytest.raises(setup.ConfigError, match=(
+      r"^init.path: .*/pre was pretrained with model.width 0.25, this run has 1.0; set "
+      r"model.width=0.25 \(a ',tiny' pretraining needs the ',tiny' fine-tuning config\)$")):
+    finetune.run(config, str(tmp_path / "w"))
+  assert not (tmp_path / "w").exists()
+
+
 def test_finetune_batch_larger_than_the_labelled_subset_names_the_fraction(labelled, tmp_path, no_compute):
   """The 8-record train split holds 8 tiles, its stored 1% subset 1: it is the fraction that
   leaves too few records for a batch of 8, so the message must name data.label_fraction."""

@@ -70,7 +70,15 @@ def load_pretrained(config: ml_collections.ConfigDict, num_bands: int) -> dict |
   if which not in INIT_CHECKPOINTS:
     raise setup.ConfigError(f"config key init.checkpoint is {which!r}; expected one of "
                             f"{INIT_CHECKPOINTS}")
-  trained = (run_dir.run_config_of(config.init.path, "init.path").get("data") or {}).get("norm")
+  init_run = run_dir.run_config_of(config.init.path, "init.path")
+  for key in ("depth", "width"):
+    # Checked by name: the transfer would only report the first leaf of another shape.
+    theirs = (init_run.get("model") or {}).get(key)
+    if theirs is not None and theirs != config.model[key]:
+      raise setup.ConfigError(f"init.path: {config.init.path} was pretrained with model.{key} "
+                              f"{theirs}, this run has {config.model[key]}; set model.{key}={theirs} "
+                              "(a ',tiny' pretraining needs the ',tiny' fine-tuning config)")
+  trained = (init_run.get("data") or {}).get("norm")
   if trained and trained != config.data.norm:
     raise setup.ConfigError(f"data.norm is {config.data.norm!r}, but {config.init.path} was "
                             f"trained on inputs normalised with {trained!r}; set data.norm={trained} "
