@@ -224,3 +224,21 @@ def test_benchmark_validation_interval_in_steps_becomes_epochs_of_each_subset(tm
   config.finetune_validate_steps = -1
   with pytest.raises(matrix.BenchmarkConfigError, match="^config key finetune_validate_steps is -1; "):
     matrix.check(config)
+
+
+def test_a_finished_run_run_again_says_so_and_trains_nothing(tmp_path, capsys):
+  trained = []
+
+  def train_step(state, batch, rng):
+    del batch, rng
+    trained.append(int(state["step"]) + 1)
+    return _state(trained[-1]), {"loss": jnp.float32(1.0)}
+
+  for _ in range(2):
+    iterator = grain.MapDataset.range(100).to_iter_dataset().__iter__()
+    _, ckpts = loop.fit(_state(0), train_step, iterator, jax.random.key(0), workdir=str(tmp_path),
+                        total_steps=4, steps_per_epoch=2, checkpoint_every=2, keep_checkpoints=1,
+                        log_every=100, items_per_step=1, desc="test")
+    ckpts.close()
+  assert trained == [1, 2, 3, 4]
+  assert f"test: {tmp_path} has finished (step 4 of 4); nothing to train" in capsys.readouterr().out

@@ -84,7 +84,9 @@ def fit(state: Any, train_step: Callable, iterator, rng: jax.Array, *, workdir: 
     if probe is not None:
       probe.history = checkpoints.probe_history(start)
   log = RunLog(workdir, total_steps, start, items_per_step, desc)
-  if start:
+  if start >= total_steps:
+    log.message(f"{desc}: {workdir} has finished (step {start} of {total_steps}); nothing to train")
+  elif start:
     log.message(f"{desc}: resumed from step {start} in {workdir}")
 
   def patience_spent(step: int) -> bool:

@@ -181,7 +181,25 @@ def config_changes(work: pathlib.Path, config: ml_collections.ConfigDict) -> dic
     raise ConfigChangedError(
         f"{work} holds a run started with another config: {listed}; a resumed run may only "
         f"change {', '.join(sorted(RESUMABLE_KEYS))}. Use another workdir for a new run")
+  _check_length_change(work, config, changes)
   return changes
+
+
+def _check_length_change(work: pathlib.Path, config: ml_collections.ConfigDict,
+                         changes: dict[str, tuple]) -> None:
+  """Refuses a length change that would not do what it says: epochs while num_steps sets the
+  length, or num_steps below the step the run has reached (nothing to train, and the reached
+  step's state would stand as the end of a shorter run)."""
+  num_steps = config.get("num_steps") or 0
+  if "epochs" in changes and num_steps:
+    old, new = changes["epochs"]
+    raise ConfigChangedError(f"{work}: epochs {old} → {new} changes nothing while num_steps is "
+                             f"{num_steps} (it sets the length unless it is 0); change num_steps")
+  reached = max((int(p.name) for p in (work / "checkpoints").iterdir() if p.name.isdigit()),
+                default=0) if (work / "checkpoints").is_dir() else 0
+  if "num_steps" in changes and 0 < num_steps < reached:
+    raise ConfigChangedError(f"{work}: num_steps {num_steps} is below step {reached}, which this "
+                             "run has reached; use another workdir for a shorter run")
 
 
 def _describe_holder(fd: int) -> str:
