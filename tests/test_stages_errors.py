@@ -204,6 +204,58 @@ def test_finetune_with_another_model_size_than_the_pretraining_names_the_key(lab
   assert not (tmp_path / "w").exists()
 
 
+@pytest.fixture(scope="module")
+def ignored(tmp_path_factory):
+  """4 scenes whose scene_000 (in train, and the whole 1% list) and scene_001 (val) are labelled
+  255, the ignore index, everywhere."""
+  import rasterio  # pylint: disable=import-outside-toplevel
+  root = tmp_path_factory.mktemp("ignored")
+  synthetic.write_corpus(root / "corpus", num_scenes=4, height=128, width=128, seed=3)
+  for scene in ("scene_000", "scene_001"):
+    with rasterio.open(root / "corpus" / "labels" / f"{scene}.tif", "r+") as f:
+      f.write(f.read() * 0 + 255)
+  lists = {"train": "scene_000\nscene_002\n", "val": "scene_001\n", "test": "scene_003\n",
+           "r1": "scene_000\n"}
+  for name, text in lists.items():
+    (root / f"{name}.txt").write_text(text)
+  return convert.convert(str(root / "corpus" / "images"), root / "ds", str(root / "corpus" / "labels"),
+                         class_map=str(root / "corpus" / "class_dict.csv"), tile=64, workers=0,
+                         split_lists={s: root / f"{s}.txt" for s in ("train", "val", "test")},
+                         subset_lists={"0.01": root / "r1.txt"}, progress=False)
+
+
+@pytest.mark.parametrize("fraction, message", [
+    (0.01, r"data.split: the 4 tiles that data.label_fraction 0.01 keeps of split 'train' of .*/ds "
+           r"has no labelled pixel \(every label is the ignore index 255\); fine-tuning would learn "
+           r"nothing: check the conversion's --ignore-colour and --unknown-to-ignore, or raise "
+           r"data.label_fraction"),
+    (1.0, r"data.val_split: split 'val' of .*/ds has no labelled pixel \(every label is the ignore "
+          r"index 255\); model selection needs labels"),
+])
+def test_finetune_on_tiles_without_a_labelled_pixel_is_refused(ignored, tmp_path, no_compute, fraction,
+                                                               message):
+  """It trained on a zero loss and kept a 'best' state, or failed after its first epoch."""
+  config = _finetune_config(ignored, **{"data.label_fraction": fraction, "data.batch_size": 4})
+  with pytest.raises(setup.ConfigError, match=f"^{message}$"):
+    finetune.run(config, str(tmp_path / "w"))
+  assert not (tmp_path / "w").exists()
+
+
+def test_evaluating_a_split_without_a_labelled_pixel_is_refused(ignored, tmp_path):
+  from glc_jax.stages import evaluate  # pylint: disable=import-outside-toplevel
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  spec = importlib.util.spec_from_file_location("eval_cfg", "configs/evaluate.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  config.data.path, config.data.split, config.checkpoint = str(ignored), "val", str(tmp_path / "ft")
+  with pytest.raises(setup.ConfigError, match=(
+      r"^data.split: split 'val' of .*/ds has no labelled pixel \(every label is the ignore index "
+      r"255\); there is nothing to score$")):
+    evaluate.run(config, str(tmp_path / "eval"))
+  assert not (tmp_path / "eval").exists()
+
+
 def test_finetune_batch_larger_than_the_labelled_subset_names_the_fraction(labelled, tmp_path, no_compute):
   """The 8-record train split holds 8 tiles, its stored 1% subset 1: it is the fraction that
   leaves too few records for a batch of 8, so the message must name data.label_fraction."""

@@ -296,6 +296,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     raise setup.ConfigError(f"config key metrics_mode is {config.metrics_mode!r}; expected one "
                             f"of {METRICS_MODES}")
   source, info = setup.open_split(config.data.path, config.data.split)
+  if info.labelled:
+    setup.check_labelled_pixels(source, info, "data.split", "there is nothing to score")
   if not info.labelled and not config.write_predictions:
     raise setup.ConfigError(f"write_predictions is False, but split {config.data.split!r} has no "
                             "labels to evaluate against: there would be nothing to do")

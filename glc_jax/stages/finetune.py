@@ -178,9 +178,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   setup.check_norm(config.data.norm, info)
   if not info.labelled:
     raise setup.ConfigError(f"data.path: {config.data.path} has no labels; fine-tuning needs labels")
+  setup.check_labelled_pixels(source, info, "data.split", "fine-tuning would learn nothing: check "
+                              "the conversion's --ignore-colour and --unknown-to-ignore, or raise "
+                              "data.label_fraction")
   if config.data.val_split == config.data.split:
     raise setup.ConfigError("data.val_split must differ from data.split (model selection needs held-out data)")
-  val_source, _ = setup.open_split(config.data.path, config.data.val_split, split_key="data.val_split")
+  val_source, val_info = setup.open_split(config.data.path, config.data.val_split,
+                                          split_key="data.val_split")
+  setup.check_labelled_pixels(val_source, val_info, "data.val_split", "model selection needs labels")
   if config.select_metric not in ("val_oa", "val_kappa", "val_miou"):
     raise setup.ConfigError(f"config key select_metric is {config.select_metric!r}; "
                             "expected val_oa, val_kappa or val_miou")

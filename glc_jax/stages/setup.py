@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import jax
 import ml_collections
+import numpy as np
 
 from glc_jax import methods, optim, parallel
 from glc_jax.data import augment
@@ -34,6 +35,22 @@ def open_split(path: str, split: str, subset_fraction: float | None = None,
     return open_dataset(path, split, subset_fraction)
   except ValueError as e:
     raise ConfigError(f"{fraction_key}: {e}") from None
+
+
+def check_labelled_pixels(source: TileSource, info: DatasetInfo, key: str, consequence: str) -> None:
+  """One-line ConfigError when no pixel of `source` carries a label (each one is the ignore
+  index: a wrong --ignore-colour, or a subset of nodata tiles). Training would run on a zero
+  loss, and model selection and scores would have nothing to count. A whole split is read from
+  its metadata; a subset is scanned up to its first labelled pixel."""
+  if info.subset_fraction is None and info.class_pixel_counts is not None:
+    labelled = int(np.sum(info.class_pixel_counts)) > 0
+  else:
+    labelled = any(np.any(source[i]["label"] != info.ignore_index) for i in range(len(source)))
+  if not labelled:
+    kept = ("" if info.subset_fraction is None else
+            f"the {len(source)} tiles that data.label_fraction {info.subset_fraction:g} keeps of ")
+    raise ConfigError(f"{key}: {kept}split {info.split!r} of {info.path} has no labelled pixel "
+                      f"(every label is the ignore index {info.ignore_index}); {consequence}")
 
 
 # Keys whose value is one of a fixed set, each set taken from the module that reads the key
