@@ -241,6 +241,22 @@ def test_finetune_on_tiles_without_a_labelled_pixel_is_refused(ignored, tmp_path
   assert not (tmp_path / "w").exists()
 
 
+@pytest.mark.parametrize("fraction, message", [
+    (0.01, r"probe.split: the 4 tiles that probe.fraction 0.01 keeps of split 'train' of .*/ds has no "
+           r"labelled pixel \(every label is the ignore index 255\); the probe would learn nothing "
+           r"\(probe.enabled=False turns it off\)"),
+    (1.0, r"probe.eval_split: split 'val' of .*/ds has no labelled pixel \(every label is the ignore "
+          r"index 255\); the probe's scores would count nothing \(probe.enabled=False turns it off\)"),
+])
+def test_a_probe_on_tiles_without_a_labelled_pixel_is_refused(ignored, tmp_path, no_compute, fraction,
+                                                              message):
+  config = _config(ignored, **{"data.batch_size": 8})
+  config.probe.enabled, config.probe.fraction, config.probe.eval_split = True, fraction, "val"
+  with pytest.raises(setup.ConfigError, match=f"^{message}$"):
+    pretrain.run(config, str(tmp_path / "w"))
+  assert not (tmp_path / "w").exists()
+
+
 def test_evaluating_a_split_without_a_labelled_pixel_is_refused(ignored, tmp_path):
   from glc_jax.stages import evaluate  # pylint: disable=import-outside-toplevel
   import importlib.util  # pylint: disable=import-outside-toplevel

@@ -82,9 +82,14 @@ class OnlineProbe:
     if not info.labelled:
       raise setup.ConfigError(f"data.path: {config.data.path} has no labels; the probe needs them "
                               "(probe.enabled=False turns it off)")
-    eval_source, _ = setup.open_split(config.data.path, cfg.eval_split, cfg.get("eval_fraction"),
-                                      split_key="probe.eval_split",
-                                      fraction_key="probe.eval_fraction")
+    setup.check_labelled_pixels(fit_source, info, "probe.split", "the probe would learn nothing "
+                                "(probe.enabled=False turns it off)", fraction_key="probe.fraction")
+    eval_source, eval_info = setup.open_split(config.data.path, cfg.eval_split,
+                                              cfg.get("eval_fraction"), split_key="probe.eval_split",
+                                              fraction_key="probe.eval_fraction")
+    setup.check_labelled_pixels(eval_source, eval_info, "probe.eval_split", "the probe's scores "
+                                "would count nothing (probe.enabled=False turns it off)",
+                                fraction_key="probe.eval_fraction")
     try:
       parallel.check_global_batch(cfg.batch_size, mesh, what="probe.batch_size")
     except ValueError as e:

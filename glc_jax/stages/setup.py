@@ -37,7 +37,8 @@ def open_split(path: str, split: str, subset_fraction: float | None = None,
     raise ConfigError(f"{fraction_key}: {e}") from None
 
 
-def check_labelled_pixels(source: TileSource, info: DatasetInfo, key: str, consequence: str) -> None:
+def check_labelled_pixels(source: TileSource, info: DatasetInfo, key: str, consequence: str,
+                          fraction_key: str = "data.label_fraction") -> None:
   """One-line ConfigError when no pixel of `source` carries a label (each one is the ignore
   index: a wrong --ignore-colour, or a subset of nodata tiles). Training would run on a zero
   loss, and model selection and scores would have nothing to count. A whole split is read from
@@ -48,7 +49,7 @@ def check_labelled_pixels(source: TileSource, info: DatasetInfo, key: str, conse
     labelled = any(np.any(source[i]["label"] != info.ignore_index) for i in range(len(source)))
   if not labelled:
     kept = ("" if info.subset_fraction is None else
-            f"the {len(source)} tiles that data.label_fraction {info.subset_fraction:g} keeps of ")
+            f"the {len(source)} tiles that {fraction_key} {info.subset_fraction:g} keeps of ")
     raise ConfigError(f"{key}: {kept}split {info.split!r} of {info.path} has no labelled pixel "
                       f"(every label is the ignore index {info.ignore_index}); {consequence}")
 
