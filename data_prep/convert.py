@@ -154,16 +154,17 @@ class SplitTally:
     self.results = {name: SplitResult(stats=BandStatsAccumulator(first.bands, first.dtype))
                     for name in split_names}
     self._scene: scenes_lib.Scene | None = None
-    self._finite = self._nonfinite = 0
+    self._finite = self._nonfinite = self._kept = 0
 
   def add(self, split: str, scene: scenes_lib.Scene, num_records: int, num_skipped: int,
           num_finite: int, num_nonfinite: int) -> None:
     """Counts one chunk of `scene`, written to `split`."""
     if self._scene is None or scene.scene_id != self._scene.scene_id:
       self._end_scene()
-      self._scene, self._finite, self._nonfinite = scene, 0, 0
+      self._scene, self._finite, self._nonfinite, self._kept = scene, 0, 0, 0
     self._finite += num_finite
     self._nonfinite += num_nonfinite
+    self._kept += num_records
     result = self.results[split]
     result.num_records += num_records
     result.num_skipped += num_skipped
@@ -187,6 +188,10 @@ class SplitTally:
     if self._finite == 0:
       raise DataPrepError(f"{scene.image_path}: every pixel has a NaN or infinite value in some band; "
                           "there is no data to tile")
+    if not self._kept:
+      # Otherwise the scene would be missing from the predictions without a word.
+      log.warning("%s: every tile was skipped as mostly nodata (--max-nodata-fraction); the scene "
+                  "has no tiles in the dataset", scene.image_path)
     if self._nonfinite:
       log.warning("%s: %d pixels of the kept tiles have NaN or infinite values; they are nodata "
                   "(label 255, left out of the statistics) and written as %g",

@@ -527,6 +527,32 @@ def test_predictions_cover_the_whole_scene_when_its_last_tiles_were_dropped(
   np.testing.assert_array_equal(classes, expected)
 
 
+def test_a_scene_without_a_tile_is_named_as_not_predicted(dataset, fine_tuned, tmp_path, capsys,
+                                                         caplog):
+  """data_prep dropped every tile of scene_001 (all nodata): the scene is named, not just
+  missing from the predictions."""
+  caplog.set_level("WARNING", logger="data_prep")
+  images = tmp_path / "images"
+  shutil.copytree(dataset.parent / "corpus" / "images", images)
+  with rasterio.open(images / "scene_001.tif", "r+") as f:
+    f.write(f.read() * 0)
+  data = convert.convert(str(images), tmp_path / "ds", None, tile=64, workers=0, progress=False,
+                         nodata=0, split_fractions={"test": 1.0})
+  assert (f"{images / 'scene_001.tif'}: every tile was skipped as mostly nodata "
+          "(--max-nodata-fraction); the scene has no tiles in the dataset") in caplog.messages
+  work = tmp_path / "eval"
+  evaluate.run(_unlabelled_config(data, _trained_with(tmp_path, "reference", dataset)), str(work))
+  listing = json.loads((work / "predictions.json").read_text())
+  assert [s["scene_id"] for s in listing["scenes"]] == ["scene_000"]
+  assert listing["scenes_without_tiles"] == ["scene_001"]
+  assert capsys.readouterr().out.splitlines()[-2:] == [
+      f"split 'test' has no labels, so nothing was scored; wrote the predictions of 1 scene "
+      f"(<scene>_class.tif, <scene>_colour.tif) to {work / 'predictions'}, listed in "
+      f"{work / 'predictions.json'}",
+      "not predicted: 1 scene without a tile in the dataset (every tile skipped as nodata by "
+      "data_prep): scene_001"]
+
+
 def test_an_unlabelled_split_without_class_names_is_refused(unlabelled, fine_tuned, tmp_path):
   with pytest.raises(setup.ConfigError, match=(
       r"^data.path: split 'test' has no labels and names no classes, and .*/ft has no run config "

@@ -328,9 +328,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     try:
       confusion, file_stems, tile_iou = _predict(config, partial, source, info, model, variables,
                                                  norm)
+      untiled = [scene for scene in info.metadata["splits"][config.data.split]["scene_ids"]
+                 if scene not in file_stems]
       if not info.labelled:
-        return _report_predictions(config, claim, info, file_stems)
-      return _report(config, claim, info, confusion, len(file_stems), tile_iou)
+        result = _report_predictions(config, claim, info, file_stems, untiled)
+      else:
+        result = _report(config, claim, info, confusion, len(file_stems), tile_iou, untiled)
+      if untiled and jax.process_index() == 0:
+        print(f"not predicted: {_scenes_count(len(untiled))} without a tile in the dataset (every "
+              f"tile skipped as nodata by data_prep): {', '.join(untiled)}")
+      return result
     except BaseException:
       shutil.rmtree(partial, ignore_errors=True)
       raise
@@ -393,12 +400,17 @@ def _predict(config, partial: pathlib.Path, source, info, model, variables, norm
   return confusion, file_stems, (tile_iou_sum, num_tiles) if per_tile else None
 
 
+def _scenes_count(n: int) -> str:
+  return f"{n} scene{'' if n == 1 else 's'}"
+
+
 def _report(config, claim: run_dir.Claim, info, confusion: np.ndarray, num_scenes: int,
-            tile_iou) -> dict:
+            tile_iou, untiled: list[str]) -> dict:
   """metrics.json, confusion_matrix.png and predictions/ (process 0); prints the scores."""
   scores = metrics.compute_scores(confusion, info.class_names)
   result = scores.as_dict()
-  result.update(split=config.data.split, checkpoint=str(config.checkpoint), num_scenes=num_scenes)
+  result.update(split=config.data.split, checkpoint=str(config.checkpoint), num_scenes=num_scenes,
+                scenes_without_tiles=untiled)
   if tile_iou is not None:
     tile_iou_sum, num_tiles = tile_iou
     mean = tile_iou_sum / num_tiles
@@ -415,7 +427,8 @@ def _report(config, claim: run_dir.Claim, info, confusion: np.ndarray, num_scene
   return result
 
 
-def _report_predictions(config, claim: run_dir.Claim, info, file_stems: dict[str, str]) -> dict:
+def _report_predictions(config, claim: run_dir.Claim, info, file_stems: dict[str, str],
+                        untiled: list[str]) -> dict:
   """predictions.json (what was predicted, and where each scene's GeoTIFFs are) and predictions/
   (process 0); prints where they are."""
   result = {
@@ -424,11 +437,12 @@ def _report_predictions(config, claim: run_dir.Claim, info, file_stems: dict[str
       "nodata": predictions.NODATA,
       "scenes": [{"scene_id": scene_id, **{kind: f"{PREDICTIONS}/{stem}_{kind}.tif"
                                            for kind in ("class", "colour")}}
-                 for scene_id, stem in file_stems.items()]}
+                 for scene_id, stem in file_stems.items()],
+      "scenes_without_tiles": untiled}
   if jax.process_index() == 0:
     _replace_outputs(config, claim, LISTING, result, None)
     print(f"split {config.data.split!r} has no labels, so nothing was scored; wrote the "
-          f"predictions of {len(file_stems)} scenes (<scene>_class.tif, <scene>_colour.tif) to "
+          f"predictions of {_scenes_count(len(file_stems))} (<scene>_class.tif, <scene>_colour.tif) to "
           f"{claim.path / PREDICTIONS}, listed in {claim.path / LISTING}")
   return result
 
