@@ -331,16 +331,20 @@ def _spectrum(refl4: np.ndarray, bands: int) -> np.ndarray:
   return np.concatenate([refl4, extra], axis=-1)
 
 
+def _check_scene_shape(height: int, width: int, bands: int) -> None:
+  if height < 64 or width < 64:
+    raise ValueError(f"scene size {height}x{width} is too small: need at least 64x64")
+  if bands < 1:
+    raise ValueError(f"bands must be >= 1, got {bands}")
+
+
 def render_scene(seed: int, height: int = 1024, width: int = 1024, bands: int = 4) -> Scene:
   """Generates one scene, deterministic for `seed`.
 
   Returns reflectance (height, width, bands) float32 in [0, 1] and labels
   (height, width) uint8 in 0..5 (ISPRS class order, CLASS_NAMES).
   """
-  if height < 64 or width < 64:
-    raise ValueError(f"scene size {height}x{width} is too small: need at least 64x64")
-  if bands < 1:
-    raise ValueError(f"bands must be >= 1, got {bands}")
+  _check_scene_shape(height, width, bands)
   rng = np.random.default_rng(seed)
   style = _style(rng)
   cv = _Canvas(rng, height, width)
@@ -414,6 +418,7 @@ def write_corpus(out_dir: str | os.PathLike, num_scenes: int = 4, height: int = 
     raise ValueError(f"num_scenes must be >= 1, got {num_scenes}")
   if seed < 0:
     raise ValueError(f"seed must be >= 0, got {seed}")
+  _check_scene_shape(height, width, bands)  # before the progress bar starts
   out = pathlib.Path(out_dir)
   if out.exists():
     raise FileExistsError(f"{out}: already exists; remove it or choose another --out")

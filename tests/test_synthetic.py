@@ -81,6 +81,12 @@ def test_cli_bad_seed_names_it_and_preview_takes_any_band_count(tmp_path, capsys
   assert synthetic.main(["--out", str(tmp_path / "x"), "--seed", "-1"]) == 2
   assert capsys.readouterr().err.strip() == "error: seed must be >= 0, got -1"
   assert not (tmp_path / "x").exists()
+  # Refused before the progress bar starts, so the error is the only line.
+  for flag, value, message in (("--bands", "0", "bands must be >= 1, got 0"),
+                               ("--size", "32", "scene size 32x32 is too small: need at least 64x64")):
+    assert synthetic.main(["--out", str(tmp_path / "x"), flag, value]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"error: {message}"]
+    assert not (tmp_path / "x").exists()
   for bands in (1, 2):
     preview = tmp_path / f"p{bands}.png"
     assert synthetic.main(["--out", str(tmp_path / f"c{bands}"), "--scenes", "1", "--size", "64",

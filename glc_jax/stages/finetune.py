@@ -211,7 +211,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
                                      setup.example_shapes(dataset))
     variables, copied = initial_variables(
         config, {"params": state.params, "batch_stats": state.batch_stats}, pretrained)
-    if copied:
+    if copied and not run_dir.holds_checkpoint(claim.path):  # a resume restores its own state
       which = config.init.get("checkpoint", "latest")
       print(f"finetune: {len(copied)} tensors initialised from {config.init.path} "
             f"({config.init.transfer}{', its best_loss epoch' if which != 'latest' else ''})")
