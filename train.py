@@ -76,7 +76,7 @@ def run_command(config, workdir: str, compilation_cache: str | None = None) -> N
   """run_stage as the command runs it: with the compilation cache (the --compilation_cache flag),
   and one line on stderr and a non-zero exit, not a traceback, for a bad config or a Ctrl-C."""
   from glc_jax import checkpoint, compile_cache  # pylint: disable=import-outside-toplevel
-  from glc_jax.stages import loop, setup  # pylint: disable=import-outside-toplevel
+  from glc_jax.stages import loop, run_dir, setup  # pylint: disable=import-outside-toplevel
   work = pathlib.Path(workdir)
   made = not work.exists()
   cache = compile_cache.enable(compilation_cache or work / "jax_cache")
@@ -87,7 +87,8 @@ def run_command(config, workdir: str, compilation_cache: str | None = None) -> N
     return
   except setup.ConfigError as e:
     line, status = f"error: {e}", 1
-    if new_cache and not made and pathlib.Path(cache).is_relative_to(work.absolute()):
+    if (new_cache and not made and pathlib.Path(cache).is_relative_to(work.absolute())
+        and not isinstance(e, run_dir.WorkdirBusyError)):  # the live run's cache by now
       # A refused run leaves a folder it did not make as it found it (a dataset, another run's).
       shutil.rmtree(cache, ignore_errors=True)
   except (loop.NonFiniteLossError, checkpoint.CheckpointError) as e:

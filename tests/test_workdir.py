@@ -96,12 +96,16 @@ def test_pretrain_on_a_busy_workdir_is_refused_before_compute(dataset, tmp_path,
 
 
 def test_train_py_on_a_busy_workdir_is_one_line(dataset, tmp_path):
+  """...and leaves the live run's compilation cache alone (the workdir's own, created by the
+  time the refusal comes, whichever process made it)."""
   work = tmp_path / "work"
+  env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
   with _held(work) as other:
     result = subprocess.run(
         [sys.executable, "train.py", "--config=configs/pretrain.py:glcnet,tiny", f"--workdir={work}",
          f"--config.data.path={dataset}", "--config.data.batch_size=8", "--config.num_steps=4"],
-        capture_output=True, text=True, timeout=120)
+        capture_output=True, text=True, timeout=120, env=env)
+    assert (work / "jax_cache").is_dir()
   assert result.returncode != 0
   last = result.stderr.strip().splitlines()[-1]
   assert last.startswith(f"error: {work} is in use by another run (pid {other.pid} on "), result.stderr[-2000:]
