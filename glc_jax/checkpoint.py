@@ -270,16 +270,20 @@ class RunCheckpoints:
         state=ocp.args.StandardRestore(state_template)))
     return restored["state"], step
 
-  def close(self):
+  def close(self, interrupted: bool = False):
     """Waits for pending saves and releases the managers.
 
-    A Ctrl-C during the wait waits on, then is raised: a save cut short would leave the
-    workdir unlike what the interrupted run's line says (its newest step still being renamed
-    into place, the step it displaced half deleted). A second Ctrl-C stops the wait.
+    A save cut short would leave the workdir unlike what an interrupted run's line says (its
+    newest step still being renamed into place, the step it displaced half deleted), so the
+    first Ctrl-C waits on and is raised after the wait; the next one stops the wait.
+    `interrupted`: the run is already stopping (a Ctrl-C or an error), so a Ctrl-C now is the
+    next one.
     """
     try:
       self._manager.wait_until_finished()
     except KeyboardInterrupt:
+      if interrupted:
+        raise
       self._manager.wait_until_finished()
       raise
     self._manager.close()

@@ -65,6 +65,24 @@ def test_a_ctrl_c_while_closing_lets_the_last_save_finish(tmp_path):
   np.testing.assert_array_equal(checkpoint.read_state(tmp_path)["params"]["w"], np.full((3, 2), 2.0))
 
 
+def test_a_ctrl_c_while_an_interrupted_run_closes_stops_the_wait(tmp_path):
+  """The run's first Ctrl-C came in the training loop; the next one must not be swallowed."""
+  ckpt = checkpoint.RunCheckpoints(tmp_path, every_steps=1, keep=1)
+  ckpt.save(1, _state(1.0), _iterator())
+  waits = []
+  finish = ckpt._manager.wait_until_finished  # pylint: disable=protected-access
+
+  def interrupted():
+    waits.append(len(waits))
+    raise KeyboardInterrupt
+
+  ckpt._manager.wait_until_finished = interrupted  # pylint: disable=protected-access
+  with pytest.raises(KeyboardInterrupt):
+    ckpt.close(interrupted=True)
+  assert waits == [0]
+  finish()
+
+
 def _square(i):
   return np.full((2,), i * i)
 

@@ -154,7 +154,8 @@ def fit(state: Any, train_step: Callable, iterator, rng: jax.Array, *, workdir: 
       if final:
         break
   except BaseException:
-    checkpoints.close()  # lets a save in flight finish, so the last good one stays whole
+    # Lets a save in flight finish, so the last good one stays whole.
+    checkpoints.close(interrupted=True)
     raise
   finally:
     log.close()
