@@ -112,8 +112,10 @@ def exit_with(line: str, status: int) -> None:
   """
   print(line, file=sys.stderr)
   if status == INTERRUPTED:
-    from glc_jax.data import pipelines  # pylint: disable=import-outside-toplevel
-    pipelines.release_batches()
+    # The line is out: another Ctrl-C now would only cut the clean-up short with a traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if "glc_jax.data.pipelines" in sys.modules:  # else no batch was ever made
+      sys.modules["glc_jax.data.pipelines"].release_batches()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status)  # pylint: disable=protected-access

@@ -503,6 +503,27 @@ def test_a_ctrl_c_exit_unlinks_the_data_workers_shared_memory(tmp_path):
   assert (done.returncode, done.stderr) == (130, "interrupted\n")
 
 
+def test_a_second_ctrl_c_during_the_exit_changes_nothing():
+  """After the one line, the exit frees the data workers' buffers; a press meanwhile (nothing
+  seems to happen) must not add a traceback."""
+  script = textwrap.dedent("""
+      import os, signal, time
+      from glc_jax import cli
+      from glc_jax.data import pipelines
+
+      def release_batches():
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.2)
+
+      pipelines.release_batches = release_batches
+      cli.catch_interrupts()
+      cli.exit_with("interrupted", cli.INTERRUPTED)
+      """)
+  done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+  assert (done.returncode, done.stderr) == (130, "interrupted\n")
+
+
 def test_grain_workers_leave_ctrl_c_to_the_parent():
   """A terminal's Ctrl-C reaches the workers too; each would print its own KeyboardInterrupt."""
   import multiprocessing  # pylint: disable=import-outside-toplevel

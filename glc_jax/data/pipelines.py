@@ -442,10 +442,12 @@ def release_batches() -> None:
   hold some batches, and Grain unlinks on a thread pool of its own.
   """
   gc.collect()
-  pool = getattr(grain.multiprocessing.SharedMemoryArray, "_del_thread_pool", None)
+  arrays = grain.multiprocessing.SharedMemoryArray
+  pool = getattr(arrays, "_del_thread_pool", None)
   if pool is not None:
     pool.close()
     pool.join()
+    arrays._del_thread_pool = None  # pylint: disable=protected-access  # later ones unlink inline
 
 
 def _to_global(batch: dict, sharding) -> dict:
