@@ -318,20 +318,24 @@ def test_a_resumable_change_is_recorded_and_config_json_kept(dataset, tmp_path, 
       "num_steps": {"from": 6, "to": 4}}
 
 
-@pytest.mark.parametrize("key, value, message", [
-    ("epochs", 40, r"epochs 20 → 40 changes nothing while num_steps is 4 \(it sets the length "
-                   r"unless it is 0\); change num_steps"),
-    ("num_steps", 3, r"num_steps 3 is below step 4, which this run has reached; use another workdir "
-                     r"for a shorter run"),
+@pytest.mark.parametrize("changes, total_steps, message", [
+    ({"epochs": 40}, 4, r"epochs 20 → 40 changes nothing while num_steps is 4 \(it sets the length "
+                        r"unless it is 0\); change num_steps"),
+    ({"num_steps": 3}, 3, r"with num_steps 4 → 3 the run is 3 steps long, below step 4, which it "
+                          r"has reached; use another workdir for a shorter run"),
+    # The length in epochs: the stage counts the steps (here 2 steps per epoch).
+    ({"num_steps": 0, "epochs": 1}, 2, r"with num_steps 4 → 0, epochs 20 → 1 the run is 2 steps "
+                                       r"long, below step 4, which it has reached; use another "
+                                       r"workdir for a shorter run"),
 ])
-def test_a_length_change_that_would_not_do_what_it_says_is_refused(dataset, tmp_path, key, value,
-                                                                    message):
+def test_a_length_change_that_would_not_do_what_it_says_is_refused(dataset, tmp_path, changes,
+                                                                    total_steps, message):
   work = tmp_path / "work"
   _trained_workdir(work, _pretrain_config(dataset))  # reached step 4 with num_steps 4
   config = _pretrain_config(dataset)
-  config[key] = value
+  config.update(changes)
   with pytest.raises(run_dir.ConfigChangedError, match=f"^{work}: {message}$"):
-    run_dir.config_changes(work, config)
+    run_dir.config_changes(work, config, total_steps)
   config.epochs, config.num_steps = 20, 8  # lengthening by num_steps is what works
   assert run_dir.config_changes(work, config) == {"num_steps": (4, 8)}
 

@@ -157,7 +157,8 @@ def stored_config(work: pathlib.Path) -> dict[str, Any]:
   return flat
 
 
-def config_changes(work: pathlib.Path, config: ml_collections.ConfigDict) -> dict[str, tuple]:
+def config_changes(work: pathlib.Path, config: ml_collections.ConfigDict,
+                   total_steps: int | None = None) -> dict[str, tuple]:
   """{dotted key: (stored, new)} of a resumed run; {} for a fresh one.
 
   Raises ConfigChangedError naming every changed key outside RESUMABLE_KEYS, or the stage
@@ -181,25 +182,31 @@ def config_changes(work: pathlib.Path, config: ml_collections.ConfigDict) -> dic
     raise ConfigChangedError(
         f"{work} holds a run started with another config: {listed}; a resumed run may only "
         f"change {', '.join(sorted(RESUMABLE_KEYS))}. Use another workdir for a new run")
-  _check_length_change(work, config, changes)
+  _check_length_change(work, config, changes, total_steps or config.get("num_steps") or None)
   return changes
 
 
 def _check_length_change(work: pathlib.Path, config: ml_collections.ConfigDict,
-                         changes: dict[str, tuple]) -> None:
+                         changes: dict[str, tuple], total_steps: int | None) -> None:
   """Refuses a length change that would not do what it says: epochs while num_steps sets the
-  length, or num_steps below the step the run has reached (nothing to train, and the reached
-  step's state would stand as the end of a shorter run)."""
+  length, or a new length (`total_steps`, the stage's count) below the step the run has
+  reached (nothing to train, and the reached step's state would stand as the end of a
+  shorter run)."""
   num_steps = config.get("num_steps") or 0
   if "epochs" in changes and num_steps:
     old, new = changes["epochs"]
     raise ConfigChangedError(f"{work}: epochs {old} → {new} changes nothing while num_steps is "
                              f"{num_steps} (it sets the length unless it is 0); change num_steps")
+  if not changes.keys() & {"num_steps", "epochs"} or total_steps is None:
+    return
   reached = max((int(p.name) for p in (work / "checkpoints").iterdir() if p.name.isdigit()),
                 default=0) if (work / "checkpoints").is_dir() else 0
-  if "num_steps" in changes and 0 < num_steps < reached:
-    raise ConfigChangedError(f"{work}: num_steps {num_steps} is below step {reached}, which this "
-                             "run has reached; use another workdir for a shorter run")
+  if total_steps < reached:
+    listed = ", ".join(f"{k} {changes[k][0]!r} → {changes[k][1]!r}"
+                       for k in ("num_steps", "epochs") if k in changes)
+    raise ConfigChangedError(f"{work}: with {listed} the run is {total_steps} steps long, below "
+                             f"step {reached}, which it has reached; use another workdir for a "
+                             "shorter run")
 
 
 def _describe_holder(fd: int) -> str:
@@ -321,11 +328,13 @@ class Claim:
 
 @contextlib.contextmanager
 def claim(workdir: str | os.PathLike, config: ml_collections.ConfigDict | None = None,
-          dataset_fingerprint: str | None = None) -> Iterator[Claim]:
+          dataset_fingerprint: str | None = None,
+          total_steps: int | None = None) -> Iterator[Claim]:
   """Holds `workdir` for the block: one run at a time, a resume only with resumable changes.
 
   Process 0 takes the lock and checks `config` (None: no resume check, e.g.
-  evaluation) against the stored one, and `dataset_fingerprint` (data_prep's, of data.path)
+  the demo) against the stored one, a new length against the step reached (`total_steps`, the
+  stage's count), and `dataset_fingerprint` (data_prep's, of data.path)
   against the one the run started on (check_same_dataset); every process raises its refusal.
   A workdir this call created is removed again if the block leaves it empty.
   """
@@ -338,7 +347,7 @@ def claim(workdir: str | os.PathLike, config: ml_collections.ConfigDict | None =
         raise setup.ConfigError(f"workdir {work} holds a data_prep dataset; use another --workdir")
       fd = _lock(work)
       if config is not None:
-        changes = config_changes(work, config)
+        changes = config_changes(work, config, total_steps)
         if dataset_fingerprint is not None:
           check_same_dataset(work, config, dataset_fingerprint)
     except setup.ConfigError as e:
