@@ -15,6 +15,8 @@ Needs tensorflow_datasets and array_record, not TensorFlow.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from pathlib import Path
 from typing import Sequence
 
@@ -154,6 +156,26 @@ def subset_indices(metadata: dict, split: str, fraction: float) -> np.ndarray:
                      f"available: {sorted(sizes)}")
   order = np.asarray(entry["subset_order"], np.int64)
   return np.sort(order[:sizes[float(fraction)]])
+
+
+def content_id(metadata: dict) -> str:
+  """A digest of what a dataset holds (tile settings, classes, and per split its scenes,
+  record counts, statistics and labelled subsets), not of how it was made: an identical rebuild
+  from touched or moved inputs keeps it, other tiles or scenes change it. Floats are rounded to
+  6 significant digits, as accumulation order (worker count) moves their last bits."""
+
+  def rounded(value):
+    if isinstance(value, float):
+      return float(f"{value:.6g}")
+    if isinstance(value, dict):
+      return {k: rounded(v) for k, v in value.items()}
+    if isinstance(value, list):
+      return [rounded(v) for v in value]
+    return value
+
+  held = {k: v for k, v in metadata.items() if k not in ("fingerprint", "settings")}
+  text = json.dumps(rounded(held), sort_keys=True)
+  return hashlib.sha256(text.encode()).hexdigest()
 
 
 def open_dataset(path: str | Path, split: str = "train",

@@ -32,7 +32,7 @@ import ml_collections
 import numpy as np
 
 from glc_jax import checkpoint, files, methods, metrics, models, optim, parallel
-from glc_jax.data import pipelines
+from glc_jax.data import pipelines, source as source_lib
 from glc_jax.methods.segmentation import SegmentationMethod
 from glc_jax.parallel import DATA_AXIS
 from glc_jax.stages import loop, run_dir, setup
@@ -205,7 +205,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   tx, schedule = optim.build_optimizer(config.optimizer, steps_per_epoch=steps_per_epoch,
                                        num_epochs=config.epochs,
                                        num_devices=parallel.data_size(mesh), global_batch=global_batch)
-  with run_dir.claim(workdir, config, info.metadata.get("fingerprint"), total_steps) as claim:
+  with run_dir.claim(workdir, config, source_lib.content_id(info.metadata), total_steps) as claim:
     rng = jax.random.key(config.seed)
     state = methods.init_train_state(method, tx, mesh, jax.random.fold_in(rng, 0),
                                      setup.example_shapes(dataset))

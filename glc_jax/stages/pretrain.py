@@ -17,7 +17,7 @@ import jax
 import ml_collections
 
 from glc_jax import methods, optim, parallel
-from glc_jax.data import pipelines
+from glc_jax.data import pipelines, source as source_lib
 from glc_jax.stages import loop, probe as probe_lib, run_dir, setup
 
 
@@ -57,7 +57,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
       global_batch=global_batch)
   rng = jax.random.key(config.seed)
   probe = probe_lib.build(config, mesh, rng)
-  with run_dir.claim(workdir, config, info.metadata.get("fingerprint"), total_steps) as claim:
+  with run_dir.claim(workdir, config, source_lib.content_id(info.metadata), total_steps) as claim:
     state = methods.init_train_state(method, tx, mesh, jax.random.fold_in(rng, 0),
                                      setup.example_shapes(dataset))
     train_step = methods.make_train_step(method, tx, schedule, mesh)

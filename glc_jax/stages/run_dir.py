@@ -7,9 +7,9 @@ What a training stage keeps in its workdir (besides checkpoints and logs):
                        start time for the message a second run gets
   config.json          the config the run started with, never rewritten
   config_changes.jsonl one line per resume that changed a resumable key
-  dataset.json         the fingerprint of the dataset the run started on
-                       (data_prep's: its inputs and settings); a resume on a
-                       dataset rebuilt since under the same path is refused
+  dataset.json         a digest of what the dataset the run started on holds
+                       (source.content_id); a resume on a dataset rebuilt since
+                       with other contents under the same path is refused
 
 A workdir holding a checkpoint is resumed; the new config must then equal the
 stored one (config.json with the recorded changes applied) except in
@@ -99,9 +99,13 @@ def _absolute_paths(tree: dict) -> dict:
     for part in parents:
       node = node.get(part) if isinstance(node, dict) else None
     value = node.get(name) if isinstance(node, dict) else None
-    if isinstance(value, str) and value and "://" not in value:
-      node[name] = os.path.abspath(value)
+    if isinstance(value, str) and value:
+      node[name] = _absolute(value)
   return tree
+
+
+def _absolute(path: str) -> str:
+  return path if "://" in path else os.path.abspath(path)
 
 
 def _same(key: str, old: Any, new: Any) -> bool:
@@ -274,7 +278,7 @@ def _agree(error: str) -> str:
 
 
 def check_same_dataset(work: pathlib.Path, config: ml_collections.ConfigDict,
-                       fingerprint: str) -> None:
+                       content_id: str) -> None:
   """Refuses to resume on a dataset other than the one the run started on: data.path compares as
   a place, and a dataset rebuilt there since (other tiles, records, statistics) would go unseen
   while the restored data position and schedule belong to the old one. Workdirs made before
@@ -282,14 +286,14 @@ def check_same_dataset(work: pathlib.Path, config: ml_collections.ConfigDict,
   if not holds_checkpoint(work) or not (work / DATASET_FILE).exists():
     return
   try:
-    started_on = json.loads((work / DATASET_FILE).read_text())["fingerprint"]
+    started_on = json.loads((work / DATASET_FILE).read_text())["content_id"]
   except (OSError, ValueError, KeyError, TypeError) as e:
     raise setup.ConfigError(f"{work}: unreadable {DATASET_FILE} ({type(e).__name__}: {e})") from None
-  if started_on != fingerprint:
+  if started_on != content_id:
     raise ConfigChangedError(
         f"data.path: {config.data.path} holds another dataset than the one the run in {work} "
-        f"started on (data_prep fingerprint {started_on[:12]} then, {fingerprint[:12]} now: rebuilt "
-        "since?); resuming would go on with other data: use another --workdir")
+        "started on (other tiles, scenes, statistics or subsets: rebuilt since?); resuming would "
+        "go on with other data: use another --workdir")
 
 
 @dataclasses.dataclass
@@ -298,7 +302,7 @@ class Claim:
   path: pathlib.Path
   config: ml_collections.ConfigDict | None
   changes: dict[str, tuple]
-  dataset_fingerprint: str | None = None
+  dataset_id: str | None = None
 
   def record_config(self, desc: str) -> None:
     """Writes config.json for a fresh run, or records a resume's accepted changes (process 0)."""
@@ -308,10 +312,10 @@ class Claim:
       files.write_text_atomic(self.path / CONFIG_FILE,
                               json.dumps(_absolute_paths(self.config.to_dict()), indent=2,
                                          default=str) + "\n")
-      if self.dataset_fingerprint is not None:
+      if self.dataset_id is not None:
         files.write_text_atomic(self.path / DATASET_FILE, json.dumps(
-            {"data.path": os.path.abspath(self.config.data.path),
-             "fingerprint": self.dataset_fingerprint}, indent=2) + "\n")
+            {"data.path": _absolute(self.config.data.path), "content_id": self.dataset_id},
+            indent=2) + "\n")
     elif self.changes:
       record = {"time": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                 "changes": {k: {"from": old, "to": new} for k, (old, new) in self.changes.items()}}
@@ -328,14 +332,14 @@ class Claim:
 
 @contextlib.contextmanager
 def claim(workdir: str | os.PathLike, config: ml_collections.ConfigDict | None = None,
-          dataset_fingerprint: str | None = None,
+          dataset_id: str | None = None,
           total_steps: int | None = None) -> Iterator[Claim]:
   """Holds `workdir` for the block: one run at a time, a resume only with resumable changes.
 
   Process 0 takes the lock and checks `config` (None: no resume check, e.g.
   the demo) against the stored one, a new length against the step reached (`total_steps`, the
-  stage's count), and `dataset_fingerprint` (data_prep's, of data.path)
-  against the one the run started on (check_same_dataset); every process raises its refusal.
+  stage's count), and `dataset_id` (source.content_id of data.path) against the one the run
+  started on (check_same_dataset); every process raises its refusal.
   A workdir this call created is removed again if the block leaves it empty.
   """
   work = pathlib.Path(workdir).absolute()
@@ -348,8 +352,8 @@ def claim(workdir: str | os.PathLike, config: ml_collections.ConfigDict | None =
       fd = _lock(work)
       if config is not None:
         changes = config_changes(work, config, total_steps)
-        if dataset_fingerprint is not None:
-          check_same_dataset(work, config, dataset_fingerprint)
+        if dataset_id is not None:
+          check_same_dataset(work, config, dataset_id)
     except setup.ConfigError as e:
       refusal = e
       if fd is not None:
@@ -361,7 +365,7 @@ def claim(workdir: str | os.PathLike, config: ml_collections.ConfigDict | None =
   if message:
     raise setup.ConfigError(message)
   try:
-    yield Claim(work, config, changes, dataset_fingerprint)
+    yield Claim(work, config, changes, dataset_id)
   finally:
     if fd is not None:
       _unlock(work, fd, made)
