@@ -1,4 +1,5 @@
 """Stages refuse bad configs before any compute, with one-line messages naming the key."""
+import json
 import os
 import pathlib
 import signal
@@ -185,6 +186,13 @@ def test_finetune_with_another_norm_than_the_pretraining_is_refused(labelled, tm
       r"learnt on$")):
     finetune.run(config, str(tmp_path / "w"))
   assert not (tmp_path / "w").exists()
+  # A workdir started before the check is not refused by it on resume (its config may not
+  # change, and the resumed state replaces the init): here the stand-in checkpoint is read next.
+  (tmp_path / "w" / "checkpoints" / "4").mkdir(parents=True)
+  (tmp_path / "w" / "config.json").write_text(json.dumps(config.to_dict()))
+  with pytest.raises(setup.ConfigError, match=r"^init.path: .*(does not restore|no checkpoint "
+                                              r"restores)"):
+    finetune.run(config, str(tmp_path / "w"))
 
 
 def test_finetune_with_another_model_size_than_the_pretraining_names_the_key(labelled, tmp_path,
