@@ -370,6 +370,22 @@ def test_a_dataset_folder_is_refused_as_workdir(dataset, tmp_path):
   assert sorted(p.name for p in dataset.iterdir()) == before
 
 
+def test_a_workdir_inside_a_dataset_is_refused_for_the_stages_and_the_benchmark(dataset, tmp_path):
+  from glc_jax.benchmark import runner  # pylint: disable=import-outside-toplevel
+  from glc_jax.stages import setup  # pylint: disable=import-outside-toplevel
+  before = sorted(p.name for p in dataset.iterdir())
+  message = (f"^workdir {dataset / 'run1'} is inside {dataset}, which holds a data_prep dataset; "
+             "use another --workdir$")
+  with pytest.raises(setup.ConfigError, match=message):
+    with run_dir.claim(dataset / "run1", _pretrain_config(dataset)):
+      pass
+  config = _load_config("benchmark", "smoke")
+  config.data.path = str(dataset)
+  with pytest.raises(setup.ConfigError, match=message):
+    runner.run(config, str(dataset / "run1"))
+  assert sorted(p.name for p in dataset.iterdir()) == before
+
+
 def test_another_stages_workdir_is_refused_by_its_stage_alone(dataset, tmp_path):
   """Fine-tuning in a pretraining workdir: one short line, not a diff of every key the configs differ in."""
   work = tmp_path / "work"

@@ -17,7 +17,7 @@ import ml_collections
 from glc_jax import compile_cache, parallel
 from glc_jax.benchmark import matrix, report
 from glc_jax.benchmark.matrix import Cell
-from glc_jax.stages import evaluate, finetune, loop, pretrain, probe, setup
+from glc_jax.stages import evaluate, finetune, loop, pretrain, probe, run_dir, setup
 
 
 def prepare_data(config: ml_collections.ConfigDict, work: pathlib.Path) -> str:
@@ -162,6 +162,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
   """Runs every unfinished cell; returns the names of cells that failed (non-finite loss)."""
   work = pathlib.Path(workdir)
   matrix.check(config)
+  run_dir.check_not_in_dataset(work.absolute())
   matrix.check_same_setup(config, work)
   if config.compilation_cache:
     compile_cache.enable(work / "jax_cache")

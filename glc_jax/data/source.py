@@ -158,6 +158,11 @@ def subset_indices(metadata: dict, split: str, fraction: float) -> np.ndarray:
   return np.sort(order[:sizes[float(fraction)]])
 
 
+def is_dataset(path: str | Path) -> bool:
+  """Whether `path` holds a finished data_prep dataset (its TFDS metadata files)."""
+  return (Path(path) / "dataset_info.json").is_file() and (Path(path) / "metadata.json").is_file()
+
+
 def content_id(metadata: dict) -> str:
   """A digest of what a dataset holds (tile settings, classes, and per split its scenes,
   record counts, statistics and labelled subsets), not of how it was made: an identical rebuild
@@ -196,7 +201,7 @@ def open_dataset(path: str | Path, split: str = "train",
   import tensorflow_datasets as tfds  # heavy import, only where datasets are opened
 
   path = Path(path)
-  if not (path / "dataset_info.json").is_file() or not (path / "metadata.json").is_file():
+  if not is_dataset(path):
     raise FileNotFoundError(f"{path}: no finished data_prep dataset (dataset_info.json/metadata.json missing)")
   builder = tfds.builder_from_directory(str(path))
   metadata = dict(builder.info.metadata)

@@ -34,6 +34,7 @@ import ml_collections
 import numpy as np
 
 from glc_jax import checkpoint, files
+from glc_jax.data import source
 from glc_jax.stages import setup
 
 LOCK_FILE = "run.lock"
@@ -296,6 +297,15 @@ def check_same_dataset(work: pathlib.Path, config: ml_collections.ConfigDict,
         "go on with other data: use another --workdir")
 
 
+def check_not_in_dataset(work: pathlib.Path) -> None:
+  """Refuses a workdir that is a data_prep dataset or lies inside one (the dataset's path typed
+  for --workdir): a run's files there would make data_prep refuse to replace the dataset."""
+  for folder in (work, *work.parents):
+    if source.is_dataset(folder):
+      where = "holds" if folder == work else f"is inside {folder}, which holds"
+      raise setup.ConfigError(f"workdir {work} {where} a data_prep dataset; use another --workdir")
+
+
 @dataclasses.dataclass
 class Claim:
   """A workdir held by this run; `changes` are the accepted config changes of a resume."""
@@ -347,8 +357,7 @@ def claim(workdir: str | os.PathLike, config: ml_collections.ConfigDict | None =
   if jax.process_index() == 0:
     made = not work.exists()
     try:
-      if (work / "dataset_info.json").is_file() and (work / "metadata.json").is_file():
-        raise setup.ConfigError(f"workdir {work} holds a data_prep dataset; use another --workdir")
+      check_not_in_dataset(work)
       fd = _lock(work)
       if config is not None:
         changes = config_changes(work, config, total_steps)
