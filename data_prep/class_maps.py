@@ -130,8 +130,8 @@ def read_class_csv(path: str | Path, colour_order: str | None = None) -> ClassMa
     # would overwrite the first one's.
     if name in named:
       raise DataPrepError(f"{path}: line {line}: class name {name!r} is already given to colour "
-                          f"{colours[named[name]]} on line {named[name] + 2}")
-    named[name] = len(names)
+                          f"{named[name][0]} on line {named[name][1]}")
+    named[name] = (rgb, line)
     seen[rgb] = (name, line)
     names.append(name)
     colours.append(rgb)

@@ -327,6 +327,14 @@ def test_pretrain_jigsaw_permutation_file_errors_are_one_line(dataset, tmp_path,
   assert not (tmp_path / "work").exists()
 
 
+def test_pretrain_jigsaw_generated_permutation_count_names_its_key(dataset, tmp_path, no_compute):
+  config = _config(dataset, variant="jigsaw,tiny", **{"data.batch_size": 8})
+  config.model.num_permutations = 400_000  # more than 9! = 362,880
+  with pytest.raises(setup.ConfigError, match=r"^model.num_permutations: "):
+    pretrain.run(config, str(tmp_path / "work"))
+  assert not (tmp_path / "work").exists()
+
+
 def test_pretrain_batch_larger_than_the_split_names_the_split(dataset, tmp_path, no_compute):
   with pytest.raises(setup.ConfigError,
                      match=r"^data.batch_size 16 is larger than the 8 records of split 'train'$"):

@@ -224,12 +224,13 @@ def test_the_same_dataset_written_relative_or_absolute_is_no_change(dataset, tmp
 def test_config_json_keeps_the_dataset_as_an_absolute_path(dataset, tmp_path, monkeypatch):
   """Evaluation reads the training dataset from config.json, maybe from another folder."""
   config = _pretrain_config(dataset)
-  monkeypatch.chdir(dataset.parent)
+  monkeypatch.chdir(dataset.parent)  # getcwd() is resolved: compare resolved paths below
   config.data.path = dataset.name
   with run_dir.claim(tmp_path / "work", config) as claim:
     claim.record_config("pretrain")
   stored = json.loads((tmp_path / "work" / "config.json").read_text())
-  assert stored["data"]["path"] == str(dataset)
+  assert pathlib.Path(stored["data"]["path"]).resolve() == dataset.resolve()
+  assert os.path.isabs(stored["data"]["path"])
   assert run_dir.config_changes(tmp_path / "work", config) == {}
 
 

@@ -41,7 +41,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
       permutations = pipelines.jigsaw_permutation_set(
           config.input.get("permutations", ""), config.model.get("num_permutations", 1000), tiles)
     except ValueError as e:
-      raise setup.ConfigError(f"input.permutations: {e}") from None
+      # Without a file the set is generated, and only its size can be wrong.
+      key = "input.permutations" if config.input.get("permutations") else "model.num_permutations"
+      raise setup.ConfigError(f"{key}: {e}") from None
   example_fn = pipelines.recipe_for(
       pipelines.recipe_name(config.method), config.input, permutations=permutations,
       dataset=pipelines.dataset_data_config(info, norm_mode=config.data.norm))

@@ -45,8 +45,8 @@ DATASET_FILE = "dataset.json"
 # Keys that change how long a run goes on or how it reports, not what it computes
 # up to the resume point. data.num_workers is not one: Grain's iterator state
 # records one position per worker and restores only into the same worker count.
-# num_steps and epochs also set the length of the lr schedule, which then spans
-# the new length from the resume point on (recorded with the change).
+# num_steps and epochs also set the length of a cosine lr schedule, which is rebuilt for the
+# new length and read at the resume step on, so the lr jumps there (docs/workdirs.md).
 # probe.every_steps only changes when the online probe looks; its other keys change what a
 # score means, so that the history would mix incomparable numbers.
 # early_stopping.patience only decides when fine-tuning ends, like epochs.

@@ -263,10 +263,13 @@ def load_imported(path: str) -> dict[str, Any]:
   return ocp.StandardCheckpointer().restore(os.path.abspath(path))
 
 
-def _positive(text: str) -> int:
-  value = int(text)
-  if value < 1:
-    raise argparse.ArgumentTypeError(f"{value} is not a band count (1 or more)")
+def _band_count(text: str) -> int:
+  try:
+    value = int(text)
+  except ValueError:
+    value = None
+  if value is None or value < 1:
+    raise argparse.ArgumentTypeError(f"{text} is not a band count (1 or more)")
   return value
 
 
@@ -275,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("src", help="state_dict file (.pth/.pt with torch, or .npz)")
   parser.add_argument("out", help="new Orbax checkpoint directory")
   parser.add_argument("--kind", choices=KINDS, default="glcnet")
-  parser.add_argument("--bands", type=_positive, default=None,
+  parser.add_argument("--bands", type=_band_count, default=None,
                       help="input bands (torchvision: width of the new first conv; default 4)")
   parser.add_argument("--depth", type=int, choices=(50, 101), default=None,
                       help="ResNet depth (default: inferred from the keys)")
