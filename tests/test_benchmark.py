@@ -109,8 +109,13 @@ def test_bad_keys_fail_in_one_line(tmp_path):
   matrix.record_setup(config, tmp_path)
   config.seeds = (0, 1, 2)  # growing the matrix is allowed
   matrix.check_same_setup(config, tmp_path)
-  config.finetune_steps = 7
-  with pytest.raises(matrix.BenchmarkConfigError, match="finetune_steps"):
+  config.evaluate.eval.batch_size = 4  # how cells run, not what they score
+  config.finetune.log_every = 3
+  matrix.check_same_setup(config, tmp_path)
+  config.finetune_steps, config.pretrain.data.norm = 7, "stats"
+  with pytest.raises(matrix.BenchmarkConfigError, match=(
+      r"this workdir was run with other settings: finetune_steps \d+ → 7, pretrain.data.norm "
+      r"'<absent>' → 'stats'; finished cells would not be comparable. Use a new --workdir$")):
     matrix.check_same_setup(config, tmp_path)
   config = _small_config()
   config.finetune_steps = -1

@@ -21,7 +21,7 @@ from typing import Any
 import ml_collections
 
 from glc_jax import files
-from glc_jax.stages import setup as stage_setup
+from glc_jax.stages import run_dir, setup as stage_setup
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[2] / "configs"
 BASELINE_INITS = ("random", "imagenet")
@@ -189,6 +189,10 @@ def evaluate_config(config, cell: Cell, work: pathlib.Path, data_path: str) -> m
 _MATRIX_KEYS = ("methods", "random_init", "imagenet_path", "fractions", "seeds", "compilation_cache")
 # Keys added after workdirs may have been set up, with the value they had there.
 _ADDED_KEYS = {"finetune_validate_steps": 0, "finetune_patience_steps": 0}
+# Stage keys that change how a cell runs or reports, never its scores.
+_HARMLESS_KEYS = frozenset({"evaluate.eval.batch_size", "evaluate.write_predictions",
+                            *(f"{stage}.{key}" for stage in ("pretrain", "finetune")
+                              for key in ("log_every", "checkpoint_every", "keep_checkpoints"))})
 
 
 def _setup(config: ml_collections.ConfigDict) -> dict:
@@ -204,12 +208,16 @@ def check_same_setup(config: ml_collections.ConfigDict, work: pathlib.Path) -> N
   record = _setup_record(work)
   if not record.is_file():
     return
-  saved, setup = {**_ADDED_KEYS, **json.loads(record.read_text())}, _setup(config)
-  changed = sorted(k for k in set(saved) | set(setup) if saved.get(k) != setup.get(k))
+  saved = run_dir.flatten({**_ADDED_KEYS, **json.loads(record.read_text())})
+  setup = run_dir.flatten(_setup(config))
+  changed = sorted(k for k in set(saved) | set(setup)
+                   if saved.get(k, "<absent>") != setup.get(k, "<absent>") and k not in _HARMLESS_KEYS)
   if changed:
+    listed = ", ".join(f"{k} {saved.get(k, '<absent>')!r} → {setup.get(k, '<absent>')!r}"
+                       for k in changed)
     raise BenchmarkConfigError(
-        f"{record}: this workdir was run with other settings of {', '.join(changed)}; "
-        "finished cells would not be comparable. Use a new --workdir")
+        f"{record}: this workdir was run with other settings: {listed}; finished cells would "
+        "not be comparable. Use a new --workdir")
 
 
 def record_setup(config: ml_collections.ConfigDict, work: pathlib.Path) -> None:
