@@ -308,6 +308,11 @@ def test_killed_matrix_resumes_without_redoing_finished_cells(tmp_path):
   # glcnet at 5%: seeds 0 and 1 give 55% and 65% → 60.00 ± 7.07 (tied with random: bold).
   assert f"| glcnet | **60.00 ± {math.sqrt(50):.2f}** |" in (work / "results.md").read_text()
   assert all((work / f"{k}.png").stat().st_size > 0 for k in ("overall_accuracy", "kappa", "miou"))
+  # The run ends naming what it wrote.
+  assert done.stdout.splitlines()[-1] == (
+      f"results: {work / 'results.md'} (tables, paired differences, per-class IoU), "
+      f"{work / 'results.csv'} (one row per cell); plots in {work}: kappa.png, miou.png, "
+      "overall_accuracy.png")
 
 
 def test_dataset_errors_name_the_benchmark_keys(tmp_path):

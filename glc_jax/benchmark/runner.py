@@ -187,5 +187,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
           f"mIoU {100 * result['miou']:.2f} ({time.perf_counter() - start:.0f} s)")
     matrix.record_setup(config, work)
     write_reports(config, work, plots=False)
-  write_reports(config, work, plots=True)
+  if write_reports(config, work, plots=True):
+    plots = ", ".join(p.name for p in sorted(work.glob("*.png")))
+    print(f"results: {work / 'results.md'} (tables, paired differences, per-class IoU), "
+          f"{work / 'results.csv'} (one row per cell); plots in {work}: {plots}")
   return failed
