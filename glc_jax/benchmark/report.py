@@ -369,6 +369,10 @@ def plot_probe(histories: Mapping[tuple[str, int], Sequence[Mapping]], path: pat
   if not by_method:
     return None
   fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
+  seeds = sorted({len(v) for steps in by_method.values() for v in steps.values()})
+  ax.set_title(f"probe on the validation split: mean ± sample std\nover seeds (seeds per "
+               f"point: {', '.join(map(str, seeds))})", fontsize=9)
+  ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))  # steps are whole
   for method, steps in by_method.items():
     xs = sorted(steps)
     points = [mean_std(steps[x]) for x in xs]
