@@ -271,6 +271,9 @@ def test_a_resume_on_a_dataset_rebuilt_under_the_same_path_is_refused(tmp_path, 
       r"\(other tiles, scenes, statistics or subsets: rebuilt since\?\); resuming would go on "
       r"with other data: use another --workdir$")):
     pretrain.run(config, str(work))
+  # dataset.json in the form an earlier version wrote (data_prep's fingerprint): not checked.
+  (work / run_dir.DATASET_FILE).write_text('{"data.path": "ds", "fingerprint": "ddf7"}')
+  pretrain.run(config, str(work))
 
 
 def test_a_run_stored_before_a_key_was_added_resumes_at_its_old_value(dataset, tmp_path):

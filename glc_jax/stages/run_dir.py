@@ -283,14 +283,14 @@ def check_same_dataset(work: pathlib.Path, config: ml_collections.ConfigDict,
   """Refuses to resume on a dataset other than the one the run started on: data.path compares as
   a place, and a dataset rebuilt there since (other tiles, records, statistics) would go unseen
   while the restored data position and schedule belong to the old one. Workdirs made before
-  dataset.json was kept are not checked."""
+  dataset.json was kept, or that keep an earlier form of it (no content_id), are not checked."""
   if not holds_checkpoint(work) or not (work / DATASET_FILE).exists():
     return
   try:
-    started_on = json.loads((work / DATASET_FILE).read_text())["content_id"]
-  except (OSError, ValueError, KeyError, TypeError) as e:
+    started_on = json.loads((work / DATASET_FILE).read_text()).get("content_id")
+  except (OSError, ValueError, AttributeError) as e:
     raise setup.ConfigError(f"{work}: unreadable {DATASET_FILE} ({type(e).__name__}: {e})") from None
-  if started_on != content_id:
+  if started_on is not None and started_on != content_id:
     raise ConfigChangedError(
         f"data.path: {config.data.path} holds another dataset than the one the run in {work} "
         "started on (other tiles, scenes, statistics or subsets: rebuilt since?); resuming would "
