@@ -42,3 +42,18 @@ def test_aot_report_counts_the_gathered_embeddings(lowered_bf16_glcnet, devices)
   got = aot.lowered_collective_bytes(lowered)
   assert got["embedding all-gather"] == floats + (n + n * PATCHES)
   assert got["embedding all-gather backward (reduce-scatter)"] == floats // len(devices)
+
+
+def test_compiled_collective_bytes_counts_combined_tuples():
+  """XLA combines gradient all-reduces into tuples; HLO text marks every sixth element with an
+  /*index=N*/ comment, and the whole tuple must still count."""
+  from glc_jax.benchmark import aot  # pylint: disable=import-outside-toplevel
+  hlo = "\n".join([
+      "  %all-reduce.529 = (f32[16]{0:T(128)}, f32[16]{0:T(128)}, f32[7,7,4,16]{3,2,1,0}, "
+      "f32[16]{0}, f32[16]{0}, /*index=5*/f32[16]{0}, bf16[8]{0}) all-reduce(%a, %b, %c, %d, %e, "
+      "%f, %g), replica_groups={{0,1,2,3}}, to_apply=%add",
+      "  %ag-start = (f32[4]{0}, f32[16]{0}) all-gather-start(%x), dimensions={0}",
+      "  %ag-done = f32[16]{0} all-gather-done(%ag-start)",
+  ])
+  assert aot.compiled_collective_bytes(hlo) == {
+      "all-reduce": 4 * (16 * 5 + 7 * 7 * 4 * 16) + 2 * 8, "all-gather": 4 * 16}

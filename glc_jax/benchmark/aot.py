@@ -218,6 +218,8 @@ def compiled_collective_bytes(hlo_text: str) -> dict[str, int]:
   totals: dict[str, int] = {}
   pattern = re.compile(r"=\s*(\(?[^=]*?\)?)\s+(" + "|".join(COLLECTIVES) + r")(-done)?\(")
   for line in hlo_text.splitlines():
+    # Tuples of six or more elements carry /*index=N*/ comments, whose '=' the pattern forbids.
+    line = re.sub(r"/\*.*?\*/", "", line)
     match = pattern.search(line)
     if match and not re.search(r"(" + "|".join(COLLECTIVES) + r")-start\(", line):
       totals[match.group(2)] = totals.get(match.group(2), 0) + _shape_bytes(match.group(1))
