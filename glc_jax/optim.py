@@ -99,8 +99,9 @@ def make_schedule(config: ml_collections.ConfigDict, *, base_lr: float,
   warmup_steps = int(round(config.warmup_epochs * steps_per_epoch))
   main_epochs = num_epochs - config.warmup_epochs
   if main_epochs <= 0:
-    raise ValueError(f"optimizer.warmup_epochs ({config.warmup_epochs}) must be "
-                     f"shorter than the run ({num_epochs} epochs)")
+    raise ValueError(f"config key optimizer.warmup_epochs is {config.warmup_epochs}; the warm-up "
+                     f"must be shorter than the schedule's {num_epochs} epoch"
+                     f"{'' if num_epochs == 1 else 's'} of {steps_per_epoch} steps")
   end_lr, decay_rate, per_epoch = config.end_lr, config.decay_rate, config.per_epoch
 
   def main(epoch):

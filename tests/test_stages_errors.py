@@ -335,6 +335,16 @@ def test_pretrain_jigsaw_generated_permutation_count_names_its_key(dataset, tmp_
   assert not (tmp_path / "work").exists()
 
 
+def test_a_warm_up_as_long_as_the_run_is_one_line(dataset, tmp_path, no_compute):
+  config = _config(dataset, **{"data.batch_size": 8, "optimizer.warmup_epochs": 1.0})
+  config.num_steps = 1  # one epoch of the schedule
+  with pytest.raises(setup.ConfigError, match=(
+      r"^config key optimizer.warmup_epochs is 1.0; the warm-up must be shorter than the "
+      r"schedule's 1 epoch of 1 steps$")):
+    pretrain.run(config, str(tmp_path / "work"))
+  assert not (tmp_path / "work").exists()
+
+
 def test_pretrain_batch_larger_than_the_split_names_the_split(dataset, tmp_path, no_compute):
   with pytest.raises(setup.ConfigError,
                      match=r"^data.batch_size 16 is larger than the 8 records of split 'train'$"):
@@ -366,6 +376,10 @@ def _train_module():
                                      r"'cosine', 'exponential', 'constant'"),
     ("loss.temperature", -1.0, r"config key loss.temperature is -1.0; expected a number > 0 .*"),
     ("loss.temperature", 0.0, r"config key loss.temperature is 0.0; expected a number > 0 .*"),
+    ("optimizer.lr", -1.0, r"config key optimizer.lr is -1.0; expected a number > 0 \(a negative "
+                           r"one would climb the loss\)"),
+    ("optimizer.warmup_epochs", -1.0, r"config key optimizer.warmup_epochs is -1.0; expected a "
+                                      r"number >= 0 \(0 for no warm-up\)"),
 ])
 def test_train_refuses_a_bad_named_value_before_anything(dataset, tmp_path, no_compute, key, value,
                                                           message):

@@ -206,9 +206,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   steps_per_epoch = len(source) // global_batch
   total_steps = config.epochs * steps_per_epoch
   validate_every = config.validate_every_epochs * steps_per_epoch
-  tx, schedule = optim.build_optimizer(config.optimizer, steps_per_epoch=steps_per_epoch,
-                                       num_epochs=config.epochs,
-                                       num_devices=parallel.data_size(mesh), global_batch=global_batch)
+  try:
+    tx, schedule = optim.build_optimizer(config.optimizer, steps_per_epoch=steps_per_epoch,
+                                         num_epochs=config.epochs,
+                                         num_devices=parallel.data_size(mesh), global_batch=global_batch)
+  except ValueError as e:  # a schedule the run's length cannot hold
+    raise setup.ConfigError(str(e)) from None
   with run_dir.claim(workdir, config, source_lib.content_id(info.metadata), total_steps) as claim:
     rng = jax.random.key(config.seed)
     state = methods.init_train_state(method, tx, mesh, jax.random.fold_in(rng, 0),

@@ -53,10 +53,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
 
   steps_per_epoch = len(source) // global_batch
   total_steps = config.num_steps or config.epochs * steps_per_epoch
-  tx, schedule = optim.build_optimizer(
-      config.optimizer, steps_per_epoch=steps_per_epoch,
-      num_epochs=-(-total_steps // steps_per_epoch), num_devices=parallel.data_size(mesh),
-      global_batch=global_batch)
+  try:
+    tx, schedule = optim.build_optimizer(
+        config.optimizer, steps_per_epoch=steps_per_epoch,
+        num_epochs=-(-total_steps // steps_per_epoch), num_devices=parallel.data_size(mesh),
+        global_batch=global_batch)
+  except ValueError as e:  # a schedule the run's length cannot hold
+    raise setup.ConfigError(str(e)) from None
   rng = jax.random.key(config.seed)
   probe = probe_lib.build(config, mesh, rng)
   with run_dir.claim(workdir, config, source_lib.content_id(info.metadata), total_steps) as claim:

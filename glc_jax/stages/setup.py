@@ -78,8 +78,15 @@ def _lookup(config: ml_collections.ConfigDict, key: str):
   return value
 
 
+# Numeric keys with a bound: (key, bound, strictly above it, what the key is).
+_NUMBERS = (("loss.temperature", 0, True, "the softmax temperature of the contrastive loss"),
+            ("optimizer.lr", 0, True, "a negative one would climb the loss"),
+            ("optimizer.warmup_epochs", 0, False, "0 for no warm-up"))
+
+
 def check_choices(config: ml_collections.ConfigDict, prefix: str = "") -> None:
-  """One-line ConfigError for a value outside CHOICES, or a loss temperature that is not > 0.
+  """One-line ConfigError for a value outside CHOICES, or a number outside its bound
+  (_NUMBERS).
 
   Keys the config lacks are not checked. The stage configs of a chain (the
   demo's pretrain, finetune and evaluate: sub-configs with their own `stage`)
@@ -90,11 +97,12 @@ def check_choices(config: ml_collections.ConfigDict, prefix: str = "") -> None:
     if value is not _ABSENT and (isinstance(value, bool) or value not in allowed):
       raise ConfigError(f"config key {prefix}{key} is {value!r}; expected one of "
                         f"{', '.join(map(repr, allowed))}")
-  temperature = _lookup(config, "loss.temperature")
-  if temperature is not _ABSENT and (isinstance(temperature, bool) or
-                                     not isinstance(temperature, (int, float)) or not temperature > 0):
-    raise ConfigError(f"config key {prefix}loss.temperature is {temperature!r}; expected a number > 0 "
-                      "(the softmax temperature of the contrastive loss)")
+  for key, least, strict, what in _NUMBERS:
+    value = _lookup(config, key)
+    if value is not _ABSENT and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                 or not (value > least if strict else value >= least)):
+      raise ConfigError(f"config key {prefix}{key} is {value!r}; expected a number "
+                        f"{'>' if strict else '>='} {least} ({what})")
   for key, value in config.items():
     if isinstance(value, ml_collections.ConfigDict) and "stage" in value:
       check_choices(value, f"{prefix}{key}.")
