@@ -106,6 +106,9 @@ def _reference_protocol(c: ml_collections.ConfigDict) -> None:
   """The original code's behaviour for every key where ours differs (docs/reproducing.md)."""
   c.model.stem_init = "reference"
   c.keep_best_loss = True
+  # The reference has no online probe, and its split layout (train and test) has no validation
+  # split to score one on.
+  c.probe.enabled = False
   if "gather_negatives" in c.loss:
     c.loss.gather_negatives = False
   if "patch_overlap" in c.input:

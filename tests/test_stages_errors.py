@@ -335,6 +335,14 @@ def test_pretrain_jigsaw_generated_permutation_count_names_its_key(dataset, tmp_
   assert not (tmp_path / "work").exists()
 
 
+def test_the_reference_protocol_runs_on_its_own_split_layout(dataset, tmp_path, no_compute):
+  """docs/reproducing.md's datasets have train and test only; the full-size config's probe is
+  scored on 'val', so ',reference' leaves it off (the reference has none)."""
+  config = _config(dataset, variant="glcnet,reference", **{"data.batch_size": 8})
+  with pytest.raises(AssertionError, match="before the model is initialised"):  # all checks passed
+    pretrain.run(config, str(tmp_path / "work"))
+
+
 def test_a_warm_up_as_long_as_the_run_is_one_line(dataset, tmp_path, no_compute):
   config = _config(dataset, **{"data.batch_size": 8, "optimizer.warmup_epochs": 1.0})
   config.num_steps = 1  # one epoch of the schedule
