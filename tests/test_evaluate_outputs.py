@@ -8,6 +8,7 @@ scene assembly and the GeoTIFF writing are real.
 """
 import importlib.util
 import json
+import os
 import re
 import shutil
 
@@ -528,7 +529,7 @@ def test_predictions_cover_the_whole_scene_when_its_last_tiles_were_dropped(
 
 
 def test_a_scene_without_a_tile_is_named_as_not_predicted(dataset, fine_tuned, tmp_path, capsys,
-                                                         caplog):
+                                                         caplog, monkeypatch):
   """data_prep dropped every tile of scene_001 (all nodata): the scene is named, not just
   missing from the predictions."""
   caplog.set_level("WARNING", logger="data_prep")
@@ -541,8 +542,12 @@ def test_a_scene_without_a_tile_is_named_as_not_predicted(dataset, fine_tuned, t
   assert (f"{images / 'scene_001.tif'}: every tile was skipped as mostly nodata "
           "(--max-nodata-fraction); the scene has no tiles in the dataset") in caplog.messages
   work = tmp_path / "eval"
-  evaluate.run(_unlabelled_config(data, _trained_with(tmp_path, "reference", dataset)), str(work))
+  _trained_with(tmp_path, "reference", dataset)
+  config = _unlabelled_config(data, "ft")
+  monkeypatch.chdir(tmp_path)
+  evaluate.run(config, str(work))
   listing = json.loads((work / "predictions.json").read_text())
+  assert listing["checkpoint"] == os.path.abspath("ft")  # as config.json keeps it
   assert [s["scene_id"] for s in listing["scenes"]] == ["scene_000"]
   assert listing["scenes_without_tiles"] == ["scene_001"]
   assert capsys.readouterr().out.splitlines()[-2:] == [

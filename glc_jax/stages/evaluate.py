@@ -409,8 +409,8 @@ def _report(config, claim: run_dir.Claim, info, confusion: np.ndarray, num_scene
   """metrics.json, confusion_matrix.png and predictions/ (process 0); prints the scores."""
   scores = metrics.compute_scores(confusion, info.class_names)
   result = scores.as_dict()
-  result.update(split=config.data.split, checkpoint=str(config.checkpoint), num_scenes=num_scenes,
-                scenes_without_tiles=untiled)
+  result.update(split=config.data.split, checkpoint=run_dir.absolute_path(str(config.checkpoint)),
+                num_scenes=num_scenes, scenes_without_tiles=untiled)
   if tile_iou is not None:
     tile_iou_sum, num_tiles = tile_iou
     mean = tile_iou_sum / num_tiles
@@ -432,7 +432,7 @@ def _report_predictions(config, claim: run_dir.Claim, info, file_stems: dict[str
   """predictions.json (what was predicted, and where each scene's GeoTIFFs are) and predictions/
   (process 0); prints where they are."""
   result = {
-      "split": config.data.split, "checkpoint": str(config.checkpoint),
+      "split": config.data.split, "checkpoint": run_dir.absolute_path(str(config.checkpoint)),
       "num_scenes": len(file_stems), "class_names": list(info.class_names),
       "nodata": predictions.NODATA,
       "scenes": [{"scene_id": scene_id, **{kind: f"{PREDICTIONS}/{stem}_{kind}.tif"

@@ -101,11 +101,12 @@ def _absolute_paths(tree: dict) -> dict:
       node = node.get(part) if isinstance(node, dict) else None
     value = node.get(name) if isinstance(node, dict) else None
     if isinstance(value, str) and value:
-      node[name] = _absolute(value)
+      node[name] = absolute_path(value)
   return tree
 
 
-def _absolute(path: str) -> str:
+def absolute_path(path: str) -> str:
+  """`path` made absolute, a URL (gs://...) as it is."""
   return path if "://" in path else os.path.abspath(path)
 
 
@@ -324,7 +325,7 @@ class Claim:
                                          default=str) + "\n")
       if self.dataset_id is not None:
         files.write_text_atomic(self.path / DATASET_FILE, json.dumps(
-            {"data.path": _absolute(self.config.data.path), "content_id": self.dataset_id},
+            {"data.path": absolute_path(self.config.data.path), "content_id": self.dataset_id},
             indent=2) + "\n")
     elif self.changes:
       record = {"time": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -336,7 +337,7 @@ class Claim:
       rescheduled = (self.changes.keys() & {"num_steps", "epochs"}
                      and self.config.get("optimizer", {}).get("schedule") == "cosine")
       schedule = ("; the lr schedule is now the cosine of a run of the new length, so the lr "
-                  "changes at the resume step" if rescheduled else "")
+                  "may change at the resume step" if rescheduled else "")
       print(f"{desc}: resuming {self.path} with {listed} (recorded in {CHANGES_FILE}){schedule}")
 
 
