@@ -388,6 +388,14 @@ def _train_module():
                            r"one would climb the loss\)"),
     ("optimizer.warmup_epochs", -1.0, r"config key optimizer.warmup_epochs is -1.0; expected a "
                                       r"number >= 0 \(0 for no warm-up\)"),
+    ("optimizer.grad_clip_norm", -1.0, r"config key optimizer.grad_clip_norm is -1.0; expected a "
+                                       r"number >= 0 \(0 for no clipping; .*\)"),
+    ("optimizer.weight_decay", -1e-5, r"config key optimizer.weight_decay is -1e-05; expected a "
+                                      r"number >= 0 .*"),
+    ("optimizer.b1", 1.5, r"config key optimizer.b1 is 1.5; expected a number in \(0, 1\) .*"),
+    ("loss.weight", 2.0, r"config key loss.weight is 2.0; expected a number in \[0, 1\] .*"),
+    ("model.bn_momentum", 1.5, r"config key model.bn_momentum is 1.5; expected a number in "
+                               r"\[0, 1\] .*"),
 ])
 def test_train_refuses_a_bad_named_value_before_anything(dataset, tmp_path, no_compute, key, value,
                                                           message):

@@ -78,10 +78,33 @@ def _lookup(config: ml_collections.ConfigDict, key: str):
   return value
 
 
-# Numeric keys with a bound: (key, bound, strictly above it, what the key is).
-_NUMBERS = (("loss.temperature", 0, True, "the softmax temperature of the contrastive loss"),
-            ("optimizer.lr", 0, True, "a negative one would climb the loss"),
-            ("optimizer.warmup_epochs", 0, False, "0 for no warm-up"))
+# Numeric keys whose value outside a range would train on silently, and wrongly:
+# key → (lowest, highest, whether each end is allowed, why).
+_NUMBERS = {
+    "loss.temperature": (0, None, False, "the softmax temperature of the contrastive loss"),
+    "loss.weight": (0, 1, True, "the global loss's share; the local loss gets the rest"),
+    "optimizer.lr": (0, None, False, "a negative one would climb the loss"),
+    "optimizer.warmup_epochs": (0, None, True, "0 for no warm-up"),
+    "optimizer.weight_decay": (0, None, True, "a negative one grows the weights"),
+    "optimizer.grad_clip_norm": (0, None, True, "0 for no clipping; a negative one flips every "
+                                 "gradient"),
+    "optimizer.decay_rate": (0, 1, True, "the exponential schedule's factor per epoch"),
+    "optimizer.b1": (0, 1, False, "Adam's moment decay"),
+    "optimizer.b2": (0, 1, False, "Adam's moment decay"),
+    "model.bn_momentum": (0, 1, True, "the batch statistics' share of each BatchNorm update"),
+}
+
+
+def _in_range(value, low, high, ends: bool) -> bool:
+  above = value >= low if ends else value > low
+  below = high is None or (value <= high if ends else value < high)
+  return above and below
+
+
+def _range_text(low, high, ends: bool) -> str:
+  if high is None:
+    return f"a number {'>=' if ends else '>'} {low}"
+  return f"a number in {'[' if ends else '('}{low}, {high}{']' if ends else ')'}"
 
 
 def check_choices(config: ml_collections.ConfigDict, prefix: str = "") -> None:
@@ -97,12 +120,12 @@ def check_choices(config: ml_collections.ConfigDict, prefix: str = "") -> None:
     if value is not _ABSENT and (isinstance(value, bool) or value not in allowed):
       raise ConfigError(f"config key {prefix}{key} is {value!r}; expected one of "
                         f"{', '.join(map(repr, allowed))}")
-  for key, least, strict, what in _NUMBERS:
+  for key, (low, high, ends, why) in _NUMBERS.items():
     value = _lookup(config, key)
     if value is not _ABSENT and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                 or not (value > least if strict else value >= least)):
-      raise ConfigError(f"config key {prefix}{key} is {value!r}; expected a number "
-                        f"{'>' if strict else '>='} {least} ({what})")
+                                 or not _in_range(value, low, high, ends)):
+      raise ConfigError(f"config key {prefix}{key} is {value!r}; expected "
+                        f"{_range_text(low, high, ends)} ({why})")
   for key, value in config.items():
     if isinstance(value, ml_collections.ConfigDict) and "stage" in value:
       check_choices(value, f"{prefix}{key}.")
