@@ -248,26 +248,22 @@ def test_full_disk_is_one_line_and_leaves_nothing(tmp_path, capsys, scene, monke
   assert no_leftovers(tmp_path)
 
 
-def test_duplicate_colour_in_class_map_names_the_csv(tmp_path, capsys, scene):
+@pytest.mark.parametrize("rows, message", [
+    ("road,255,255,255\nroof,0,0,255\nsnow,255,255,255",
+     "line 4: colour (255, 255, 255) of 'snow' is already given to 'road' on line 2"),
+    # Scores are kept per class name: the second 'building' would overwrite the first's.
+    ("road,255,255,255\nbuilding,0,0,255\nbuilding,0,255,255",
+     "line 4: class name 'building' is already given to colour (0, 0, 255) on line 3"),
+])
+def test_a_class_map_giving_a_colour_or_a_name_twice_names_both_lines(tmp_path, capsys, scene, rows,
+                                                                      message):
   csv = tmp_path / "classes.csv"
-  csv.write_text("name,R,G,B\nroad,255,255,255\nroof,0,0,255\nsnow,255,255,255\n")
+  csv.write_text(f"name,R,G,B\n{rows}\n")
   write_tif(tmp_path / "lbl.tif", np.zeros((3, 32, 32), np.uint8))
   line = _cli_error(capsys, ["--images", str(scene), "--labels", str(tmp_path / "lbl.tif"),
                              "--label-stem-replace", "a=lbl", "--class-map", str(csv), "--tile", "16",
                              "--out", str(tmp_path / "out")])
-  assert str(csv) in line and "(255, 255, 255)" in line and "'road'" in line and "'snow'" in line
-
-
-def test_duplicate_class_name_in_class_map_names_both_lines(tmp_path, capsys, scene):
-  """Scores are kept per class name: the second 'building' would overwrite the first's."""
-  csv = tmp_path / "classes.csv"
-  csv.write_text("name,R,G,B\nroad,255,255,255\nbuilding,0,0,255\nbuilding,0,255,255\n")
-  write_tif(tmp_path / "lbl.tif", np.zeros((3, 32, 32), np.uint8))
-  line = _cli_error(capsys, ["--images", str(scene), "--labels", str(tmp_path / "lbl.tif"),
-                             "--label-stem-replace", "a=lbl", "--class-map", str(csv), "--tile", "16",
-                             "--out", str(tmp_path / "out")])
-  assert line == (f"data_prep: error: {csv}: line 4: class name 'building' is already given to "
-                  "colour (0, 0, 255) on line 3")
+  assert line == f"data_prep: error: {csv}: {message}"
   assert not (tmp_path / "out").exists()
 
 
