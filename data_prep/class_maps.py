@@ -100,9 +100,12 @@ def read_class_csv(path: str | Path, colour_order: str | None = None) -> ClassMa
   path = Path(path)
   try:
     with open(path, newline="", encoding="utf-8-sig") as f:
-      rows = [r for r in csv.reader(f) if any(cell.strip() for cell in r)]
+      reader = csv.reader(f)
+      # (file line, row) of the rows that are not blank: messages name the line in the file.
+      numbered = [(reader.line_num, r) for r in reader if any(cell.strip() for cell in r)]
   except (OSError, UnicodeDecodeError) as e:
     raise DataPrepError(f"{path}: cannot read class map ({e})") from None
+  rows = [r for _, r in numbered]
   if len(rows) < 2:
     raise DataPrepError(f"{path}: class map needs a header and at least one class row")
   header = [h.strip().lower() for h in rows[0]]
@@ -112,7 +115,7 @@ def read_class_csv(path: str | Path, colour_order: str | None = None) -> ClassMa
         f"{path}: header {rows[0]} must be a name column followed by R, G and B columns in any order")
   channel = [_COLOUR_COLUMNS[h] for h in order_names]
   names, colours, seen, named = [], [], {}, {}
-  for line, row in enumerate(rows[1:], start=2):
+  for line, row in numbered[1:]:
     try:
       values = [int(v) for v in row[1:4]]
       if len(values) != 3 or not all(0 <= v <= 255 for v in values):

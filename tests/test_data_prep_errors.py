@@ -254,6 +254,9 @@ def test_full_disk_is_one_line_and_leaves_nothing(tmp_path, capsys, scene, monke
     # Scores are kept per class name: the second 'building' would overwrite the first's.
     ("road,255,255,255\nbuilding,0,0,255\nbuilding,0,255,255",
      "line 4: class name 'building' is already given to colour (0, 0, 255) on line 3"),
+    # Lines are the file's, blank ones counted.
+    ("road,255,255,255\n\nroof,0,0,255\n\nsnow,255,255,255",
+     "line 6: colour (255, 255, 255) of 'snow' is already given to 'road' on line 2"),
 ])
 def test_a_class_map_giving_a_colour_or_a_name_twice_names_both_lines(tmp_path, capsys, scene, rows,
                                                                       message):
