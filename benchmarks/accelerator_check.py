@@ -25,7 +25,9 @@ Phases, each with its own deadline inside --budget_s (the whole run ends by then
      into the report, the trace (Chrome/Perfetto JSON) to $OUT.
 Then the tables: throughput, conv paths (plain vs cpu), compile times, host
 pipeline next to the step, the profile. Every line is printed as soon as it is known, and
-the tables also go to --out (default $OUT/accelerator_check.md when OUT is set).
+the tables also go to --out (default $OUT/accelerator_check.md when OUT is set). The
+compilation cache is runs/accelerator_check/jax_cache under the folder it is started from
+(the repository root on the device machine), so that a rerun on a warm machine reuses it.
 """
 from __future__ import annotations
 

@@ -94,7 +94,8 @@ def main() -> None:
     tiles = args.scenes * (-(-args.size // args.tile)) ** 2
     tile_bytes = args.tile ** 2 * (args.bands * np.dtype(args.dtype).itemsize + (1 if labels else 0))
     print(f"# {platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-          f"{args.scenes} scenes {args.size}x{args.size}x{args.bands} {args.dtype}"
+          f"{args.scenes} scene{'' if args.scenes == 1 else 's'} "
+          f"{args.size}x{args.size}x{args.bands} {args.dtype}"
           f"{' + colour labels' if labels else ''}, "
           f"{'uncompressed' if args.no_compress else 'deflate'}; {tiles} tiles of {args.tile}")
     print("path                        workers  seconds  tiles/s   MB/s")
