@@ -75,6 +75,7 @@ def _remove_if_only_cache(work: pathlib.Path, cache: str | None) -> None:
 def run_command(config, workdir: str, compilation_cache: str | None = None) -> None:
   """run_stage as the command runs it: with the compilation cache (the --compilation_cache flag),
   and one line on stderr and a non-zero exit, not a traceback, for a bad config or a Ctrl-C."""
+  import jax  # pylint: disable=import-outside-toplevel
   from glc_jax import checkpoint, compile_cache  # pylint: disable=import-outside-toplevel
   from glc_jax.stages import loop, run_dir, setup  # pylint: disable=import-outside-toplevel
   work = pathlib.Path(workdir)
@@ -87,8 +88,10 @@ def run_command(config, workdir: str, compilation_cache: str | None = None) -> N
     return
   except setup.ConfigError as e:
     line, status = f"error: {e}", 1
+    # Process 0 alone: only it knows a busy workdir as such (the others get its message), and
+    # a busy workdir's cache is the live run's by now.
     if (new_cache and not made and pathlib.Path(cache).is_relative_to(work.absolute())
-        and not isinstance(e, run_dir.WorkdirBusyError)):  # the live run's cache by now
+        and jax.process_index() == 0 and not isinstance(e, run_dir.WorkdirBusyError)):
       # A refused run leaves a folder it did not make as it found it (a dataset, another run's).
       shutil.rmtree(cache, ignore_errors=True)
   except (loop.NonFiniteLossError, checkpoint.CheckpointError) as e:

@@ -201,6 +201,25 @@ def test_a_pretraining_norm_that_fine_tuning_would_refuse_is_found_before_any_ce
   assert not (tmp_path / "bench" / "benchmark_config.json").exists()
 
 
+def test_a_stage_value_out_of_range_is_found_before_any_cell(dataset, tmp_path, monkeypatch):
+  """The benchmark calls the stages without train.py, whose up-front checks it must run too."""
+  from glc_jax.benchmark import runner  # pylint: disable=import-outside-toplevel
+  from glc_jax.stages import setup  # pylint: disable=import-outside-toplevel
+
+  def pretrain(config, workdir):
+    raise AssertionError("checked before the first pretraining")
+
+  monkeypatch.setattr(runner.pretrain, "run", pretrain)
+  config = _small_config()
+  config.methods, config.fractions, config.seeds = ("glcnet",), (1.0,), (0,)
+  config.data.path, config.compilation_cache = dataset, False
+  config.pretrain.data.batch_size = 8
+  config.finetune.optimizer = {"lr": -5e-4}
+  with pytest.raises(setup.ConfigError, match=(
+      r"^config key finetune.optimizer.lr is -0.0005; expected a number > 0 ")):
+    runner.run(config, str(tmp_path / "bench"))
+
+
 # The matrix runs in a subprocess with the stages replaced by fakes that take
 # ~0.3 s and write what the real ones write (metrics.json last, atomically), so
 # the test exercises the runner's own bookkeeping: which cells it skips, runs

@@ -347,8 +347,8 @@ def test_a_warm_up_as_long_as_the_run_is_one_line(dataset, tmp_path, no_compute)
   config = _config(dataset, **{"data.batch_size": 8, "optimizer.warmup_epochs": 1.0})
   config.num_steps = 1  # one epoch of the schedule
   with pytest.raises(setup.ConfigError, match=(
-      r"^config key optimizer.warmup_epochs is 1.0; the warm-up must be shorter than the "
-      r"schedule's 1 epoch of 1 steps$")):
+      r"^config key optimizer.warmup_epochs is 1.0, 1 steps at 1 per epoch; the warm-up must be "
+      r"shorter than the run \(steps: 1\)$")):
     pretrain.run(config, str(tmp_path / "work"))
   assert not (tmp_path / "work").exists()
 
@@ -394,6 +394,10 @@ def _train_module():
                                       r"number >= 0 .*"),
     ("optimizer.b1", 1.5, r"config key optimizer.b1 is 1.5; expected a number in \(0, 1\) .*"),
     ("loss.weight", 2.0, r"config key loss.weight is 2.0; expected a number in \[0, 1\] .*"),
+    ("optimizer.reference_batch", 0, r"config key optimizer.reference_batch is 0; expected a "
+                                     r"number > 0 .*"),
+    ("optimizer.end_lr", -1e-3, r"config key optimizer.end_lr is -0.001; expected a number >= 0 .*"),
+    ("optimizer.lr", float("inf"), r"config key optimizer.lr is inf; expected a number > 0 .*"),
     ("model.bn_momentum", 1.5, r"config key model.bn_momentum is 1.5; expected a number in "
                                r"\[0, 1\] .*"),
 ])

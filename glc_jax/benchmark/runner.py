@@ -90,7 +90,16 @@ def _check_norms(config: ml_collections.ConfigDict, work: pathlib.Path, data_pat
 
 
 def check_stages(config: ml_collections.ConfigDict, work: pathlib.Path, data_path: str) -> None:
-  """What the stages would refuse only when their cell comes: batch sizes and normalisation."""
+  """What the stages would refuse only when their cell comes: named values and numeric ranges
+  (setup.check_choices), batch sizes and normalisation."""
+  seed = config.seeds[0]
+  for method in config.methods:
+    setup.check_choices(matrix.pretrain_config(config, method, seed, data_path), "pretrain.")
+  for init in matrix.inits(config):
+    cell = Cell(init, float(config.fractions[0]), seed)
+    setup.check_choices(matrix.finetune_config(config, cell, work, data_path, num_labelled=1),
+                      "finetune.")
+    setup.check_choices(matrix.evaluate_config(config, cell, work, data_path), "evaluate.")
   _check_batches(config, work, data_path)
   _check_norms(config, work, data_path)
 

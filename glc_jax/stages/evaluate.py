@@ -288,6 +288,7 @@ def _sync(name: str) -> None:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  setup.check_choices(config)  # also when called without train.py (the benchmark)
   setup.check_counts(config, {"eval.crop": 1, "eval.stride": 1, "eval.batch_size": 1})
   if config.eval.stride > config.eval.crop:
     raise setup.ConfigError(f"config key eval.stride is {config.eval.stride}; it must be at most "

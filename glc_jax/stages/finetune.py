@@ -176,6 +176,7 @@ def read_best_step(workdir: str | os.PathLike) -> dict | None:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
+  setup.check_choices(config)  # also when called without train.py (the benchmark)
   setup.check_counts(config, COUNTS)
   source, info = setup.open_split(config.data.path, config.data.split, config.data.label_fraction)
   setup.check_norm(config.data.norm, info)

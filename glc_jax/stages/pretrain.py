@@ -27,6 +27,7 @@ COUNTS = {"num_steps": 0, "log_every": 1, "checkpoint_every": 1, "keep_checkpoin
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
+  setup.check_choices(config)  # also when called without train.py (the benchmark)
   setup.check_counts(config, COUNTS if config.num_steps else dict(COUNTS, epochs=1))
   source, info = setup.open_split(config.data.path, config.data.split)
   setup.check_norm(config.data.norm, info)
@@ -53,6 +54,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
 
   steps_per_epoch = len(source) // global_batch
   total_steps = config.num_steps or config.epochs * steps_per_epoch
+  warmup = config.optimizer.get("warmup_epochs", 0) * steps_per_epoch
+  if warmup >= total_steps:  # the schedule counts whole epochs; num_steps may end inside one
+    raise setup.ConfigError(f"config key optimizer.warmup_epochs is "
+                            f"{config.optimizer.warmup_epochs}, {warmup:g} steps at "
+                            f"{steps_per_epoch} per epoch; the warm-up must be shorter than the "
+                            f"run (steps: {total_steps})")
   try:
     tx, schedule = optim.build_optimizer(
         config.optimizer, steps_per_epoch=steps_per_epoch,

@@ -1,6 +1,8 @@
 """Checks and set-up every stage does before any compute."""
 from __future__ import annotations
 
+import math
+
 import jax
 import ml_collections
 import numpy as np
@@ -91,11 +93,18 @@ _NUMBERS = {
     "optimizer.decay_rate": (0, 1, True, "the exponential schedule's factor per epoch"),
     "optimizer.b1": (0, 1, False, "Adam's moment decay"),
     "optimizer.b2": (0, 1, False, "Adam's moment decay"),
+    "optimizer.eps": (0, None, False, "Adam's denominator floor"),
+    "optimizer.momentum": (0, 1, False, "LARS's momentum"),
+    "optimizer.end_lr": (0, None, True, "the cosine's last lr; a negative one climbs the loss"),
+    "optimizer.reference_batch": (0, None, False, "the batch that optimizer.lr is given for"),
+    "loss.momentum": (0, 1, True, "MoCo's key-encoder average"),
     "model.bn_momentum": (0, 1, True, "the batch statistics' share of each BatchNorm update"),
 }
 
 
 def _in_range(value, low, high, ends: bool) -> bool:
+  if not math.isfinite(value):
+    return False
   above = value >= low if ends else value > low
   below = high is None or (value <= high if ends else value < high)
   return above and below
