@@ -265,6 +265,10 @@ def test_a_resume_on_a_dataset_rebuilt_under_the_same_path_is_refused(tmp_path, 
     os.utime(image)  # touched, not changed: data_prep rebuilds, the same tiles come out
   build(64)
   pretrain.run(config, str(work))
+  # A key a later data_prep adds to metadata.json is not a change of the dataset.
+  metadata = json.loads((tmp_path / "ds" / "metadata.json").read_text())
+  (tmp_path / "ds" / "metadata.json").write_text(json.dumps({**metadata, "added_later": 1}))
+  pretrain.run(config, str(work))
   build(32)
   with pytest.raises(run_dir.ConfigChangedError, match=(
       r"^data.path: .*/ds holds another dataset than the one the run in .*/work started on "

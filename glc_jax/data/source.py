@@ -163,10 +163,18 @@ def is_dataset(path: str | Path) -> bool:
   return (Path(path) / "dataset_info.json").is_file() and (Path(path) / "metadata.json").is_file()
 
 
+# What a run reads from a dataset, named so that keys a later data_prep adds (as it added
+# scene_shapes) leave the digest of an unchanged dataset as it was.
+_CONTENT_KEYS = ("tile_size", "stride", "num_bands", "dtype", "labelled", "ignore_index",
+                 "class_names", "class_colours")
+_SPLIT_CONTENT_KEYS = ("num_records", "scene_ids", "band_stats", "class_pixel_counts",
+                       "subset_sizes", "subset_order", "subset_lists")
+
+
 def content_id(metadata: dict) -> str:
   """A digest of what a dataset holds (tile settings, classes, and per split its scenes,
-  record counts, statistics and labelled subsets), not of how it was made: an identical rebuild
-  from touched or moved inputs keeps it, other tiles or scenes change it. Floats are rounded to
+  record counts, statistics and labelled subsets: _CONTENT_KEYS), not of how it was made: an
+  identical rebuild from touched or moved inputs keeps it, other tiles or scenes change it. Floats are rounded to
   6 significant digits, as accumulation order (worker count) moves their last bits."""
 
   def rounded(value):
@@ -178,7 +186,9 @@ def content_id(metadata: dict) -> str:
       return [rounded(v) for v in value]
     return value
 
-  held = {k: v for k, v in metadata.items() if k not in ("fingerprint", "settings")}
+  held = {k: metadata.get(k) for k in _CONTENT_KEYS}
+  held["splits"] = {name: {k: entry.get(k) for k in _SPLIT_CONTENT_KEYS}
+                    for name, entry in metadata["splits"].items()}
   text = json.dumps(rounded(held), sort_keys=True)
   return hashlib.sha256(text.encode()).hexdigest()
 
