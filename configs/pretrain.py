@@ -12,7 +12,8 @@ negatives, per-device MoCo queues, per-epoch inpainting masks, the reference's
 jigsaw permutation file (input.permutations, read from the working directory:
 point it at the reference's permutations_1000.npy), torch's default first-conv
 init for band counts other than 3, and a best_loss/ checkpoint of the epoch
-with the lowest mean loss for fine-tuning to start from. Defaults are the reference's:
+with the lowest mean loss for fine-tuning to start from; it also turns the online probe off
+(the reference has none, and its splits leave no validation split). Defaults are the reference's:
 ResNet-50 DeepLabv3+ at output stride 16, 224×224 views, Adam (0.9, 0.99), L2 1e-5,
 cosine decay to 4e-8, 400 epochs. `data.batch_size` is the global batch (all devices
 and hosts); the lr is `optimizer.lr × data.batch_size / optimizer.reference_batch`,
