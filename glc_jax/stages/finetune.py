@@ -48,13 +48,11 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int) -> models.D
     raise setup.ConfigError(str(e)) from None
 
 
-def load_pretrained(config: ml_collections.ConfigDict, num_bands: int,
-                    resuming: bool = False) -> dict | None:
+def load_pretrained(config: ml_collections.ConfigDict, num_bands: int) -> dict | None:
   """The variables `config.init` starts from (host arrays; None for random init).
 
-  Checked against the dataset's band count here, before any compute, and, for a fresh run,
-  against the model size and normalisation of init.path's run: a resumed run restores its own
-  state, and its config may not change anyway.
+  Checked against the dataset's band count and init.path's run (model size, normalisation)
+  here, before any compute.
   """
   if config.init.kind not in INIT_KINDS:
     raise setup.ConfigError(f"config key init.kind is {config.init.kind!r}; expected one of {INIT_KINDS}")
@@ -73,7 +71,7 @@ def load_pretrained(config: ml_collections.ConfigDict, num_bands: int,
   if which not in INIT_CHECKPOINTS:
     raise setup.ConfigError(f"config key init.checkpoint is {which!r}; expected one of "
                             f"{INIT_CHECKPOINTS}")
-  init_run = {} if resuming else run_dir.run_config_of(config.init.path, "init.path")
+  init_run = run_dir.run_config_of(config.init.path, "init.path")
   for key in ("depth", "width"):
     # Checked by name: the transfer would only report the first leaf of another shape.
     theirs = (init_run.get("model") or {}).get(key)
@@ -193,8 +191,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   if config.select_metric not in ("val_oa", "val_kappa", "val_miou"):
     raise setup.ConfigError(f"config key select_metric is {config.select_metric!r}; "
                             "expected val_oa, val_kappa or val_miou")
-  pretrained = load_pretrained(config, info.num_bands,
-                               resuming=run_dir.holds_checkpoint(pathlib.Path(workdir).absolute()))
+  periodic = pathlib.Path(workdir).absolute() / "checkpoints"
+  # A run with a periodic checkpoint resumes from it and needs nothing from init.path, which
+  # may have moved since (a best/ state alone does not resume: the run starts from init).
+  resuming = periodic.is_dir() and any(p.name.isdigit() for p in periodic.iterdir())
+  pretrained = None if resuming else load_pretrained(config, info.num_bands)
   mesh = parallel.make_data_mesh()
   global_batch = setup.checked_batch(config.data.batch_size, mesh, len(source), info=info)
   model = build_model(config, info.num_classes)
