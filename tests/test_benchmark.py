@@ -181,28 +181,17 @@ def test_a_failed_attempt_leaves_the_workdir_open_to_a_corrected_one(dataset, tm
   assert not (work / "benchmark_config.json").exists()
 
 
-def test_a_pretraining_norm_that_fine_tuning_would_refuse_is_found_before_any_cell(
-    dataset, tmp_path, monkeypatch):
-  from glc_jax.benchmark import matrix, runner  # pylint: disable=import-outside-toplevel
-
-  def pretrain(config, workdir):
-    raise AssertionError("checked before the first pretraining")
-
-  monkeypatch.setattr(runner.pretrain, "run", pretrain)
-  config = _small_config()
-  config.methods, config.fractions, config.seeds = ("glcnet",), (1.0,), (0,)
-  config.data.path, config.compilation_cache = dataset, False
-  config.pretrain.data.batch_size = 8
-  config.pretrain.data.norm = "stats"
-  with pytest.raises(matrix.BenchmarkConfigError, match=(
-      r"^pretrain.data.norm is 'stats' but finetune.data.norm is 'reference'; fine-tuning refuses "
-      r"a checkpoint trained with another normalisation: set both to the same$")):
-    runner.run(config, str(tmp_path / "bench"))
-  assert not (tmp_path / "bench" / "benchmark_config.json").exists()
-
-
-def test_a_stage_value_out_of_range_is_found_before_any_cell(dataset, tmp_path, monkeypatch):
-  """The benchmark calls the stages without train.py, whose up-front checks it must run too."""
+@pytest.mark.parametrize("stage, key, value, message", [
+    # Fine-tuning refuses a checkpoint trained with another normalisation.
+    ("pretrain", "data.norm", "stats",
+     r"^pretrain.data.norm is 'stats' but finetune.data.norm is 'reference'; fine-tuning refuses "
+     r"a checkpoint trained with another normalisation: set both to the same$"),
+    # The benchmark calls the stages without train.py, whose up-front checks it must run too.
+    ("finetune", "optimizer", {"lr": -5e-4},
+     r"^config key finetune.optimizer.lr is -0.0005; expected a number > 0 "),
+])
+def test_a_stage_config_a_later_cell_would_refuse_is_found_before_any_cell(
+    dataset, tmp_path, monkeypatch, stage, key, value, message):
   from glc_jax.benchmark import runner  # pylint: disable=import-outside-toplevel
   from glc_jax.stages import setup  # pylint: disable=import-outside-toplevel
 
@@ -214,10 +203,11 @@ def test_a_stage_value_out_of_range_is_found_before_any_cell(dataset, tmp_path, 
   config.methods, config.fractions, config.seeds = ("glcnet",), (1.0,), (0,)
   config.data.path, config.compilation_cache = dataset, False
   config.pretrain.data.batch_size = 8
-  config.finetune.optimizer = {"lr": -5e-4}
-  with pytest.raises(setup.ConfigError, match=(
-      r"^config key finetune.optimizer.lr is -0.0005; expected a number > 0 ")):
+  section, _, name = key.rpartition(".")
+  (config[stage][section] if section else config[stage])[name] = value
+  with pytest.raises(setup.ConfigError, match=message):
     runner.run(config, str(tmp_path / "bench"))
+  assert not (tmp_path / "bench" / "benchmark_config.json").exists()
 
 
 # The matrix runs in a subprocess with the stages replaced by fakes that take

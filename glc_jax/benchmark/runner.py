@@ -84,7 +84,7 @@ def _check_norms(config: ml_collections.ConfigDict, work: pathlib.Path, data_pat
   cell = Cell(method, float(config.fractions[0]), seed)
   finetuned = matrix.finetune_config(config, cell, work, data_path, num_labelled=1).data.norm
   if finetuned != pretrained:
-    raise matrix.BenchmarkConfigError(
+    raise setup.ConfigError(
         f"pretrain.data.norm is {pretrained!r} but finetune.data.norm is {finetuned!r}; fine-tuning "
         "refuses a checkpoint trained with another normalisation: set both to the same")
 
