@@ -47,8 +47,8 @@ def interrupted_message(stage: str, workdir: str | os.PathLike) -> str:
   """The one line a Ctrl-C prints: what the stopped run keeps and how to go on."""
   work = pathlib.Path(workdir)
   if stage in ("pretrain", "finetune"):
-    saved = work / "checkpoints"
-    steps = [int(p.name) for p in saved.iterdir() if p.name.isdigit()] if saved.is_dir() else []
+    from glc_jax import checkpoint  # pylint: disable=import-outside-toplevel
+    steps = checkpoint.saved_steps(work / "checkpoints")
     if steps:
       return (f"{stage}: interrupted; {work} keeps its newest checkpoint, step {max(steps)}; run the "
               "same command again to resume from it")

@@ -145,10 +145,10 @@ class RunCheckpoints:
   def restore(self, state_template: PyTree, data_iterator) -> tuple[PyTree, int] | None:
     """Restores the newest checkpoint that restores, into the template's shapes and shardings.
 
-    The data iterator is restored in place, its prefetch not started. Newer checkpoints that fail are
-    set aside, and so is a best state that does not restore (see the module
-    docstring). Returns (state, step), or None when
-    there is no checkpoint yet; raises CheckpointError when none restores.
+    The data iterator is restored in place, its prefetch not started. Newer
+    checkpoints that fail are set aside, and so is a best state that does not restore
+    (see the module docstring). Returns (state, step), or None when there is no
+    checkpoint yet; raises CheckpointError when none restores.
     """
     failed = []
     for step in sorted(self._manager.all_steps(), reverse=True):
@@ -297,7 +297,7 @@ _BEST_CHOSEN_AGAIN = "{}/ is chosen again from the epoch ends still to come"
 def _unparsable_metrics(folder: pathlib.Path) -> list[tuple[int, str]]:
   """(step, why) for each step under `folder` whose saved metrics do not parse."""
   failed = []
-  for step in _steps(folder):
+  for step in saved_steps(folder):
     path = folder / str(step) / METRIC_ITEM_NAME / METRIC_ITEM_NAME
     try:
       json.loads(path.read_text())
@@ -324,7 +324,7 @@ def read_state(path: str | pathlib.Path) -> PyTree:
   and CheckpointError, naming the path, when the one to read does not restore.
   """
   path = pathlib.Path(path).absolute()
-  best = _steps(path / "best")
+  best = saved_steps(path / "best")
   if best:
     step_dir = path / "best" / str(best[-1])
     try:
@@ -333,7 +333,7 @@ def read_state(path: str | pathlib.Path) -> PyTree:
       raise CheckpointError(f"{step_dir}: does not restore ({e}); no other checkpoint is the state "
                             "the run selected on validation (name a step directory under "
                             "checkpoints/ to read that one instead)") from None
-  steps = _steps(path / "checkpoints")
+  steps = saved_steps(path / "checkpoints")
   if steps:
     return _read_newest(path, steps)
   if _is_step_dir(path):
@@ -341,7 +341,7 @@ def read_state(path: str | pathlib.Path) -> PyTree:
   raise FileNotFoundError(f"{path}: no checkpoint found (expected a run workdir or a step directory)")
 
 
-def _steps(folder: pathlib.Path) -> list[int]:
+def saved_steps(folder: pathlib.Path) -> list[int]:
   """The finished steps under `folder`, oldest first ([] when there is no folder).
 
   Listed from the folder names: an Orbax manager would also parse each step's
@@ -446,7 +446,7 @@ def load_variables(path: str | pathlib.Path, which: str = "latest") -> dict[str,
     if not (path / BEST_LOSS_DIR).is_dir():
       raise FileNotFoundError(f"{path}: has no {BEST_LOSS_DIR}/ (pretrain with "
                               "keep_best_loss=True to keep the lowest-loss epoch)")
-    steps = _steps(path / BEST_LOSS_DIR)
+    steps = saved_steps(path / BEST_LOSS_DIR)
     if not steps:
       raise FileNotFoundError(f"{path / BEST_LOSS_DIR}: holds no checkpoint")
     tree = _read_named(path / BEST_LOSS_DIR / str(steps[-1]))

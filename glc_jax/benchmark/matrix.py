@@ -208,13 +208,11 @@ def check_same_setup(config: ml_collections.ConfigDict, work: pathlib.Path) -> N
   record = _setup_record(work)
   if not record.is_file():
     return
-  saved = run_dir.flatten({**_ADDED_KEYS, **json.loads(record.read_text())})
-  setup = run_dir.flatten(_setup(config))
-  changed = sorted(k for k in set(saved) | set(setup)
-                   if saved.get(k, "<absent>") != setup.get(k, "<absent>") and k not in _HARMLESS_KEYS)
+  changed = {k: v for k, v in run_dir.differences(
+      run_dir.flatten({**_ADDED_KEYS, **json.loads(record.read_text())}),
+      run_dir.flatten(_setup(config))).items() if k not in _HARMLESS_KEYS}
   if changed:
-    listed = ", ".join(f"{k} {saved.get(k, '<absent>')!r} → {setup.get(k, '<absent>')!r}"
-                       for k in changed)
+    listed = ", ".join(f"{k} {old!r} → {new!r}" for k, (old, new) in changed.items())
     raise BenchmarkConfigError(
         f"{record}: this workdir was run with other settings: {listed}; finished cells would "
         "not be comparable. Use a new --workdir")

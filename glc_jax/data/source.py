@@ -174,8 +174,9 @@ _SPLIT_CONTENT_KEYS = ("num_records", "scene_ids", "band_stats", "class_pixel_co
 def content_id(metadata: dict) -> str:
   """A digest of what a dataset holds (tile settings, classes, and per split its scenes,
   record counts, statistics and labelled subsets: _CONTENT_KEYS), not of how it was made: an
-  identical rebuild from touched or moved inputs keeps it, other tiles or scenes change it. Floats are rounded to
-  6 significant digits, as accumulation order (worker count) moves their last bits."""
+  identical rebuild from touched or moved inputs keeps it, other tiles or scenes change it.
+  Floats are rounded to 6 significant digits, as accumulation order (worker count) moves
+  their last bits."""
 
   def rounded(value):
     if isinstance(value, float):

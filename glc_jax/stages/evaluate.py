@@ -173,13 +173,13 @@ def _check_like_training(info, config: ml_collections.ConfigDict, run_config: di
   (a count that differs is refused before, by the checkpoint's shapes), every score would be of
   another class. A training dataset that no longer opens (moved since) leaves nothing to
   compare against."""
-  data = run_config.get("data") or {}
-  if not data.get("path"):
-    return
   try:
-    _, trained = setup.open_split(data["path"], data.get("split") or "train")
+    trained = _training_dataset(config, run_config, "the data of")
   except setup.ConfigError:
     return
+  if trained is None:
+    return
+  data = run_config["data"]
   if trained.dtype != info.dtype:
     raise setup.ConfigError(
         f"data.path: the images of {config.data.path} are {info.dtype}, but {config.checkpoint} "

@@ -191,10 +191,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   if config.select_metric not in ("val_oa", "val_kappa", "val_miou"):
     raise setup.ConfigError(f"config key select_metric is {config.select_metric!r}; "
                             "expected val_oa, val_kappa or val_miou")
-  periodic = pathlib.Path(workdir).absolute() / "checkpoints"
   # A run with a periodic checkpoint resumes from it and needs nothing from init.path, which
   # may have moved since (a best/ state alone does not resume: the run starts from init).
-  resuming = periodic.is_dir() and any(p.name.isdigit() for p in periodic.iterdir())
+  resuming = checkpoint.saved_steps(pathlib.Path(workdir).absolute() / "checkpoints")
   pretrained = None if resuming else load_pretrained(config, info.num_bands)
   mesh = parallel.make_data_mesh()
   global_batch = setup.checked_batch(config.data.batch_size, mesh, len(source), info=info)
@@ -220,7 +219,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
                                      setup.example_shapes(dataset))
     variables, copied = initial_variables(
         config, {"params": state.params, "batch_stats": state.batch_stats}, pretrained)
-    if copied and not run_dir.holds_checkpoint(claim.path):  # a resume restores its own state
+    if copied:
       which = config.init.get("checkpoint", "latest")
       print(f"finetune: {len(copied)} tensors initialised from {config.init.path} "
             f"({config.init.transfer}{', its best_loss epoch' if which != 'latest' else ''})")

@@ -112,16 +112,20 @@ def absolute_path(path: str) -> str:
 
 def _same(key: str, old: Any, new: Any) -> bool:
   if key in PATH_KEYS and isinstance(old, str) and isinstance(new, str) and old and new:
-    return os.path.abspath(old) == os.path.abspath(new)
+    return absolute_path(old) == absolute_path(new)
   return old == new
 
 
+def differences(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple]:
+  """{dotted key: (old value, new value)} where two flattened configs differ, sorted by key; a
+  key one of them lacks reads '<absent>' there."""
+  return {k: (old.get(k, _ABSENT), new.get(k, _ABSENT)) for k in sorted(set(old) | set(new))
+          if not _same(k, old.get(k, _ABSENT), new.get(k, _ABSENT))}
+
+
 def differing_keys(stored: dict[str, Any], config: ml_collections.ConfigDict) -> dict[str, tuple]:
-  """{dotted key: (stored value, config's value)} where a flattened stored config and
-  `config` differ; a key one of them lacks reads '<absent>' there."""
-  new = flatten(_json_tree(config))
-  return {k: (stored.get(k, _ABSENT), new.get(k, _ABSENT)) for k in sorted(set(stored) | set(new))
-          if not _same(k, stored.get(k, _ABSENT), new.get(k, _ABSENT))}
+  """differences between a flattened stored config and `config`."""
+  return differences(stored, flatten(_json_tree(config)))
 
 
 def run_config_of(checkpoint_path: str, key: str) -> dict:
@@ -141,8 +145,7 @@ def run_config_of(checkpoint_path: str, key: str) -> dict:
 
 def holds_checkpoint(work: pathlib.Path) -> bool:
   """Whether a run has saved a step here (Orbax names a finished step by its number)."""
-  return any(p.name.isdigit() for sub in ("checkpoints", "best") if (work / sub).is_dir()
-             for p in (work / sub).iterdir())
+  return any(checkpoint.saved_steps(work / sub) for sub in ("checkpoints", "best"))
 
 
 def stored_config(work: pathlib.Path) -> dict[str, Any]:
@@ -205,8 +208,7 @@ def _check_length_change(work: pathlib.Path, config: ml_collections.ConfigDict,
                              f"{num_steps} (it sets the length unless it is 0); change num_steps")
   if not changes.keys() & {"num_steps", "epochs"} or total_steps is None:
     return
-  reached = max((int(p.name) for p in (work / "checkpoints").iterdir() if p.name.isdigit()),
-                default=0) if (work / "checkpoints").is_dir() else 0
+  reached = max(checkpoint.saved_steps(work / "checkpoints"), default=0)
   if total_steps < reached:
     listed = ", ".join(f"{k} {changes[k][0]!r} → {changes[k][1]!r}"
                        for k in ("num_steps", "epochs") if k in changes)
